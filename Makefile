@@ -1,0 +1,45 @@
+# Two commands for a fresh clone:  make demo   and   make test
+PYTHON ?= python3.11
+VENV   := .venv
+BIN    := $(VENV)/bin
+export SHOAL_HOME ?= $(CURDIR)/.shoal
+TINY   := examples/models/tiny-llama
+DATA   := examples/data/tiny-sft
+
+.PHONY: install assets demo test test-all clean constraints
+
+install: $(VENV)/.installed
+
+# torch is pinned on the command line too: unpinned, pip would fetch a multi-GB CUDA build.
+$(VENV)/.installed: pyproject.toml constraints.txt
+	@command -v $(PYTHON) >/dev/null || { echo "error: $(PYTHON) not found (set PYTHON=...)"; exit 2; }
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --disable-pip-version-check -c constraints.txt torch==2.13.0 -e '.[test]'
+	touch $@
+
+# The demo's tiny Llama model: built offline (tokenizer trained on the demo data), not downloaded.
+assets: $(TINY)/config.json
+$(TINY)/config.json: $(VENV)/.installed
+	$(BIN)/python -m trainer.tiny $(TINY) --data $(DATA)/train.jsonl $(DATA)/val.jsonl
+
+# Starts Shoal (local Ray with 8 fake H100s, SQLite, API, /metrics), submits the example job,
+# follows it to the end, then stops everything.
+demo: install assets
+	@bash -c 'set -e; trap "$(BIN)/shoal down" EXIT; \
+	  $(BIN)/shoal up; \
+	  $(BIN)/shoal submit examples/tiny-lora.yaml --watch; \
+	  $(BIN)/shoal queue --all'
+
+# Fast suite (unit + the real end-to-end path). `make test-all` adds the slow suites.
+test: install assets
+	$(BIN)/python -m pytest -m "not slow"
+
+test-all: install assets
+	$(BIN)/python -m pytest
+
+constraints:
+	$(BIN)/pip freeze --exclude-editable | sed 's/+cpu//' > constraints.txt.new && mv constraints.txt.new constraints.txt
+
+clean:
+	-$(BIN)/shoal down
+	rm -rf $(SHOAL_HOME) $(TINY)

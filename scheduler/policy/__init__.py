@@ -1,0 +1,15 @@
+"""The scheduling policy: a PURE function of a snapshot.
+
+`schedule(snapshot) -> Decision` reads only its argument: no Ray, database, clock, environment or
+randomness (tests/unit/test_policy_purity.py enforces the imports). The live service, the
+simulator and property tests all call the same function.
+"""
+from scheduler.policy.types import (
+    Decision, GpuView, JobRequest, NodeView, Placement, Preempt, RunningJob, Snapshot, Start, TeamQuota,
+)
+from scheduler.policy.simple import never_fits, schedule
+
+__all__ = [
+    "Decision", "GpuView", "JobRequest", "NodeView", "Placement", "Preempt", "RunningJob", "Snapshot",
+    "Start", "TeamQuota", "never_fits", "schedule",
+]

@@ -1,0 +1,265 @@
+"""Public data model: the job spec users submit and the cluster config admins write.
+
+Every model forbids unknown keys, so a typo (`learning_rte`) is an error naming the field instead
+of a silently ignored setting. `load_job_spec` / `load_cluster_config` read YAML and report every
+invalid field with its line in the file (see `SpecError`).
+"""
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+# ---------------------------------------------------------------------------------------------
+# Job spec
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class DatasetSpec(_Strict):
+    """Prompt/completion JSONL files. Validation data comes from `validation` or, when that is
+    absent, a seeded `validation_fraction` of `train`."""
+
+    train: str = Field(min_length=1)
+    validation: str | None = None
+    validation_fraction: float = Field(default=0.1, gt=0.0, lt=1.0)
+
+
+class LoraSpec(_Strict):
+    r: int = Field(default=8, ge=1, le=1024)
+    alpha: int = Field(default=16, ge=1)
+    dropout: float = Field(default=0.0, ge=0.0, lt=1.0)
+    target_modules: list[str] | Literal["all-linear"] = "all-linear"
+
+
+class Hyperparameters(_Strict):
+    learning_rate: float = Field(default=2e-4, gt=0.0, le=1.0)
+    epochs: int = Field(default=1, ge=1, le=1000)
+    max_steps: int | None = Field(default=None, ge=1, description="optimizer steps; overrides epochs")
+    batch_size: int = Field(default=8, ge=1, le=4096, description="sequences per worker per micro-step")
+    grad_accum_steps: int = Field(default=1, ge=1, le=1024)
+    max_length: int = Field(default=512, ge=8, le=1_048_576, description="tokens per sequence")
+    warmup_steps: int = Field(default=0, ge=0)
+    lr_scheduler: Literal["cosine", "linear", "constant"] = "cosine"
+    weight_decay: float = Field(default=0.0, ge=0.0, le=1.0)
+    max_grad_norm: float = Field(default=1.0, gt=0.0)
+    seed: int = Field(default=0, ge=0)
+
+
+class Resources(_Strict):
+    """`gpus: auto` lets the estimator pick the smallest count whose per-GPU memory need fits."""
+
+    gpus: int | Literal["auto"] = "auto"
+    gpu_model: str | None = Field(default=None, description="GPU flavor, e.g. 'H100 80GB'; any if unset")
+    cpus_per_gpu: int = Field(default=1, ge=1, le=64)
+
+    @field_validator("gpus")
+    @classmethod
+    def _positive(cls, v: int | str) -> int | str:
+        if isinstance(v, int) and not 1 <= v <= 1024:
+            raise ValueError("must be between 1 and 1024, or 'auto'")
+        return v
+
+
+class JobSpec(_Strict):
+    """One fine-tuning job. Relative paths are resolved against the spec file's folder by the CLI."""
+
+    api_version: Literal["shoal/v1"] = "shoal/v1"
+    name: str = Field(min_length=1, max_length=63, pattern=r"^[a-z0-9]([a-z0-9._-]*[a-z0-9])?$")
+    team: str = Field(min_length=1, max_length=63, pattern=r"^[a-z0-9]([a-z0-9-]*[a-z0-9])?$")
+    user: str | None = Field(default=None, max_length=63)
+    priority: int = Field(default=0, ge=-1000, le=1000, description="higher runs first")
+    model: str = Field(min_length=1, description="local Hugging Face model directory")
+    dataset: DatasetSpec
+    method: Literal["lora", "full"] = "lora"
+    lora: LoraSpec = LoraSpec()
+    hyperparameters: Hyperparameters = Hyperparameters()
+    resources: Resources = Resources()
+    checkpoint_every_steps: int = Field(default=50, ge=1)
+    max_retries: int = Field(default=1, ge=0, le=100, description="relaunches after a failure")
+    output: str | None = Field(default=None, description="adapter/model output dir; default under SHOAL_HOME")
+
+    @model_validator(mode="after")
+    def _method_fields(self) -> JobSpec:
+        if self.method == "full" and "lora" in self.model_fields_set:
+            raise ValueError("'lora' settings given but method is 'full'; remove 'lora' or use method: lora")
+        return self
+
+    def path_fields(self) -> dict[str, str | None]:
+        """Every filesystem path in the spec, by field path (used for resolution and checks)."""
+        return {
+            "model": self.model,
+            "dataset.train": self.dataset.train,
+            "dataset.validation": self.dataset.validation,
+            "output": self.output,
+        }
+
+    def with_resolved_paths(self, base: Path) -> JobSpec:
+        """Relative paths become absolute against `base` (the spec file's folder)."""
+
+        def res(p: str | None) -> str | None:
+            return None if p is None else str((base / Path(p).expanduser()).resolve())
+
+        data = self.model_dump(exclude_unset=True)
+        data["model"] = res(self.model)
+        data["dataset"] = {**data["dataset"], "train": res(self.dataset.train)}
+        if self.dataset.validation is not None:
+            data["dataset"]["validation"] = res(self.dataset.validation)
+        if self.output is not None:
+            data["output"] = res(self.output)
+        return JobSpec.model_validate(data)
+
+
+# ---------------------------------------------------------------------------------------------
+# Cluster config
+
+
+class GpuModel(_Strict):
+    memory_gib: float = Field(gt=0)
+    price_per_hour: float = Field(default=0.0, ge=0, description="USD per GPU-hour")
+
+
+class TeamConfig(_Strict):
+    gpus: int = Field(ge=0, description="nominal GPU quota: GPUs the team's running jobs may hold")
+
+
+class LocalCluster(_Strict):
+    """The embedded cluster: this machine's Ray node declares `gpus` logical GPUs backed by a
+    FakeGpuReader (`reader: fake`) or by the real GPUs read through NVML (`reader: nvml`)."""
+
+    gpus: int = Field(default=8, ge=0, le=64)
+    gpu_model: str = "H100 80GB"
+    reader: Literal["fake", "nvml"] = "fake"
+
+
+class SchedulerSettings(_Strict):
+    interval_s: float = Field(default=0.5, gt=0, le=60)
+    memory_headroom_mib: int = Field(default=1024, ge=0)
+    stop_grace_s: float = Field(default=60.0, ge=0, description="checkpoint wait when stopping jobs")
+
+
+class ClusterConfig(_Strict):
+    gpu_models: dict[str, GpuModel] = {
+        "H100 80GB": GpuModel(memory_gib=80, price_per_hour=2.49),
+    }
+    local: LocalCluster = LocalCluster()
+    teams: dict[str, TeamConfig] = {"default": TeamConfig(gpus=8)}
+    scheduler: SchedulerSettings = SchedulerSettings()
+
+    @model_validator(mode="after")
+    def _known_model(self) -> ClusterConfig:
+        if self.local.gpu_model not in self.gpu_models:
+            raise ValueError(
+                f"local.gpu_model {self.local.gpu_model!r} is not in gpu_models "
+                f"({', '.join(sorted(self.gpu_models))}); add it there with its memory_gib"
+            )
+        return self
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading YAML with line numbers
+
+
+class SpecError(ValueError):
+    """Invalid spec or config. `problems` lists every invalid field as 'file:line: field: message'."""
+
+    def __init__(self, problems: list[str]):
+        self.problems = problems
+        super().__init__("\n".join(problems))
+
+
+def _line_index(text: str) -> dict[tuple, int]:
+    """Map each key path in a YAML mapping tree to its 1-based line (best effort)."""
+    lines: dict[tuple, int] = {}
+
+    def walk(node: Any, path: tuple) -> None:
+        lines[path] = node.start_mark.line + 1
+        if isinstance(node, yaml.MappingNode):
+            for key, value in node.value:
+                child = path + (key.value,)
+                lines[child] = key.start_mark.line + 1
+                walk(value, child)
+                lines[child] = key.start_mark.line + 1
+        elif isinstance(node, yaml.SequenceNode):
+            for i, item in enumerate(node.value):
+                walk(item, path + (i,))
+
+    try:
+        root = yaml.compose(text)
+    except yaml.YAMLError:
+        return lines
+    if root is not None:
+        walk(root, ())
+    return lines
+
+
+_UNION_TAG = re.compile(r"^(literal\[.*\]|function-\w+|int|str|float|bool|none|list\[.*\]|dict\[.*\])$")
+
+
+def format_validation_error(exc: ValidationError, source: str = "", text: str | None = None) -> list[str]:
+    """One line per invalid field: '<source>:<line>: <field.path>: <message>'. A field that
+    failed every member of a union (e.g. `gpus: int | 'auto'`) gets one line with all options."""
+    index = _line_index(text) if text else {}
+    by_field: dict[tuple, list[str]] = {}
+    for err in exc.errors():
+        loc = tuple(p for p in err["loc"] if not (isinstance(p, str) and _UNION_TAG.match(p)))
+        msg = err["msg"].removeprefix("Value error, ")
+        if err["type"] == "extra_forbidden":
+            msg = "unknown field (check the spelling; see the spec reference in README)"
+        by_field.setdefault(loc, []).append(msg)
+    out = []
+    for loc, msgs in by_field.items():
+        field = ".".join(str(p) for p in loc) or "(spec)"
+        line = next((index[loc[:i]] for i in range(len(loc), -1, -1) if loc[:i] in index), None)
+        where = f"{source}:{line}: " if source and line else (f"{source}: " if source else "")
+        out.append(f"{where}{field}: {'; or '.join(msgs)}")
+    return out
+
+
+def _parse_yaml(text: str, source: str) -> Any:
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        line = f"{mark.line + 1}" if mark else "?"
+        raise SpecError([f"{source}:{line}: invalid YAML: {getattr(e, 'problem', e)}"]) from None
+
+
+def _validate(model: type[BaseModel], data: Any, source: str, text: str | None) -> Any:
+    if not isinstance(data, dict):
+        raise SpecError([f"{source}:1: expected a mapping of fields, got {type(data).__name__}"])
+    try:
+        return model.model_validate(data)
+    except ValidationError as e:
+        raise SpecError(format_validation_error(e, source, text)) from None
+
+
+def parse_job_spec(text: str, source: str = "<spec>") -> JobSpec:
+    return _validate(JobSpec, _parse_yaml(text, source), source, text)
+
+
+def load_job_spec(path: str | Path) -> JobSpec:
+    """Read a job spec file; relative paths inside it are resolved against its folder."""
+    p = Path(path)
+    try:
+        text = p.read_text()
+    except OSError as e:
+        raise SpecError([f"{p}: cannot read: {e.strerror}"]) from None
+    return parse_job_spec(text, str(p)).with_resolved_paths(p.resolve().parent)
+
+
+def load_cluster_config(path: str | Path | None) -> ClusterConfig:
+    if path is None:
+        return ClusterConfig()
+    p = Path(path)
+    try:
+        text = p.read_text()
+    except OSError as e:
+        raise SpecError([f"{p}: cannot read: {e.strerror}"]) from None
+    return _validate(ClusterConfig, _parse_yaml(text, str(p)) or {}, str(p), text)
+

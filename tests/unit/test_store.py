@@ -1,0 +1,83 @@
+import threading
+
+import pytest
+
+from scheduler.lifecycle import IllegalTransition, JobState as S
+from scheduler.store import Conflict, Store, UnknownJob
+
+
+@pytest.fixture
+def store(tmp_path):
+    s = Store(f"sqlite:///{tmp_path / 'shoal.db'}")
+    yield s
+    s.close()
+
+
+def submit(store, **kw):
+    args = dict(spec={"name": "x"}, name="x", team="a", user="u", priority=0, gpus=1,
+                memory_per_gpu_mib=1000, now=100.0)
+    return store.submit(**{**args, **kw})
+
+
+def test_transitions_write_history_in_order(store):
+    job = submit(store)
+    store.transition(job.id, S.QUEUED, S.ADMITTED, reason="placed", now=101, attempt=1,
+                     placement={"node_id": "n", "gpu_indices": [0]})
+    store.transition(job.id, S.ADMITTED, S.STARTING, reason="launched", now=102)
+    store.transition(job.id, S.STARTING, S.RUNNING, reason="started", now=103)
+    store.transition(job.id, S.RUNNING, S.SUCCEEDED, reason="done", now=104, result={"eval_loss": 1.0})
+    ev = store.events(job.id)
+    assert [(e.from_state, e.to_state, e.ts) for e in ev] == [
+        (None, "QUEUED", 100), ("QUEUED", "ADMITTED", 101), ("ADMITTED", "STARTING", 102),
+        ("STARTING", "RUNNING", 103), ("RUNNING", "SUCCEEDED", 104)]
+    assert ev[1].attempt == 1 and store.get(job.id).result == {"eval_loss": 1.0}
+
+
+def test_illegal_and_conflicting_transitions_change_nothing(store):
+    job = submit(store)
+    with pytest.raises(IllegalTransition):
+        store.transition(job.id, S.QUEUED, S.RUNNING, reason="x", now=1)
+    with pytest.raises(Conflict):
+        store.transition(job.id, S.RUNNING, S.SUCCEEDED, reason="x", now=1)
+    with pytest.raises(UnknownJob):
+        store.transition(999, S.QUEUED, S.ADMITTED, reason="x", now=1)
+    assert store.get(job.id).state is S.QUEUED and len(store.events(job.id)) == 1
+
+
+def test_concurrent_writers_move_a_job_once(store):
+    job = submit(store)
+    wins, errors = [], []
+
+    def worker(dst):
+        try:
+            store.transition(job.id, S.QUEUED, dst, reason=dst.value, now=2)
+            wins.append(dst)
+        except Conflict:
+            errors.append(dst)
+
+    threads = [threading.Thread(target=worker, args=(d,)) for d in [S.ADMITTED, S.CANCELLED] * 4]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(wins) == 1 and len(errors) == 7
+    assert len(store.events(job.id)) == 2
+
+
+def test_state_survives_reopening(tmp_path):
+    url = f"sqlite:///{tmp_path / 's.db'}"
+    s1 = Store(url)
+    a = submit(s1)
+    b = submit(s1, name="y")
+    s1.transition(a.id, S.QUEUED, S.CANCELLED, reason="bye", now=3)
+    s1.close()
+    s2 = Store(url)
+    assert [(j.name, j.state) for j in s2.jobs()] == [("x", S.CANCELLED), ("y", S.QUEUED)]
+    assert s2.count_by_state_team() == {("CANCELLED", "a"): 1, ("QUEUED", "a"): 1}
+    assert len(s2.events(b.id)) == 1
+
+
+def test_only_known_fields_are_mutable(store):
+    job = submit(store)
+    with pytest.raises(ValueError, match="not a mutable job field"):
+        store.update_fields(job.id, team="b")
