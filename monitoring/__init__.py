@@ -1,0 +1,1 @@
+"""GPU telemetry (NVML and a scenario-driven fake) and Prometheus metrics."""

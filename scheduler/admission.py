@@ -1,0 +1,77 @@
+"""Checks a submitted spec against the cluster before anything is queued: the team exists, paths
+exist, the dataset parses, the estimate fits some GPU, the job could ever fit. Every problem is
+collected (not just the first) and reported together, each naming its field."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from scheduler.estimate import estimate
+from scheduler.policy import JobRequest, NodeView, TeamQuota, never_fits
+from scheduler.spec import ClusterConfig, JobSpec
+
+
+class SubmitError(ValueError):
+    def __init__(self, problems: list[str]):
+        self.problems = problems
+        super().__init__("; ".join(problems))
+
+
+@dataclass(frozen=True)
+class Admission:
+    gpus: int
+    memory_per_gpu_mib: int
+    train_records: int
+    validation_records: int | None
+
+
+def _check_dataset(field: str, path: str | None, problems: list[str]) -> int | None:
+    if path is None:
+        return None
+    from trainer.data import DatasetError, load_pairs  # heavy import only when submitting
+
+    p = Path(path)
+    if not p.is_file():
+        problems.append(f"{field}: {path} does not exist or is not a file")
+        return None
+    try:
+        return len(load_pairs(p))
+    except DatasetError as e:
+        problems.extend(f"{field}: {x}" for x in e.problems)
+    return None
+
+
+def check_submission(spec: JobSpec, config: ClusterConfig, nodes: tuple[NodeView, ...],
+                     quotas: tuple[TeamQuota, ...]) -> Admission:
+    problems: list[str] = []
+    if spec.team not in config.teams:
+        problems.append(f"team: {spec.team!r} is not a team of this cluster "
+                        f"(known: {', '.join(sorted(config.teams))})")
+    flavor = spec.resources.gpu_model
+    if flavor is not None and flavor not in config.gpu_models:
+        problems.append(f"resources.gpu_model: {flavor!r} is not a GPU model of this cluster "
+                        f"(known: {', '.join(sorted(config.gpu_models))})")
+    n_train = _check_dataset("dataset.train", spec.dataset.train, problems)
+    n_val = _check_dataset("dataset.validation", spec.dataset.validation, problems)
+    if n_train is not None and spec.dataset.validation is None and n_train < 2:
+        problems.append("dataset.train: needs at least 2 records to split off a validation set")
+
+    models = [config.gpu_models[flavor]] if flavor in config.gpu_models else list(config.gpu_models.values())
+    usable = max(m.memory_gib for m in models) * 1024 - config.scheduler.memory_headroom_mib
+    est = None
+    if not Path(spec.model).is_dir():
+        problems.append(f"model: {spec.model} is not a directory (a local Hugging Face model folder)")
+    else:
+        try:
+            hp = spec.hyperparameters
+            est = estimate(spec.model, spec.method, hp.batch_size, hp.max_length, spec.resources.gpus, usable)
+        except ValueError as e:
+            problems.append(str(e))
+    if est is not None and spec.team in config.teams:
+        req = JobRequest(0, spec.team, spec.priority, 0.0, est.gpus, est.memory_per_gpu_mib, flavor)
+        if (why := never_fits(req, nodes, quotas)) is not None:
+            problems.append(f"resources: can never run here: {why}")
+    if problems:
+        raise SubmitError(problems)
+    assert est is not None
+    return Admission(est.gpus, est.memory_per_gpu_mib, n_train or 0, n_val)

@@ -1,0 +1,62 @@
+"""Builds the policy's view of the hardware: nodes (from Ray, or given) and their GPUs (from each
+node's GpuReader), overlaid with what Shoal's own active jobs hold."""
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import dataclass
+from typing import Callable
+
+from monitoring.gpu import GpuReader, GpuReading
+from scheduler.policy import GpuView, NodeView, RunningJob
+
+
+@dataclass(frozen=True)
+class NodeInfo:
+    node_id: str
+    name: str
+    alive: bool = True
+    drained: bool = False
+
+
+class Inventory:
+    """`nodes()` lists the cluster's nodes; `readers[node_id]` reads that node's GPUs. In the
+    embedded cluster there is one node whose reader lives in this process; node agents that
+    feed remote readings (issue #6) plug in as readers keyed by their node id."""
+
+    def __init__(self, nodes: Callable[[], list[NodeInfo]], readers: dict[str, GpuReader]):
+        self._nodes = nodes
+        self.readers = readers
+        self.last_readings: dict[str, list[GpuReading]] = {}
+
+    def read(self) -> dict[str, list[GpuReading]]:
+        out = {}
+        for node in self._nodes():
+            reader = self.readers.get(node.node_id)
+            out[node.node_id] = reader.read() if (reader and node.alive) else []
+        self.last_readings = out
+        return out
+
+    def node_views(self, running: list[RunningJob]) -> tuple[NodeView, ...]:
+        readings = self.read()
+        reserved: dict[tuple[str, int], int] = defaultdict(int)
+        holders: dict[tuple[str, int], list[int]] = defaultdict(list)
+        for job in running:
+            for idx in job.gpu_indices:
+                reserved[(job.node_id, idx)] += job.memory_per_gpu_mib
+                holders[(job.node_id, idx)].append(job.job_id)
+        views = []
+        for node in self._nodes():
+            gpus = tuple(
+                GpuView(
+                    index=r.index, model=r.model, memory_total_mib=r.memory_total_mib,
+                    memory_used_mib=r.memory_used_mib, utilization=r.utilization_pct / 100.0,
+                    healthy=r.healthy, reserved_mib=reserved[(node.node_id, r.index)],
+                    allocated_to=tuple(holders[(node.node_id, r.index)]),
+                )
+                for r in readings.get(node.node_id, [])
+            )
+            views.append(NodeView(node.node_id, node.name, gpus, node.alive and not node.drained))
+        return tuple(views)
+
+    def node_name(self, node_id: str) -> str:
+        return next((n.name for n in self._nodes() if n.node_id == node_id), node_id)

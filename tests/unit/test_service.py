@@ -1,0 +1,160 @@
+"""The service loop with real store (SQLite), fake clock, fake GPUs and the in-memory executor."""
+from pathlib import Path
+
+import pytest
+
+from monitoring.gpu import FakeGpuReader
+from scheduler.clock import FakeClock
+from scheduler.daemon import FakeGpuLoad
+from scheduler.executor import InMemoryExecutor
+from scheduler.inventory import Inventory, NodeInfo
+from scheduler.lifecycle import JobState as S
+from scheduler.service import Service
+from scheduler.spec import ClusterConfig, TeamConfig
+from scheduler.store import Store
+
+
+class World:
+    def __init__(self, tmp: Path, quotas: dict[str, int] | None = None, gpus: int = 4, url: str | None = None):
+        self.clock = FakeClock()
+        self.reader = FakeGpuReader(gpus)
+        self.url = url or f"sqlite:///{tmp / 'shoal.db'}"
+        self.tmp = tmp
+        self.config = ClusterConfig(teams={t: TeamConfig(gpus=n) for t, n in (quotas or {"a": 4, "b": 4}).items()})
+        self.store = Store(self.url)
+        self.executor = InMemoryExecutor(self.clock, duration_s=lambda spec: spec.get("duration", 10))
+        self.service = self.new_service()
+
+    def new_service(self) -> Service:
+        inv = Inventory(lambda: [NodeInfo("n1", "node-1")], {"n1": self.reader})
+        return Service(self.store, self.executor, inv, self.config, self.clock, self.tmp,
+                       listeners=[FakeGpuLoad(self.reader)])
+
+    def submit(self, team="a", gpus=1, prio=0, duration=10, max_retries=1, mem=10000):
+        return self.store.submit(spec={"name": "j", "duration": duration, "max_retries": max_retries},
+                                 name="j", team=team, user="u", priority=prio, gpus=gpus,
+                                 memory_per_gpu_mib=mem, now=self.clock.now())
+
+    def run(self, seconds: float, step: float = 1.0):
+        t = 0.0
+        while t < seconds:
+            self.service.tick()
+            self.clock.advance(step)
+            t += step
+        self.service.tick()
+
+    def state(self, job) -> S:
+        return self.store.get(job.id).state
+
+
+@pytest.fixture
+def world(tmp_path):
+    w = World(tmp_path)
+    yield w
+    w.store.close()
+
+
+def test_jobs_run_to_success_on_distinct_gpus_with_history(world):
+    a, b = world.submit(), world.submit(team="b")
+    world.service.tick()
+    pa, pb = (world.store.get(j.id).placement for j in (a, b))
+    assert pa["gpu_indices"] != pb["gpu_indices"]
+    assert world.state(a) is S.STARTING
+    # While running, the fake GPU shows the job's memory (as NVML would).
+    assert world.reader.read()[pa["gpu_indices"][0]].memory_used_mib == 10000
+    world.run(12)
+    assert world.state(a) is S.SUCCEEDED and world.state(b) is S.SUCCEEDED
+    assert [e.to_state for e in world.store.events(a.id)] == ["QUEUED", "ADMITTED", "STARTING", "RUNNING", "SUCCEEDED"]
+    assert world.reader.read()[pa["gpu_indices"][0]].memory_used_mib == 0
+    assert world.store.get(a.id).progress["step"] == 10
+    assert "step 10/10" in world.service.log_path(a.id).read_text()
+
+
+def test_over_quota_job_waits_with_reason_then_runs(tmp_path):
+    w = World(tmp_path, quotas={"a": 2})
+    first, second = w.submit(gpus=2), w.submit(gpus=1)
+    w.service.tick()
+    assert w.state(first) is S.STARTING and w.state(second) is S.QUEUED
+    assert w.store.get(second.id).pending_reason == "quota: team a holds 2 of 2 GPUs; job needs 1"
+    w.run(11)
+    assert w.state(first) is S.SUCCEEDED and w.state(second) in (S.STARTING, S.RUNNING)
+    assert w.store.get(second.id).pending_reason is None
+
+
+def test_failure_retries_then_fails_for_good(world):
+    job = world.submit(max_retries=1)
+    world.executor.fail_next[job.id] = "CUDA error: boom"
+    world.run(11)
+    rec = world.store.get(job.id)
+    assert rec.retries == 1 and rec.attempt == 2 and rec.state in (S.STARTING, S.RUNNING)
+    world.executor.fail_next[job.id] = "CUDA error: boom again"
+    world.run(11)
+    rec = world.store.get(job.id)
+    assert rec.state is S.FAILED and "boom again" in rec.failure_reason
+    reasons = [e.reason for e in world.store.events(job.id)]
+    assert any("retry 1/1" in r for r in reasons)
+
+
+def test_cancel_queued_and_running(tmp_path):
+    w = World(tmp_path, quotas={"a": 1})
+    running, queued = w.submit(), w.submit()
+    w.run(2)
+    assert w.state(running) is S.RUNNING
+    w.store.request_cancel(queued.id)
+    w.store.request_cancel(running.id)
+    w.service.tick()
+    w.service.tick()
+    assert w.state(queued) is S.CANCELLED and w.state(running) is S.CANCELLED
+    assert not w.executor.active()
+
+
+def test_restart_requeues_lost_jobs_and_never_runs_one_twice(tmp_path):
+    w = World(tmp_path, quotas={"a": 4})
+    jobs = [w.submit(duration=20), w.submit(duration=20)]
+    w.run(3)
+    assert all(w.state(j) is S.RUNNING for j in jobs)
+    # The service dies; its executor's runs die with it (a new, empty executor after restart).
+    old = w.executor
+    w.store.close()
+    w.store = Store(w.url)
+    w.executor = InMemoryExecutor(w.clock, duration_s=lambda spec: spec["duration"])
+    w.service = w.new_service()
+    w.service.recover()
+    assert all(w.state(j) is S.QUEUED for j in jobs)
+    w.run(25)
+    assert all(w.state(j) is S.SUCCEEDED for j in jobs)
+    for j in jobs:  # each attempt launched once; attempts never overlap
+        assert w.store.get(j.id).attempt == 2
+    assert sorted(w.executor.launches) == sorted((j.id, 2) for j in jobs)
+    # A late outcome from the dead executor's attempt is ignored.
+    w.clock.advance(100)
+    for o in old.poll():
+        w.service._ingest_outcome(o)
+    assert all(w.state(j) is S.SUCCEEDED for j in jobs)
+
+
+def test_recover_adopts_live_runs(world):
+    job = world.submit(duration=20)
+    world.run(3)
+    world.service = world.new_service()  # same executor: the run is still alive
+    world.service.recover()
+    assert world.state(job) is S.RUNNING
+    world.run(20)
+    assert world.state(job) is S.SUCCEEDED and world.executor.launches == [(job.id, 1)]
+
+
+def test_shutdown_checkpoints_and_requeues(world):
+    job = world.submit(duration=50)
+    world.run(3)
+    world.service.shutdown(grace_s=5)
+    rec = world.store.get(job.id)
+    assert rec.state is S.QUEUED and rec.placement is None
+    assert [e.to_state for e in world.store.events(job.id)][-2:] == ["PREEMPTING", "QUEUED"]
+    assert world.reader.read()[0].memory_used_mib == 0
+
+
+def test_foreign_process_pushes_job_to_another_gpu(world):
+    world.reader.add_process(0, 75000, name="someone-elses-notebook")
+    job = world.submit(mem=10000)
+    world.service.tick()
+    assert world.store.get(job.id).placement["gpu_indices"] == [1]
