@@ -1,0 +1,299 @@
+"""`shoal` command line. Exit codes: 0 ok; 1 the job (or command) failed; 2 invalid input;
+3 no Shoal server reachable."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from datetime import datetime
+from enum import Enum
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from scheduler.api import JobOut
+from scheduler.client import Client, NotRunning, ShoalError
+from scheduler.daemon import default_home
+from scheduler.lifecycle import JobState
+from scheduler.spec import SpecError, load_job_spec
+
+app = typer.Typer(help="Shoal: a GPU scheduler for LLM fine-tuning on Ray.", no_args_is_help=True,
+                  add_completion=False, pretty_exceptions_enable=False)
+out = Console()
+err = Console(stderr=True, soft_wrap=True)  # never wrap error lines: they are file:line: field: message
+
+
+class Output(str, Enum):
+    table = "table"
+    json = "json"
+
+
+def _client() -> Client:
+    try:
+        return Client()
+    except NotRunning as e:
+        _error(str(e))
+        raise typer.Exit(3) from None
+
+
+def _fail(e: Exception, code: int = 1) -> typer.Exit:
+    if isinstance(e, NotRunning):
+        code = 3
+    elif isinstance(e, ShoalError) and e.status in (400, 404, 409, 422):
+        code = 2
+    elif isinstance(e, SpecError):
+        code = 2
+    if isinstance(e, SpecError):
+        _error(f"invalid spec ({len(e.problems)} problem(s)):\n" + "\n".join(f"  {p}" for p in e.problems))
+    else:
+        _error(str(e))
+    return typer.Exit(code)
+
+
+def _error(message: str) -> None:
+    """'error: ...' on stderr; the message is printed verbatim (no markup, no wrapping)."""
+    err.print("[red]error:[/] ", end="")
+    err.print(message, markup=False, highlight=False)
+
+
+def _ts(t: float | None) -> str:
+    return datetime.fromtimestamp(t).strftime("%Y-%m-%d %H:%M:%S") if t else "-"
+
+
+# -- server lifecycle ------------------------------------------------------------------------
+
+def _daemon_info(home: Path) -> dict | None:
+    try:
+        info = json.loads((home / "daemon.json").read_text())
+        os.kill(info["pid"], 0)
+        return info
+    except (OSError, ValueError, KeyError):
+        return None
+
+
+@app.command()
+def up(config: Optional[Path] = typer.Option(None, help="cluster config YAML (teams, quotas, GPUs)"),
+       port: int = typer.Option(8470, help="API port on 127.0.0.1 (0: any free port)"),
+       db: Optional[str] = typer.Option(None, help="SQLAlchemy URL; default SQLite in SHOAL_HOME"),
+       foreground: bool = typer.Option(False, help="run in this terminal instead of the background"),
+       timeout: float = typer.Option(180, help="seconds to wait for the server to come up")) -> None:
+    """Start the embedded Shoal server: local Ray, scheduler, REST API and /metrics."""
+    home = default_home()
+    if (info := _daemon_info(home)) is not None:
+        out.print(f"Shoal is already running at {info['url']} (pid {info['pid']})")
+        return
+    args = [sys.executable, "-m", "scheduler.daemon", "--home", str(home), "--port", str(port)]
+    if config:
+        args += ["--config", str(config.resolve())]
+    if db:
+        args += ["--db", db]
+    if foreground:
+        os.execv(sys.executable, args)
+    home.mkdir(parents=True, exist_ok=True)
+    (home / "daemon.json").unlink(missing_ok=True)
+    logf = (home / "shoal.log").open("ab")
+    proc = subprocess.Popen(args, stdout=logf, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                            start_new_session=True)
+    deadline = time.monotonic() + timeout
+    with out.status("starting Shoal (local Ray, scheduler, API)..."):
+        while time.monotonic() < deadline:
+            if proc.poll() is not None:
+                tail = (home / "shoal.log").read_text(errors="replace").splitlines()[-25:]
+                _error(f"Shoal exited during start-up; last lines of {home / 'shoal.log'}:\n" + "\n".join(tail))
+                raise typer.Exit(1)
+            if (info := _daemon_info(home)) is not None and Client(info["url"]).health():
+                out.print(f"Shoal is up: API {info['url']}  metrics {info['url']}/metrics  "
+                          f"store {info['db']}  log {home / 'shoal.log'}")
+                return
+            time.sleep(0.3)
+    proc.terminate()
+    _error(f"Shoal did not come up within {timeout:.0f} s; see {home / 'shoal.log'}")
+    raise typer.Exit(1)
+
+
+@app.command()
+def down(timeout: float = typer.Option(120, help="seconds to wait for running jobs to checkpoint")) -> None:
+    """Stop the server. Running jobs checkpoint and go back to the queue; `shoal up` resumes them."""
+    home = default_home()
+    info = _daemon_info(home)
+    if info is None:
+        out.print("Shoal is not running")
+        return
+    os.kill(info["pid"], signal.SIGTERM)
+    deadline = time.monotonic() + timeout
+    with out.status("stopping Shoal (checkpointing running jobs)..."):
+        while time.monotonic() < deadline:
+            try:
+                os.kill(info["pid"], 0)
+            except ProcessLookupError:
+                out.print("Shoal stopped")
+                return
+            time.sleep(0.3)
+    _error(f"Shoal (pid {info['pid']}) still running after {timeout:.0f} s")
+    raise typer.Exit(1)
+
+
+# -- jobs --------------------------------------------------------------------------------------
+
+@app.command()
+def validate(file: Path) -> None:
+    """Check a job spec locally (every invalid field, with its line) without submitting it."""
+    try:
+        spec = load_job_spec(file)
+    except SpecError as e:
+        raise _fail(e) from None
+    out.print(f"{file}: valid ({spec.method} fine-tuning of {spec.model} for team {spec.team})")
+
+
+@app.command()
+def submit(file: Path, watch: bool = typer.Option(False, "--watch", "-w", help="follow progress to the end"),
+           output: Output = typer.Option(Output.table, "--output", "-o")) -> None:
+    """Submit a job spec (YAML). Invalid specs are refused with every bad field named."""
+    client = _client()
+    try:
+        job = client.submit_file(file)
+    except (ShoalError, SpecError) as e:
+        raise _fail(e) from None
+    if output is Output.json and not watch:
+        out.print_json(job.model_dump_json())
+        return
+    out.print(f"Submitted job [bold]{job.id}[/] ({job.name}, team {job.team}, {job.gpus} GPU(s))")
+    if watch:
+        final = _watch(client, job.id)
+        raise typer.Exit(0 if final.state is JobState.SUCCEEDED else 1)
+
+
+def _watch(client: Client, job_id: int) -> JobOut:
+    cols = [TextColumn("job {task.fields[jid]} [bold]{task.fields[state]:<10}"), BarColumn(),
+            MofNCompleteColumn(), TextColumn("loss {task.fields[loss]}  {task.fields[tps]} tok/s"),
+            TimeElapsedColumn()]
+    with Progress(*cols, console=out, transient=False) as bar:
+        task = bar.add_task("", total=None, jid=job_id, state="QUEUED", loss="-", tps="-")
+        while True:
+            job = client.job(job_id)
+            p = job.progress or {}
+            bar.update(task, state=job.state.value, total=p.get("total_steps"), completed=p.get("step", 0),
+                       loss=f"{p['loss']:.4f}" if "loss" in p else "-",
+                       tps=f"{p['tokens_per_s']:.0f}" if "tokens_per_s" in p else "-")
+            if job.state.terminal:
+                break
+            time.sleep(0.5)
+    _summary(job)
+    return job
+
+
+def _summary(job: JobOut) -> None:
+    color = {"SUCCEEDED": "green", "FAILED": "red", "CANCELLED": "yellow"}.get(job.state.value, "white")
+    out.print(f"Job {job.id} [bold {color}]{job.state.value}[/]")
+    r = job.result or {}
+    if job.state is JobState.SUCCEEDED:
+        out.print(f"  train loss       {r.get('train_loss', float('nan')):.4f}")
+        out.print(f"  validation loss  {r.get('eval_loss', float('nan')):.4f}   "
+                  f"(untrained: {r.get('eval_loss_initial', float('nan')):.4f}, "
+                  f"perplexity {r.get('perplexity', float('nan')):.2f})")
+        out.print(f"  steps            {r.get('steps')}   tokens/s {r.get('tokens_per_s', 0):.0f}")
+        out.print(f"  adapter          {r.get('output_dir')}", highlight=False)
+    elif job.failure_reason:
+        out.print(f"  cause: {job.failure_reason.strip().splitlines()[-1]}", highlight=False)
+        out.print(f"  full log: shoal logs {job.id}")
+
+
+@app.command()
+def queue(state: Optional[list[JobState]] = typer.Option(None, "--state", "-s"),
+          team: Optional[str] = typer.Option(None, "--team", "-t"),
+          all_: bool = typer.Option(False, "--all", "-a", help="include finished jobs"),
+          output: Output = typer.Option(Output.table, "--output", "-o")) -> None:
+    """List jobs (unfinished ones unless --all), with the reason each pending job waits."""
+    client = _client()
+    states = [s.value for s in state] if state else (None if all_ else
+                                                     [s.value for s in JobState if not s.terminal])
+    try:
+        jobs = client.jobs(state=states, team=team)
+    except ShoalError as e:
+        raise _fail(e) from None
+    if output is Output.json:
+        out.print_json(json.dumps([j.model_dump(mode="json") for j in jobs]))
+        return
+    t = Table(box=None, header_style="bold")
+    for c in ("ID", "NAME", "TEAM", "USER", "PRI", "STATE", "GPUS", "NODE/GPU", "PROGRESS", "REASON"):
+        t.add_column(c, overflow="fold")
+    for j in jobs:
+        p = j.progress or {}
+        where = f"{j.placement['node']}:{','.join(map(str, j.placement['gpu_indices']))}" if j.placement else "-"
+        prog = f"{p.get('step', 0)}/{p.get('total_steps', '?')}" if p else "-"
+        t.add_row(str(j.id), j.name, j.team, j.user, str(j.priority), j.state.value, str(j.gpus), where, prog,
+                  j.pending_reason if j.state is JobState.QUEUED and j.pending_reason else "")
+    out.print(t)
+
+
+@app.command()
+def status(job_id: int, output: Output = typer.Option(Output.table, "--output", "-o")) -> None:
+    """Show one job: state, placement, progress, result and its state history."""
+    client = _client()
+    try:
+        job, events = client.job(job_id), client.events(job_id)
+    except ShoalError as e:
+        raise _fail(e) from None
+    if output is Output.json:
+        out.print_json(json.dumps({**job.model_dump(mode="json"), "events": [e.model_dump() for e in events]}))
+        return
+    out.print(f"Job {job.id} [bold]{job.name}[/]  team {job.team}  user {job.user}  priority {job.priority}")
+    out.print(f"  state      {job.state.value}" + (f"  ({job.pending_reason})" if job.pending_reason else ""))
+    out.print(f"  resources  {job.gpus} GPU(s), ~{job.memory_per_gpu_mib} MiB each; attempt {job.attempt}, "
+              f"retries {job.retries}")
+    if job.placement:
+        out.print(f"  placement  {job.placement['node']} GPU {job.placement['gpu_indices']}")
+    if job.progress:
+        p = job.progress
+        out.print(f"  progress   step {p.get('step')}/{p.get('total_steps')}  loss {p.get('loss')}  "
+                  f"tokens/s {p.get('tokens_per_s')}")
+    if job.state.terminal:
+        _summary(job)
+    t = Table("TIME", "FROM", "TO", "ATTEMPT", "REASON", box=None, header_style="bold")
+    for e in events:
+        t.add_row(_ts(e.ts), e.from_state or "-", e.to_state, str(e.attempt), e.reason)
+    out.print(t)
+
+
+@app.command()
+def logs(job_id: int, follow: bool = typer.Option(False, "--follow", "-f", help="keep printing until the job ends")) -> None:
+    """Print a job's log: state changes, training steps, evaluation, errors."""
+    client = _client()
+    try:
+        if follow:
+            for text in client.follow_logs(job_id):
+                out.out(text, end="", highlight=False)
+        else:
+            out.out(client.logs(job_id).text, end="", highlight=False)
+    except ShoalError as e:
+        raise _fail(e) from None
+
+
+@app.command()
+def cancel(job_ids: list[int]) -> None:
+    """Cancel jobs. Queued jobs end at once; running ones are stopped."""
+    client = _client()
+    code = 0
+    for jid in job_ids:
+        try:
+            client.cancel(jid)
+            out.print(f"Job {jid}: cancel requested")
+        except ShoalError as e:
+            _error(f"job {jid}: {e}")
+            code = 2 if not isinstance(e, NotRunning) else 3
+    raise typer.Exit(code)
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

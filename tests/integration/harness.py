@@ -1,0 +1,64 @@
+"""Drives a real Shoal server the way a user does: the `shoal` CLI in a subprocess, with its own
+SHOAL_HOME, on a free port."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import yaml
+
+from scheduler.client import Client
+
+REPO = Path(__file__).resolve().parents[2]
+SHOAL = [sys.executable, "-m", "scheduler.cli"]
+
+
+class ShoalServer:
+    def __init__(self, home: Path, config: dict | None = None):
+        self.home = home
+        self.env = {**os.environ, "SHOAL_HOME": str(home)}
+        self.config_path = None
+        if config is not None:
+            self.config_path = home.parent / f"{home.name}-cluster.yaml"
+            self.config_path.write_text(yaml.safe_dump(config))
+
+    def cli(self, *args: str, check: bool = True, timeout: float = 300) -> subprocess.CompletedProcess:
+        proc = subprocess.run([*SHOAL, *args], env=self.env, cwd=REPO, capture_output=True, text=True,
+                              timeout=timeout)
+        if check and proc.returncode != 0:
+            raise AssertionError(f"shoal {' '.join(args)} exited {proc.returncode}\n{proc.stdout}\n{proc.stderr}")
+        return proc
+
+    def up(self) -> Client:
+        args = ["up", "--port", "0"] + (["--config", str(self.config_path)] if self.config_path else [])
+        self.cli(*args)
+        return self.client()
+
+    def client(self) -> Client:
+        return Client(json.loads((self.home / "daemon.json").read_text())["url"])
+
+    def down(self) -> None:
+        self.cli("down", check=False)
+
+    def log(self) -> str:
+        p = self.home / "shoal.log"
+        return p.read_text(errors="replace") if p.exists() else ""
+
+
+def write_spec(path: Path, **changes) -> Path:
+    """The example spec with some fields changed; paths made absolute."""
+    spec = yaml.safe_load((REPO / "examples" / "tiny-lora.yaml").read_text())
+    base = REPO / "examples"
+    spec["model"] = str(base / spec["model"])
+    spec["dataset"] = {k: str(base / v) for k, v in spec["dataset"].items()}
+    for key, value in changes.items():
+        target = spec
+        *parents, leaf = key.split(".")
+        for p in parents:
+            target = target.setdefault(p, {})
+        target[leaf] = value
+    path.write_text(yaml.safe_dump(spec))
+    return path
