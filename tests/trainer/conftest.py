@@ -1,0 +1,22 @@
+"""Shared fixtures: a tiny offline model built once per session from the example data."""
+
+from pathlib import Path
+
+import pytest
+
+from trainer.model import load_tokenizer
+from trainer.tiny import build_tiny_model, read_texts
+
+REPO = Path(__file__).resolve().parents[2]
+DATA = REPO / "examples" / "data" / "tiny-sft"
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> Path:
+    texts = read_texts([str(DATA / "train.jsonl"), str(DATA / "val.jsonl")])
+    return build_tiny_model(tmp_path_factory.mktemp("tiny-model"), texts, seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer(tiny_model_dir):
+    return load_tokenizer(tiny_model_dir)

@@ -1,0 +1,48 @@
+"""The job's training configuration, shared by the scheduler and the trainer."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+
+class TrainConfig(BaseModel):
+    """Everything one training attempt needs; JSON round-trips via
+    `model_dump(mode="json")` / `TrainConfig.model_validate(d)`."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    job_id: int
+    attempt: int = Field(0, ge=0)
+    model_path: str  # local Hugging Face model directory
+    train_path: str  # JSONL of {"prompt", "completion"}
+    val_path: str | None = None
+    val_fraction: float = Field(0.1, ge=0.0, lt=1.0)  # only when val_path is None
+    method: Literal["lora", "full"] = "lora"
+    lora_r: int = Field(8, ge=1)
+    lora_alpha: int = Field(16, ge=1)
+    lora_dropout: float = Field(0.0, ge=0.0, lt=1.0)
+    lora_target_modules: list[str] | Literal["all-linear"] = "all-linear"
+    learning_rate: float = Field(2e-4, gt=0.0)
+    weight_decay: float = Field(0.0, ge=0.0)
+    warmup_steps: int = Field(0, ge=0)  # optimizer steps
+    lr_scheduler: Literal["cosine", "linear", "constant"] = "cosine"
+    epochs: int = Field(1, ge=1)
+    max_steps: int | None = Field(None, ge=1)  # optimizer steps; overrides epochs
+    batch_size: int = Field(8, ge=1)  # examples per micro-batch per worker
+    grad_accum_steps: int = Field(1, ge=1)  # micro-batches per optimizer step
+    max_length: int = Field(256, ge=2)  # tokens per example (prompt + completion)
+    max_grad_norm: float = Field(1.0, ge=0.0)  # 0 disables clipping
+    seed: int = 0
+    checkpoint_every_steps: int = Field(50, ge=1)  # optimizer steps
+    eval_every_steps: int | None = Field(None, ge=1)  # optimizer steps
+    output_dir: str  # final adapter (lora) or model (full) + tokenizer
+    gpu_indices: list[int] = Field(default_factory=list)  # one per local worker
+    torch_threads: int | None = Field(None, ge=1)
+
+    @model_validator(mode="after")
+    def _check_lora_targets(self) -> "TrainConfig":
+        if isinstance(self.lora_target_modules, list) and not self.lora_target_modules:
+            raise ValueError("lora_target_modules must not be empty")
+        return self

@@ -1,0 +1,419 @@
+"""The SFT training loop, independent of Ray (Ray plugs in through `Hooks`).
+
+Step accounting: a "step" is one optimizer step = grad_accum_steps micro-batches
+(fewer at the end of an epoch). Step s (0-based) covers epoch s // steps_per_epoch
+and, inside it, micro-batches [pos * grad_accum, (pos + 1) * grad_accum) with
+pos = s % steps_per_epoch. That, the seeded batch order and the restored
+optimizer / scheduler / RNG state make a resumed run repeat an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import random
+import shutil
+import tempfile
+import time
+from collections import deque
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from peft import set_peft_model_state_dict
+from safetensors.torch import load_file, load_model, save_model
+from transformers import get_scheduler
+
+from trainer import data as D
+from trainer.config import TrainConfig
+from trainer.model import load_model_and_tokenizer
+
+LOSS_WINDOW = 10  # final train_loss = mean loss of the last LOSS_WINDOW steps
+SCHEDULERS = {"cosine": "cosine", "linear": "linear", "constant": "constant_with_warmup"}
+
+
+@dataclass
+class Hooks:
+    """How the loop talks to its host (Ray worker, test, CLI)."""
+
+    progress: Callable[[dict], None] = lambda event: None  # rank 0 only
+    should_stop: Callable[[], bool] = lambda: False  # asked on rank 0 after each step
+    # (dir with the state, or None on ranks != 0; metrics) -> persist; the dir
+    # is deleted when the call returns.
+    save_checkpoint: Callable[[str | None, dict], None] = lambda path, metrics: None
+    resume_dir: str | None = None
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0  # index into cfg.gpu_indices
+
+
+def pick_device(gpu_indices: list[int], local_rank: int = 0) -> torch.device:
+    """cuda device for this worker's GPU, or cpu without CUDA.
+
+    gpu_indices are physical indices; if CUDA_VISIBLE_DEVICES (set by Ray) lists
+    them, the position in that list is the torch index.
+    """
+    if not torch.cuda.is_available():
+        return torch.device("cpu")
+    count = torch.cuda.device_count()
+    if not gpu_indices:
+        return torch.device(f"cuda:{local_rank % count}")
+    physical = gpu_indices[local_rank % len(gpu_indices)]
+    visible = [v.strip() for v in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",")]
+    if str(physical) in visible:
+        return torch.device(f"cuda:{visible.index(str(physical))}")
+    return torch.device(f"cuda:{physical if physical < count else local_rank % count}")
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)  # also seeds every CUDA device
+
+
+def _autocast(device: torch.device):
+    """bf16 autocast on CUDA, nothing elsewhere."""
+    if device.type == "cuda":
+        return torch.autocast(device_type="cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def completion_ce(model, batch: dict, device: torch.device) -> tuple[torch.Tensor, int]:
+    """(summed next-token CE over labelled tokens, number of labelled tokens)."""
+    batch = {k: v.to(device) for k, v in batch.items()}
+    with _autocast(device):
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    logits = logits[:, :-1].float()
+    labels = batch["labels"][:, 1:]
+    total = F.cross_entropy(logits.reshape(-1, logits.size(-1)), labels.reshape(-1),
+                            ignore_index=D.IGNORE_INDEX, reduction="sum")
+    return total, int((labels != D.IGNORE_INDEX).sum())
+
+
+@torch.no_grad()
+def evaluate(model, batches, device) -> float:
+    """Mean token-level cross-entropy (nats) over completion tokens; nan if none."""
+    was_training = model.training
+    model.eval()
+    total, count = 0.0, 0
+    for batch in batches:
+        s, n = completion_ce(model, batch, torch.device(device))
+        total, count = total + float(s), count + n
+    model.train(was_training)
+    return total / count if count else math.nan
+
+
+def train(cfg: TrainConfig, hooks: Hooks) -> dict:
+    """Train per cfg; returns final metrics (or {"status": "preempted", "step"})."""
+    return _Trainer(cfg, hooks).run()
+
+
+class _Trainer:
+    """State of one training attempt on one rank."""
+
+    def __init__(self, cfg: TrainConfig, hooks: Hooks):
+        self.cfg, self.hooks = cfg, hooks
+        self.rank, self.world = hooks.rank, hooks.world_size
+        self.device = pick_device(cfg.gpu_indices, hooks.local_rank)
+        if self.device.type == "cuda":
+            torch.cuda.set_device(self.device)  # NCCL collectives use the current device
+        seed_everything(cfg.seed)  # same on all ranks: identical LoRA init
+        # frozen LoRA base in bf16 on GPU; trained weights always fp32
+        base_dtype = torch.bfloat16 if self.device.type == "cuda" and cfg.method == "lora" \
+            else torch.float32
+        self.model, self.tokenizer = load_model_and_tokenizer(cfg, dtype=base_dtype)
+        self.model.to(self.device)
+        self.train_set, self.val_set = self._load_data()
+        pad, bs = self.tokenizer.pad_token_id, cfg.batch_size
+        self.val_batches = [D.collate(self.val_set[i:i + bs], pad)
+                            for i in range(0, len(self.val_set), bs)]
+        self._orders: dict[int, list[list[int]]] = {}  # epoch -> this rank's micro-batches
+        self._setup_optimization()
+        self.step, self.train_tokens = 0, 0  # optimizer steps done; tokens seen (all ranks)
+        self.recent_losses: deque[float] = deque(maxlen=LOSS_WINDOW)
+        self.eval_loss_initial: float | None = None
+        self.resumed_from: int | None = None
+        if hooks.resume_dir:
+            self._restore(hooks.resume_dir)  # last: it also restores the RNG states
+        self.train_model = self.model  # what the forward pass of training goes through
+        if self.world > 1:
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            self.train_model = torch.nn.parallel.DistributedDataParallel(
+                self.model, device_ids=ids)
+
+    def _setup_optimization(self) -> None:
+        """AdamW over trainable params, step counts, warmup + decay schedule."""
+        cfg = self.cfg
+        self.params = [p for p in self.model.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.AdamW(self.params, lr=cfg.learning_rate,
+                                           weight_decay=cfg.weight_decay)
+        per_epoch = D.batches_per_epoch(len(self.train_set), cfg.batch_size, self.world)
+        self.steps_per_epoch = math.ceil(per_epoch / cfg.grad_accum_steps)
+        self.total_steps = cfg.max_steps or cfg.epochs * self.steps_per_epoch
+        self.scheduler = get_scheduler(SCHEDULERS[cfg.lr_scheduler], self.optimizer,
+                                       num_warmup_steps=cfg.warmup_steps,
+                                       num_training_steps=self.total_steps)
+
+    # ---- data -----------------------------------------------------------------
+    def _load_data(self) -> tuple[list[dict], list[dict]]:
+        cfg = self.cfg
+        train_pairs = D.load_pairs(cfg.train_path)
+        if cfg.val_path:
+            val_pairs = D.load_pairs(cfg.val_path)
+        else:
+            train_pairs, val_pairs = D.split_pairs(train_pairs, cfg.val_fraction, cfg.seed)
+        enc = lambda pairs: D.encode_pairs(self.tokenizer, pairs, cfg.max_length)
+        return enc(train_pairs), enc(val_pairs)
+
+    def _micro_batches(self, step: int) -> list[dict]:
+        """Collated micro-batches of optimizer step `step` on this rank."""
+        epoch, pos = divmod(step, self.steps_per_epoch)
+        if epoch not in self._orders:
+            self._orders = {epoch: D.epoch_batches(len(self.train_set), self.cfg.batch_size,
+                                                   epoch, self.cfg.seed, self.rank, self.world)}
+        ga = self.cfg.grad_accum_steps
+        return [D.collate([self.train_set[i] for i in idx], self.tokenizer.pad_token_id)
+                for idx in self._orders[epoch][pos * ga:(pos + 1) * ga]]
+
+    # ---- distributed helpers ----------------------------------------------------
+    def _comm_device(self) -> torch.device:
+        return self.device if dist.get_backend() == "nccl" else torch.device("cpu")
+
+    def _sum_over_ranks(self, values: list[float]) -> list[float]:
+        if self.world == 1:
+            return values
+        t = torch.tensor(values, dtype=torch.float64, device=self._comm_device())
+        dist.all_reduce(t)
+        return t.tolist()
+
+    def _stop_requested(self) -> bool:
+        """rank 0 asks the host; its answer is broadcast so all ranks agree."""
+        flag = bool(self.hooks.should_stop()) if self.rank == 0 else False
+        if self.world > 1:
+            t = torch.tensor([int(flag)], device=self._comm_device())
+            dist.broadcast(t, src=0)
+            flag = bool(t.item())
+        return flag
+
+    def _gather_rng_states(self) -> list[dict] | None:
+        """Every rank's RNG states, on rank 0 (None elsewhere)."""
+        mine = rng_state(self.device)
+        if self.world == 1:
+            return [mine]
+        states = [None] * self.world if self.rank == 0 else None
+        dist.gather_object(mine, states, dst=0)
+        return states
+
+    def _emit(self, event: dict) -> None:
+        if self.rank == 0:
+            self.hooks.progress(event)
+
+    def _log(self, line: str) -> None:
+        self._emit({"type": "log", "line": line})
+
+    # ---- training -----------------------------------------------------------------
+    def _optimizer_step(self) -> tuple[float, int, float]:
+        """One optimizer step; returns (mean loss, tokens on all ranks, lr used)."""
+        micro = self._micro_batches(self.step)
+        self.train_model.train()
+        losses, tokens = [], 0
+        for i, batch in enumerate(micro):
+            last = i == len(micro) - 1
+            no_sync = self.world > 1 and not last
+            with self.train_model.no_sync() if no_sync else contextlib.nullcontext():
+                total, count = completion_ce(self.train_model, batch, self.device)
+                loss = total / max(count, 1)  # mean CE over this micro-batch's tokens
+                (loss / len(micro)).backward()
+            losses.append(loss.item())
+            tokens += int(batch["attention_mask"].sum())
+        if self.cfg.max_grad_norm > 0:
+            torch.nn.utils.clip_grad_norm_(self.params, self.cfg.max_grad_norm)
+        lr = self.scheduler.get_last_lr()[0]
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        loss_sum, tokens_all = self._sum_over_ranks([sum(losses) / len(losses), float(tokens)])
+        return loss_sum / self.world, int(tokens_all), lr
+
+    def _eval(self) -> float | None:
+        if not self.val_batches:
+            return None
+        loss = evaluate(self.model, self.val_batches, self.device)
+        self._emit({"type": "eval", "step": self.step, "eval_loss": loss})
+        self._log(f"step {self.step}: eval_loss {loss:.4f}")
+        return loss
+
+    def run(self) -> dict:
+        cfg = self.cfg
+        self._log(f"job {cfg.job_id} attempt {cfg.attempt}: {cfg.method} training on "
+                  f"{self.device}, world size {self.world}, {len(self.train_set)} train / "
+                  f"{len(self.val_set)} val examples, {self.total_steps} steps "
+                  f"({self.steps_per_epoch} per epoch)")
+        if self.resumed_from is not None:
+            epoch, pos = divmod(self.step, self.steps_per_epoch)
+            self._log(f"resumed from step {self.step} (epoch {epoch}, step {pos} of the epoch)")
+        else:
+            self.eval_loss_initial = self._eval()
+        attempt_tokens, attempt_secs = 0, 0.0
+        while self.step < self.total_steps:
+            t0 = time.perf_counter()
+            loss, tokens, lr = self._optimizer_step()
+            secs = time.perf_counter() - t0
+            self.step += 1
+            self.train_tokens += tokens
+            attempt_tokens, attempt_secs = attempt_tokens + tokens, attempt_secs + secs
+            self.recent_losses.append(loss)
+            self._emit({"type": "step", "step": self.step, "total_steps": self.total_steps,
+                        "epoch": (self.step - 1) // self.steps_per_epoch, "loss": loss,
+                        "lr": lr, "tokens_per_s": tokens / secs if secs > 0 else 0.0})
+            if self.step == self.total_steps:
+                break  # final eval + save follow
+            if cfg.eval_every_steps and self.step % cfg.eval_every_steps == 0:
+                self._eval()
+            stop = self._stop_requested()
+            if stop or self.step % cfg.checkpoint_every_steps == 0:
+                self._checkpoint(self._running_metrics("preempted" if stop else "running"))
+            if stop:
+                self._log(f"stopped at step {self.step} on request; checkpoint saved")
+                return {"status": "preempted", "step": self.step}
+        return self._finish(attempt_tokens / attempt_secs if attempt_secs > 0 else 0.0)
+
+    def _running_metrics(self, status: str) -> dict:
+        return {"status": status, "step": self.step, "total_steps": self.total_steps,
+                "train_loss": self._train_loss(), "train_tokens": self.train_tokens}
+
+    def _train_loss(self) -> float | None:
+        return sum(self.recent_losses) / len(self.recent_losses) if self.recent_losses else None
+
+    def _finish(self, tokens_per_s: float) -> dict:
+        eval_loss = self._eval()
+        metrics = {
+            "status": "succeeded", "steps": self.step, "train_loss": self._train_loss(),
+            "eval_loss": eval_loss, "eval_loss_initial": self.eval_loss_initial,
+            "perplexity": math.exp(min(eval_loss, 700.0)) if eval_loss is not None else None,
+            "tokens_per_s": tokens_per_s, "train_tokens": self.train_tokens,
+            "output_dir": self.cfg.output_dir, "resumed_from_step": self.resumed_from,
+        }
+        if self.rank == 0:
+            Path(self.cfg.output_dir).mkdir(parents=True, exist_ok=True)
+            self.model.save_pretrained(self.cfg.output_dir)
+            self.tokenizer.save_pretrained(self.cfg.output_dir)
+        self._checkpoint(metrics)
+        self._log(f"done: {self.step} steps, train_loss {metrics['train_loss']}, "
+                  f"eval_loss {eval_loss}, saved to {self.cfg.output_dir}")
+        return metrics
+
+    # ---- checkpoints ----------------------------------------------------------------
+    def _checkpoint(self, metrics: dict) -> None:
+        """Rank 0 writes the state to a temp dir; every rank calls the save hook."""
+        rng_states = self._gather_rng_states()
+        path = None
+        if self.rank == 0:
+            path = tempfile.mkdtemp(prefix=f"shoal-job{self.cfg.job_id}-step{self.step}-")
+            write_checkpoint(path, self, rng_states)
+        try:
+            self.hooks.save_checkpoint(path, metrics)
+        finally:
+            if path:
+                shutil.rmtree(path, ignore_errors=True)
+        self._emit({"type": "checkpoint", "step": self.step})
+
+    def _restore(self, path: str) -> None:
+        state = read_checkpoint(path, self)
+        self.step, self.train_tokens = state["step"], state["train_tokens"]
+        self.recent_losses.extend(state["recent_losses"])
+        self.eval_loss_initial = state["eval_loss_initial"]
+        self.resumed_from = self.step
+
+
+# ---- checkpoint files -------------------------------------------------------------
+# <dir>/adapter/ (PEFT save_pretrained) or <dir>/model.safetensors (full weights),
+# optimizer.pt, scheduler.pt, per rank r: rng_rank<r>.json (python, numpy) and
+# rng_torch_rank<r>.pt (torch cpu/cuda),
+# trainer_state.json (step, epoch, position in the epoch, counters), written last.
+STATE_FILE = "trainer_state.json"
+
+
+def write_checkpoint(path: str, t: _Trainer, rng_states: list[dict]) -> None:
+    """Write everything needed to continue `t` exactly into directory `path`.
+
+    rng_states[r] is rank r's rng_state() at this step (ranks draw different
+    amounts of randomness, e.g. dropout on differently shaped batches)."""
+    p = Path(path)
+    if t.cfg.method == "lora":
+        t.model.save_pretrained(p / "adapter")
+    else:
+        save_model(t.model, str(p / "model.safetensors"))
+    torch.save(t.optimizer.state_dict(), p / "optimizer.pt")
+    torch.save(t.scheduler.state_dict(), p / "scheduler.pt")
+    for rank, state in enumerate(rng_states):
+        _save_rng(p, rank, state)
+    epoch, pos = divmod(t.step, t.steps_per_epoch)
+    state = {"job_id": t.cfg.job_id, "attempt": t.cfg.attempt, "method": t.cfg.method,
+             "step": t.step, "total_steps": t.total_steps, "epoch": epoch,
+             "step_in_epoch": pos, "batch_in_epoch": pos * t.cfg.grad_accum_steps,
+             "train_tokens": t.train_tokens, "recent_losses": list(t.recent_losses),
+             "eval_loss_initial": t.eval_loss_initial}
+    (p / STATE_FILE).write_text(json.dumps(state, indent=1))
+
+
+def read_checkpoint(path: str, t: _Trainer) -> dict:
+    """Load weights, optimizer, scheduler and RNG states into `t`; return the state dict."""
+    p = Path(path)
+    if not (p / STATE_FILE).is_file():
+        raise ValueError(f"checkpoint {p} is incomplete: no {STATE_FILE}")
+    state = json.loads((p / STATE_FILE).read_text())
+    if state["method"] != t.cfg.method:
+        raise ValueError(f"checkpoint {p} is for method {state['method']!r}, "
+                         f"config says {t.cfg.method!r}")
+    dev = str(t.device)
+    if t.cfg.method == "lora":
+        weights = load_file(str(p / "adapter" / "adapter_model.safetensors"), device=dev)
+        result = set_peft_model_state_dict(t.model, weights)
+        if result.unexpected_keys:
+            raise ValueError(f"checkpoint {p}: unexpected adapter keys "
+                             f"{result.unexpected_keys[:5]}")
+    else:
+        load_model(t.model, str(p / "model.safetensors"), device=dev)
+    optimizer_state = torch.load(p / "optimizer.pt", map_location=dev, weights_only=True)
+    t.optimizer.load_state_dict(optimizer_state)
+    t.scheduler.load_state_dict(torch.load(p / "scheduler.pt", weights_only=True))
+    _load_rng(p, t.rank, t.device)
+    return state
+
+
+def rng_state(device: torch.device) -> dict:
+    """This process's python, numpy, torch (and CUDA) RNG states, picklable."""
+    version, mt, gauss = random.getstate()
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    return {"python": [version, list(mt), gauss],
+            "numpy": [name, keys.tolist(), int(pos), int(has_gauss), float(cached)],
+            "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None}
+
+
+def _save_rng(p: Path, rank: int, state: dict) -> None:
+    """rng_rank<r>.json (python, numpy) + rng_torch_rank<r>.pt (torch cpu, cuda)."""
+    (p / f"rng_rank{rank}.json").write_text(
+        json.dumps({"python": state["python"], "numpy": state["numpy"]}))
+    torch.save({"cpu": state["torch"], "cuda": state["cuda"]}, p / f"rng_torch_rank{rank}.pt")
+
+
+def _load_rng(p: Path, rank: int, device: torch.device) -> None:
+    """Restore this rank's RNG states (rank 0's if the checkpoint has none for it)."""
+    rank = rank if (p / f"rng_rank{rank}.json").is_file() else 0
+    saved = json.loads((p / f"rng_rank{rank}.json").read_text())
+    version, mt, gauss = saved["python"]
+    random.setstate((version, tuple(mt), gauss))
+    name, keys, pos, has_gauss, cached = saved["numpy"]
+    np.random.set_state((name, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
+    states = torch.load(p / f"rng_torch_rank{rank}.pt", weights_only=True)
+    torch.set_rng_state(states["cpu"])
+    if device.type == "cuda" and states["cuda"] is not None:
+        torch.cuda.set_rng_state(states["cuda"], device)
