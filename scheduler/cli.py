@@ -26,7 +26,8 @@ from scheduler.spec import SpecError, load_job_spec
 
 app = typer.Typer(help="Shoal: a GPU scheduler for LLM fine-tuning on Ray.", no_args_is_help=True,
                   add_completion=False, pretty_exceptions_enable=False)
-out = Console()
+# Piped output (scripts, grep) gets whole lines instead of rich's 80-column default.
+out = Console(width=None if sys.stdout.isatty() or os.environ.get("COLUMNS") else 250)
 err = Console(stderr=True, soft_wrap=True)  # never wrap error lines: they are file:line: field: message
 
 
@@ -69,12 +70,27 @@ def _ts(t: float | None) -> str:
 
 # -- server lifecycle ------------------------------------------------------------------------
 
+def _pid_alive(pid: int) -> bool:
+    """True if `pid` runs. A killed process whose parent never reaps it stays a zombie ('Z' in
+    /proc/PID/stat); it is not running."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return True
+
+
 def _daemon_info(home: Path) -> dict | None:
+    """The running server's daemon.json, or None if there is none or its process is gone."""
     try:
         info = json.loads((home / "daemon.json").read_text())
-        os.kill(info["pid"], 0)
-        return info
-    except (OSError, ValueError, KeyError):
+        return info if _pid_alive(int(info["pid"])) else None
+    except (OSError, ValueError, KeyError, TypeError):
         return None
 
 
@@ -130,9 +146,7 @@ def down(timeout: float = typer.Option(120, help="seconds to wait for running jo
     deadline = time.monotonic() + timeout
     with out.status("stopping Shoal (checkpointing running jobs)..."):
         while time.monotonic() < deadline:
-            try:
-                os.kill(info["pid"], 0)
-            except ProcessLookupError:
+            if not _pid_alive(info["pid"]):
                 out.print("Shoal stopped")
                 return
             time.sleep(0.3)
@@ -222,8 +236,9 @@ def queue(state: Optional[list[JobState]] = typer.Option(None, "--state", "-s"),
         out.print_json(json.dumps([j.model_dump(mode="json") for j in jobs]))
         return
     t = Table(box=None, header_style="bold")
-    for c in ("ID", "NAME", "TEAM", "USER", "PRI", "STATE", "GPUS", "NODE/GPU", "PROGRESS", "REASON"):
-        t.add_column(c, overflow="fold")
+    for c in ("ID", "NAME", "TEAM", "USER", "PRI", "STATE", "GPUS", "NODE/GPU", "PROGRESS"):
+        t.add_column(c, no_wrap=True)
+    t.add_column("REASON", overflow="fold", min_width=20)
     for j in jobs:
         p = j.progress or {}
         where = f"{j.placement['node']}:{','.join(map(str, j.placement['gpu_indices']))}" if j.placement else "-"
@@ -256,7 +271,10 @@ def status(job_id: int, output: Output = typer.Option(Output.table, "--output", 
                   f"tokens/s {p.get('tokens_per_s')}")
     if job.state.terminal:
         _summary(job)
-    t = Table("TIME", "FROM", "TO", "ATTEMPT", "REASON", box=None, header_style="bold")
+    t = Table(box=None, header_style="bold")
+    for c in ("TIME", "FROM", "TO", "ATTEMPT"):
+        t.add_column(c, no_wrap=True)
+    t.add_column("REASON", overflow="fold", min_width=20)
     for e in events:
         t.add_row(_ts(e.ts), e.from_state or "-", e.to_state, str(e.attempt), e.reason)
     out.print(t)

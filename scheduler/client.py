@@ -7,6 +7,7 @@
 """
 from __future__ import annotations
 
+import getpass
 import json
 import os
 import time
@@ -74,7 +75,9 @@ class Client:
             return False
 
     def submit(self, spec: JobSpec | dict, source: str | None = None) -> JobOut:
-        data = spec.model_dump(mode="json", exclude_unset=True) if isinstance(spec, JobSpec) else spec
+        """Submit a spec (paths must be absolute). Without a `user`, the login name is used."""
+        data = spec.model_dump(mode="json", exclude_unset=True) if isinstance(spec, JobSpec) else dict(spec)
+        data.setdefault("user", getpass.getuser())
         return JobOut.model_validate(self._call("POST", "/v1/jobs", json={"spec": data, "source": source}))
 
     def submit_file(self, path: str | Path) -> JobOut:

@@ -99,6 +99,17 @@ def test_running_job_shows_on_its_gpu_in_metrics_and_cancel_stops_it(server, tmp
         float(job.memory_per_gpu_mib)]
     assert _metric(text, "shoal_jobs", state="RUNNING", team="default") == [1.0]
     assert _metric(text, "shoal_job_step", job_id=str(job.id))  # progress is exported
+    # Over quota while the first job holds a GPU: it waits, and `shoal queue` says why.
+    big = client.submit_file(write_spec(tmp_path / "big.yaml", name="big", **{"resources.gpus": 8}))
+    deadline = time.monotonic() + 30
+    while client.job(big.id).pending_reason is None:
+        assert time.monotonic() < deadline
+        time.sleep(0.3)
+    reason = "quota: team default holds 1 of 8 GPUs; job needs 8"
+    assert client.job(big.id).pending_reason == reason and client.job(big.id).state is JobState.QUEUED
+    assert reason in " ".join(server.cli("queue").stdout.split())
+    server.cli("cancel", str(big.id))
+    assert client.wait(big.id, timeout=30).state is JobState.CANCELLED
     server.cli("cancel", str(job.id))
     final = client.wait(job.id, timeout=120)
     assert final.state is JobState.CANCELLED
@@ -128,3 +139,22 @@ def test_bad_spec_is_refused_with_every_field_named_and_nothing_queued(server, t
     assert proc.returncode == 2, proc.stdout + proc.stderr
     assert "team: 'nobody' is not a team" in proc.stderr and "model:" in proc.stderr
     assert json.loads(server.cli("queue", "--all", "-o", "json").stdout) == []
+
+
+def test_training_error_fails_the_job_with_its_cause(server, tmp_path):
+    """The dataset disappears after submit: the trainer raises on the worker, Ray Train reports
+    it, the job ends FAILED (no retries left) with the cause, and the server keeps serving."""
+    client = server.client()
+    data = tmp_path / "train.jsonl"
+    data.write_text((REPO / "examples/data/tiny-sft/train.jsonl").read_text())
+    job = client.submit_file(write_spec(tmp_path / "j.yaml", name="doomed", max_retries=0,
+                                        **{"dataset.train": str(data)}))
+    data.unlink()
+    final = client.wait(job.id, timeout=180)
+    assert final.state is JobState.FAILED, server.log()[-3000:]
+    assert "train.jsonl" in final.failure_reason
+    assert final.placement is None and final.attempt == 1
+    assert "attempt 1 failed" in "".join(client.follow_logs(job.id))
+    proc = server.cli("status", str(job.id))
+    assert "FAILED" in proc.stdout and "cause:" in proc.stdout
+    assert client.health()

@@ -3,10 +3,14 @@ queue and the history survive in the store, and after the restart both jobs resu
 checkpoints and finish; no job ever has two attempts running at once."""
 from __future__ import annotations
 
+import json
+import os
+import signal
 import time
 
 import pytest
 
+from scheduler.cli import _pid_alive
 from scheduler.lifecycle import JobState
 from scheduler.store import Store
 from tests.integration.harness import ShoalServer, write_spec
@@ -68,3 +72,28 @@ def test_stop_mid_run_and_restart_resumes_both_jobs(tmp_path, tiny_model_dir):
         assert "resum" in logs.lower()
     finally:
         server.down()
+
+
+def test_killed_service_requeues_and_resumes_on_restart(tmp_path, tiny_model_dir):
+    """SIGKILL, no chance to checkpoint: the local Ray cluster dies with the server; on restart
+    the job is found not running, requeued, and resumes from its last periodic checkpoint."""
+    server = ShoalServer(tmp_path / "home")
+    client = server.up()
+    try:
+        jid = client.submit_file(write_spec(tmp_path / "j.yaml", name="crash", checkpoint_every_steps=20,
+                                            **{"hyperparameters.max_steps": STEPS})).id
+        _wait(lambda: (client.job(jid).progress or {}).get("checkpoint_step", 0) >= 40, 240,
+              "two checkpoints", server.log)
+        pid = json.loads((server.home / "daemon.json").read_text())["pid"]
+        os.kill(pid, signal.SIGKILL)
+        _wait(lambda: not _pid_alive(pid), 30, "the server to die")
+        client = server.up()  # the stale daemon.json of the dead server is replaced
+        final = client.wait(jid, timeout=300)
+        assert final.state is JobState.SUCCEEDED, server.log()[-3000:]
+        assert final.attempt == 2 and final.result["steps"] == STEPS
+        assert final.result["resumed_from_step"] >= 20
+        reasons = [e.reason for e in client.events(jid)]
+        assert any("not running after a service restart" in r for r in reasons)
+    finally:
+        server.down()
+
