@@ -50,6 +50,18 @@ class FakeGpuLoad:
         self.reader.detach_job(job.id)
 
 
+def _check_port(host: str, port: int) -> None:
+    if port == 0:
+        return
+    with socket.socket() as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((host, port))
+        except OSError as e:
+            raise RuntimeError(f"cannot listen on {host}:{port} ({e.strerror}); another Shoal or program "
+                               "uses it: pass --port N, or --port 0 for any free port") from None
+
+
 def make_reader(config: ClusterConfig) -> GpuReader:
     local = config.local
     if local.reader == "nvml":
@@ -76,6 +88,7 @@ class Daemon:
         from scheduler.store import Store
 
         self.home.mkdir(parents=True, exist_ok=True)
+        _check_port(self.host, self.port)  # fail before the slow part (Ray) starts
         os.environ.update(_RAY_ENV)
         local = self.config.local
         self.reader = make_reader(self.config)
@@ -122,18 +135,24 @@ class Daemon:
         self.service.run(self.stop)
 
     def shutdown(self) -> None:
+        """Stops whatever `start` got to start (it may have failed half-way)."""
         import ray
 
-        log.info("stopping: checkpointing running jobs (grace %.0f s)", self.config.scheduler.stop_grace_s)
         try:
-            self.service.shutdown(self.config.scheduler.stop_grace_s)
+            if hasattr(self, "service"):
+                log.info("stopping: checkpointing running jobs (grace %.0f s)", self.config.scheduler.stop_grace_s)
+                self.service.shutdown(self.config.scheduler.stop_grace_s)
         finally:
-            self.server.should_exit = True
-            self.api_thread.join(timeout=10)
-            self.service.executor.close()
+            if hasattr(self, "server"):
+                self.server.should_exit = True
+                self.api_thread.join(timeout=10)
+            if hasattr(self, "service"):
+                self.service.executor.close()
             ray.shutdown()
-            self.store.close()
-            self.reader.close()
+            if hasattr(self, "store"):
+                self.store.close()
+            if hasattr(self, "reader"):
+                self.reader.close()
             (self.home / "daemon.json").unlink(missing_ok=True)
             log.info("stopped")
 
@@ -151,9 +170,12 @@ def main(argv: list[str] | None = None) -> None:
     daemon = Daemon(args.home.resolve(), load_cluster_config(args.config), args.db, args.host, args.port)
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: daemon.stop.set())
-    daemon.start()
     try:
+        daemon.start()
         daemon.run()
+    except Exception as e:  # noqa: BLE001 - reported in the log `shoal up` prints
+        log.error("Shoal failed: %s", e, exc_info=not isinstance(e, RuntimeError))
+        raise SystemExit(1) from None
     finally:
         daemon.shutdown()
 

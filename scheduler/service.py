@@ -59,11 +59,11 @@ class Service:
     def log_path(self, job_id: int) -> Path:
         return self.job_dir(job_id) / "train.log"
 
-    def _log(self, job_id: int, line: str) -> None:
+    def _log(self, job_id: int, *lines: str) -> None:
         path = self.log_path(job_id)
         path.parent.mkdir(parents=True, exist_ok=True)
         with path.open("a") as f:
-            f.write(line.rstrip("\n") + "\n")
+            f.writelines(line.rstrip("\n") + "\n" for line in lines)
 
     # -- transitions with side effects --------------------------------------------------------
     def _move(self, job: JobRecord, src, dst: JobState, reason: str, **changes) -> JobRecord | None:
@@ -99,18 +99,21 @@ class Service:
 
     def _ingest_progress(self, events: list[ProgressEvent]) -> None:
         latest: dict[tuple[int, int], dict] = {}  # (job, attempt) -> newest value of each field
+        lines: dict[int, list[str]] = {}  # job -> log lines, written once per job per cycle
         for ev in events:
             e = ev.event
             if e.get("type") == "log":
-                self._log(ev.job_id, str(e.get("line", "")))
+                lines.setdefault(ev.job_id, []).append(str(e.get("line", "")))
             elif e.get("type") == "step":
-                self._log(ev.job_id, "step {}/{} loss {:.4f} lr {:.3g} tokens/s {:.0f}".format(
+                lines.setdefault(ev.job_id, []).append("step {}/{} loss {:.4f} lr {:.3g} tokens/s {:.0f}".format(
                     e.get("step"), e.get("total_steps"), float(e.get("loss", float("nan"))),
                     float(e.get("lr", 0.0)), float(e.get("tokens_per_s", 0.0))))
             fields = latest.setdefault((ev.job_id, ev.attempt), {})
             fields.update({k: v for k, v in e.items() if k not in ("type", "line")})
             if e.get("type") == "checkpoint":
                 fields["checkpoint_step"] = e.get("step")
+        for job_id, job_lines in lines.items():
+            self._log(job_id, *job_lines)
         for (job_id, attempt), fields in latest.items():
             try:
                 job = self.store.get(job_id)
