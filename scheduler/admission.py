@@ -41,9 +41,39 @@ def _check_dataset(field: str, path: str | None, problems: list[str]) -> int | N
     return None
 
 
+@dataclass(frozen=True)
+class Files:
+    train_records: int
+    validation_records: int | None
+
+
+def _file_problems(spec: JobSpec, problems: list[str]) -> Files:
+    """Checks that need only the spec's files: the model directory and every dataset record."""
+    n_train = _check_dataset("dataset.train", spec.dataset.train, problems)
+    n_val = _check_dataset("dataset.validation", spec.dataset.validation, problems)
+    if n_train is not None and spec.dataset.validation is None and n_train < 2:
+        problems.append("dataset.train: needs at least 2 records to split off a validation set")
+    model = Path(spec.model)
+    if not model.is_dir():
+        problems.append(f"model: {spec.model} is not a directory (a local Hugging Face model folder)")
+    elif not (model / "config.json").is_file():
+        problems.append(f"model: {spec.model} has no config.json (expected a Hugging Face model directory)")
+    return Files(n_train or 0, n_val)
+
+
+def check_files(spec: JobSpec) -> Files:
+    """`shoal validate`: the file checks alone, on the user's machine."""
+    problems: list[str] = []
+    files = _file_problems(spec, problems)
+    if problems:
+        raise SubmitError(problems)
+    return files
+
+
 def check_submission(spec: JobSpec, config: ClusterConfig, nodes: tuple[NodeView, ...],
                      quotas: tuple[TeamQuota, ...]) -> Admission:
     problems: list[str] = []
+    files = _file_problems(spec, problems)
     if spec.team not in config.teams:
         problems.append(f"team: {spec.team!r} is not a team of this cluster "
                         f"(known: {', '.join(sorted(config.teams))})")
@@ -51,17 +81,10 @@ def check_submission(spec: JobSpec, config: ClusterConfig, nodes: tuple[NodeView
     if flavor is not None and flavor not in config.gpu_models:
         problems.append(f"resources.gpu_model: {flavor!r} is not a GPU model of this cluster "
                         f"(known: {', '.join(sorted(config.gpu_models))})")
-    n_train = _check_dataset("dataset.train", spec.dataset.train, problems)
-    n_val = _check_dataset("dataset.validation", spec.dataset.validation, problems)
-    if n_train is not None and spec.dataset.validation is None and n_train < 2:
-        problems.append("dataset.train: needs at least 2 records to split off a validation set")
-
     models = [config.gpu_models[flavor]] if flavor in config.gpu_models else list(config.gpu_models.values())
     usable = max(m.memory_gib for m in models) * 1024 - config.scheduler.memory_headroom_mib
     est = None
-    if not Path(spec.model).is_dir():
-        problems.append(f"model: {spec.model} is not a directory (a local Hugging Face model folder)")
-    else:
+    if (Path(spec.model) / "config.json").is_file():
         try:
             hp = spec.hyperparameters
             est = estimate(spec.model, spec.method, hp.batch_size, hp.max_length, spec.resources.gpus, usable)
@@ -74,4 +97,4 @@ def check_submission(spec: JobSpec, config: ClusterConfig, nodes: tuple[NodeView
     if problems:
         raise SubmitError(problems)
     assert est is not None
-    return Admission(est.gpus, est.memory_per_gpu_mib, n_train or 0, n_val)
+    return Admission(est.gpus, est.memory_per_gpu_mib, files.train_records, files.validation_records)

@@ -18,6 +18,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from scheduler.admission import SubmitError, check_files
 from scheduler.api import JobOut
 from scheduler.client import Client, NotRunning, ShoalError
 from scheduler.daemon import default_home
@@ -49,9 +50,9 @@ def _fail(e: Exception, code: int = 1) -> typer.Exit:
         code = 3
     elif isinstance(e, ShoalError) and e.status in (400, 404, 409, 422):
         code = 2
-    elif isinstance(e, SpecError):
+    elif isinstance(e, (SpecError, SubmitError)):
         code = 2
-    if isinstance(e, SpecError):
+    if isinstance(e, (SpecError, SubmitError)):
         _error(f"invalid spec ({len(e.problems)} problem(s)):\n" + "\n".join(f"  {p}" for p in e.problems))
     else:
         _error(str(e))
@@ -62,6 +63,10 @@ def _error(message: str) -> None:
     """'error: ...' on stderr; the message is printed verbatim (no markup, no wrapping)."""
     err.print("[red]error:[/] ", end="")
     err.print(message, markup=False, highlight=False)
+
+
+def _num(x: float | None, digits: int) -> str:
+    return "-" if x is None else f"{x:.{digits}f}"
 
 
 def _ts(t: float | None) -> str:
@@ -158,12 +163,16 @@ def down(timeout: float = typer.Option(120, help="seconds to wait for running jo
 
 @app.command()
 def validate(file: Path) -> None:
-    """Check a job spec locally (every invalid field, with its line) without submitting it."""
+    """Check a job spec and its files locally without submitting: every invalid field (with its
+    line), the model directory, every dataset record. Team and quota are checked at submit."""
     try:
         spec = load_job_spec(file)
-    except SpecError as e:
+        files = check_files(spec)
+    except (SpecError, SubmitError) as e:
         raise _fail(e) from None
-    out.print(f"{file}: valid ({spec.method} fine-tuning of {spec.model} for team {spec.team})")
+    val = f", {files.validation_records} validation" if files.validation_records is not None else ""
+    out.print(f"{file}: valid ({spec.method} fine-tuning of {spec.model} for team {spec.team}; "
+              f"{files.train_records} training records{val})", highlight=False)
 
 
 @app.command()
@@ -180,7 +189,13 @@ def submit(file: Path, watch: bool = typer.Option(False, "--watch", "-w", help="
         return
     out.print(f"Submitted job [bold]{job.id}[/] ({job.name}, team {job.team}, {job.gpus} GPU(s))")
     if watch:
-        final = _watch(client, job.id)
+        try:
+            final = _watch(client, job.id)
+        except ShoalError as e:
+            raise _fail(e) from None
+        except KeyboardInterrupt:
+            out.print(f"\nStopped watching; job {job.id} goes on (shoal status {job.id}, shoal cancel {job.id})")
+            raise typer.Exit(130) from None
         raise typer.Exit(0 if final.state is JobState.SUCCEEDED else 1)
 
 
@@ -208,11 +223,10 @@ def _summary(job: JobOut) -> None:
     out.print(f"Job {job.id} [bold {color}]{job.state.value}[/]")
     r = job.result or {}
     if job.state is JobState.SUCCEEDED:
-        out.print(f"  train loss       {r.get('train_loss', float('nan')):.4f}")
-        out.print(f"  validation loss  {r.get('eval_loss', float('nan')):.4f}   "
-                  f"(untrained: {r.get('eval_loss_initial', float('nan')):.4f}, "
-                  f"perplexity {r.get('perplexity', float('nan')):.2f})")
-        out.print(f"  steps            {r.get('steps')}   tokens/s {r.get('tokens_per_s', 0):.0f}")
+        out.print(f"  train loss       {_num(r.get('train_loss'), 4)}")
+        out.print(f"  validation loss  {_num(r.get('eval_loss'), 4)}   (untrained: "
+                  f"{_num(r.get('eval_loss_initial'), 4)}, perplexity {_num(r.get('perplexity'), 2)})")
+        out.print(f"  steps            {r.get('steps', '-')}   tokens/s {_num(r.get('tokens_per_s'), 0)}")
         out.print(f"  adapter          {r.get('output_dir')}", highlight=False)
     elif job.failure_reason:
         out.print(f"  cause: {job.failure_reason.strip().splitlines()[-1]}", highlight=False)
