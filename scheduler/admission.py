@@ -91,7 +91,8 @@ def check_submission(spec: JobSpec, config: ClusterConfig, nodes: tuple[NodeView
         except ValueError as e:
             problems.append(str(e))
     if est is not None and spec.team in config.teams:
-        req = JobRequest(0, spec.team, spec.priority, 0.0, est.gpus, est.memory_per_gpu_mib, flavor)
+        req = JobRequest(0, spec.team, spec.priority, 0.0, est.gpus, est.memory_per_gpu_mib, flavor,
+                         spec.resources.cpus_per_gpu)
         if (why := never_fits(req, nodes, quotas)) is not None:
             problems.append(f"resources: can never run here: {why}")
     if problems:

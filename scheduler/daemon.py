@@ -93,14 +93,15 @@ class Daemon:
         local = self.config.local
         self.reader = make_reader(self.config)
         gpus = len(self.reader.read())
-        ray.init(num_cpus=max(os.cpu_count() or 1, gpus), num_gpus=gpus, namespace="shoal",
+        cpus = max(os.cpu_count() or 1, gpus)  # every fake GPU can hold a 1-CPU worker
+        ray.init(num_cpus=cpus, num_gpus=gpus, namespace="shoal",
                  include_dashboard=True, logging_level=logging.WARNING, log_to_driver=False,
                  configure_logging=False)
         node_id = ray.get_runtime_context().get_node_id()
         hostname = socket.gethostname()
 
         def nodes() -> list[NodeInfo]:
-            return [NodeInfo(node_id, hostname, alive=True)]
+            return [NodeInfo(node_id, hostname, alive=True, cpus=cpus)]
 
         self.store = Store(self.db_url)
         inventory = Inventory(nodes, {node_id: self.reader})

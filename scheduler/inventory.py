@@ -16,6 +16,7 @@ class NodeInfo:
     name: str
     alive: bool = True
     drained: bool = False
+    cpus: int | None = None  # CPUs offered to jobs (Ray's CPU resource); None = not limited
 
 
 class Inventory:
@@ -40,7 +41,9 @@ class Inventory:
         readings = self.read()
         reserved: dict[tuple[str, int], int] = defaultdict(int)
         holders: dict[tuple[str, int], list[int]] = defaultdict(list)
+        cpus_held: dict[str, int] = defaultdict(int)
         for job in running:
+            cpus_held[job.node_id] += job.cpus
             for idx in job.gpu_indices:
                 reserved[(job.node_id, idx)] += job.memory_per_gpu_mib
                 holders[(job.node_id, idx)].append(job.job_id)
@@ -55,7 +58,8 @@ class Inventory:
                 )
                 for r in readings.get(node.node_id, [])
             )
-            views.append(NodeView(node.node_id, node.name, gpus, node.alive and not node.drained))
+            views.append(NodeView(node.node_id, node.name, gpus, node.alive and not node.drained,
+                                  cpus=node.cpus, cpus_held=cpus_held[node.node_id]))
         return tuple(views)
 
     def node_name(self, node_id: str) -> str:

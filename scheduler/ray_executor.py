@@ -54,6 +54,8 @@ def train_config(req: LaunchRequest) -> dict:
         "method": s.get("method", "lora"), "output_dir": req.output_dir,
         "checkpoint_every_steps": s.get("checkpoint_every_steps", 50),
         "gpu_indices": list(req.gpu_indices), "torch_threads": res.get("cpus_per_gpu", 1),
+        # Staged checkpoints of a killed worker stay with the job, not in the system temp dir.
+        "scratch_dir": f"{req.job_dir}/scratch",
     }
     if "validation_fraction" in ds:
         cfg["val_fraction"] = ds["validation_fraction"]

@@ -29,6 +29,10 @@ log = logging.getLogger("shoal.service")
 S = JobState
 
 
+def _cpus_per_gpu(spec: dict) -> int:
+    return int(spec.get("resources", {}).get("cpus_per_gpu", 1))
+
+
 class JobListener(Protocol):
     """Told when a job starts holding GPUs and when it lets them go (e.g. the fake GPU load)."""
 
@@ -176,7 +180,7 @@ class Service:
     def running_views(self, active: list[JobRecord]) -> list[RunningJob]:
         return [
             RunningJob(j.id, j.team, j.priority, j.placement["node_id"], tuple(j.placement["gpu_indices"]),
-                       j.memory_per_gpu_mib)
+                       j.memory_per_gpu_mib, cpus=_cpus_per_gpu(j.spec) * len(j.placement["gpu_indices"]))
             for j in active if j.placement
         ]
 
@@ -185,7 +189,7 @@ class Service:
         queued = [j for j in self.store.jobs(states=[S.QUEUED]) if not j.cancel_requested]
         pending = tuple(
             JobRequest(j.id, j.team, j.priority, j.submitted_at, j.gpus, j.memory_per_gpu_mib,
-                       j.spec.get("resources", {}).get("gpu_model"))
+                       j.spec.get("resources", {}).get("gpu_model"), _cpus_per_gpu(j.spec))
             for j in queued
         )
         snap = Snapshot(self.inventory.node_views(running), tuple(running), pending, self.quotas(),

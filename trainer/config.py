@@ -40,6 +40,7 @@ class TrainConfig(BaseModel):
     output_dir: str  # final adapter (lora) or model (full) + tokenizer
     gpu_indices: list[int] = Field(default_factory=list)  # one per local worker
     torch_threads: int | None = Field(None, ge=1)
+    scratch_dir: str | None = None  # where checkpoints are staged before Ray persists them (default: system temp)
 
     @model_validator(mode="after")
     def _check_lora_targets(self) -> "TrainConfig":

@@ -315,7 +315,10 @@ class _Trainer:
         rng_states = self._gather_rng_states()
         path = None
         if self.rank == 0:
-            path = tempfile.mkdtemp(prefix=f"shoal-job{self.cfg.job_id}-step{self.step}-")
+            if self.cfg.scratch_dir:
+                Path(self.cfg.scratch_dir).mkdir(parents=True, exist_ok=True)
+            path = tempfile.mkdtemp(prefix=f"shoal-job{self.cfg.job_id}-step{self.step}-",
+                                    dir=self.cfg.scratch_dir)
             write_checkpoint(path, self, rng_states)
         try:
             self.hooks.save_checkpoint(path, metrics)

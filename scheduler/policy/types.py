@@ -27,6 +27,11 @@ class NodeView:
     name: str
     gpus: tuple[GpuView, ...]
     schedulable: bool = True  # alive and not drained
+    cpus: int | None = None  # CPUs the node offers to jobs; None = not limited
+    cpus_held: int = 0  # CPUs Shoal's active jobs hold there
+
+    def cpus_free(self) -> float:
+        return float("inf") if self.cpus is None else self.cpus - self.cpus_held
 
 
 @dataclass(frozen=True)
@@ -38,6 +43,11 @@ class JobRequest:
     gpus: int
     memory_per_gpu_mib: int
     gpu_model: str | None = None  # required flavor, or any
+    cpus_per_gpu: int = 1  # each GPU's worker holds this many CPUs on the same node
+
+    @property
+    def cpus(self) -> int:
+        return self.gpus * self.cpus_per_gpu
 
 
 @dataclass(frozen=True)
@@ -48,6 +58,7 @@ class RunningJob:
     node_id: str
     gpu_indices: tuple[int, ...]
     memory_per_gpu_mib: int
+    cpus: int = 0
 
 
 @dataclass(frozen=True)

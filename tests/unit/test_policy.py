@@ -85,3 +85,16 @@ def test_never_fits_reasons():
     assert "quota is 8" in never_fits(job(1, gpus=16), nodes, quotas)
     assert "no quota" in never_fits(job(1, team="zz"), nodes, quotas)
     assert never_fits(job(1, mem=200_000), nodes, quotas) is not None
+
+
+def test_cpus_are_a_limit_too():
+    # 8 free GPUs but 4 CPUs: two 1-GPU jobs with 2 CPUs per GPU fit, the third waits.
+    n = NodeView("n1", "n1", node("n1").gpus, cpus=4)
+    reqs = [JobRequest(i, "a", 0, float(i), 1, 1000, None, cpus_per_gpu=2) for i in (1, 2, 3)]
+    d = schedule(snap([n], reqs))
+    assert [s.job_id for s in d.to_start] == [1, 2]
+    assert d.pending[3] == "resources: needs 2 CPUs on one node with its GPUs; the most free CPUs on a node is 0"
+    held = NodeView("n1", "n1", node("n1").gpus, cpus=4, cpus_held=3)
+    assert schedule(snap([held], reqs[:1])).to_start == ()
+    big = JobRequest(9, "a", 0, 0.0, 2, 1000, None, cpus_per_gpu=3)
+    assert "6 CPUs" in never_fits(big, (n,), (TeamQuota("a", 8),))
