@@ -10,6 +10,7 @@ import time
 import httpx
 import pytest
 import torch
+from prometheus_client.parser import text_string_to_metric_families
 
 from scheduler.lifecycle import JobState
 from tests.integration.harness import REPO, ShoalServer, write_spec
@@ -27,14 +28,9 @@ def server(tmp_path, tiny_model_dir):
 
 
 def _metric(text: str, name: str, **labels) -> list[float]:
-    out = []
-    for line in text.splitlines():
-        if not line.startswith(name + "{"):
-            continue
-        got = dict(re.findall(r'(\w+)="([^"]*)"', line.split("}")[0]))
-        if all(got.get(k) == v for k, v in labels.items()):
-            out.append(float(line.rsplit(" ", 1)[1]))
-    return out
+    """Values of the samples of `name` whose labels include `labels` (parsed as Prometheus does)."""
+    return [s.value for fam in text_string_to_metric_families(text) for s in fam.samples
+            if s.name == name and all(s.labels.get(k) == v for k, v in labels.items())]
 
 
 def _val_loss(model, tokenizer) -> float:
