@@ -8,7 +8,8 @@ from typing import Any, Iterable
 
 from sqlalchemy import create_engine, event, func, select, update
 from sqlalchemy.engine import Engine
-from sqlalchemy.orm import Session, sessionmaker
+from sqlalchemy.orm import sessionmaker
+from sqlalchemy.pool import StaticPool
 
 from scheduler.lifecycle import ACTIVE, JobState, check_transition
 from scheduler.store.schema import SCHEMA_VERSION, Base, EventRow, JobRow, MetaRow
@@ -77,7 +78,11 @@ def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
 
 def make_engine(url: str) -> Engine:
     if url.startswith("sqlite"):
-        engine = create_engine(url, connect_args={"check_same_thread": False})
+        # An in-memory database ("sqlite://", used by the simulator) exists per connection:
+        # keep exactly one, shared by all threads.
+        memory = url in ("sqlite://", "sqlite:///:memory:")
+        engine = create_engine(url, connect_args={"check_same_thread": False},
+                               **({"poolclass": StaticPool} if memory else {}))
         event.listen(engine, "connect", _sqlite_pragmas)
         return engine
     return create_engine(url, pool_pre_ping=True)

@@ -81,3 +81,13 @@ def test_only_known_fields_are_mutable(store):
     job = submit(store)
     with pytest.raises(ValueError, match="not a mutable job field"):
         store.update_fields(job.id, team="b")
+
+
+def test_in_memory_store_is_one_database_for_all_threads():
+    s = Store("sqlite://")
+    job = submit(s)
+    seen = []
+    t = threading.Thread(target=lambda: seen.append(s.get(job.id).state))
+    t.start()
+    t.join()
+    assert seen == [S.QUEUED]
