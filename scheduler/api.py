@@ -8,69 +8,23 @@ from __future__ import annotations
 
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any
 
 from fastapi import FastAPI, Query, Request
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
-from pydantic import BaseModel, ValidationError
+from pydantic import ValidationError
 
 from scheduler.admission import SubmitError, check_submission
 from scheduler.lifecycle import JobState
 from scheduler.service import Service
 from scheduler.spec import JobSpec, format_validation_error
-from scheduler.store import JobRecord, UnknownJob
+from scheduler.models import EventOut, JobOut, LogChunk, SubmitIn
+from scheduler.store import UnknownJob
 
 
 class Problem(Exception):
     def __init__(self, status: int, title: str, detail: str = "", errors: list[str] | None = None):
         self.status, self.title, self.detail, self.errors = status, title, detail, errors or []
-
-
-class SubmitIn(BaseModel):
-    spec: dict[str, Any]
-    source: str | None = None  # the spec's file name, for messages
-
-
-class JobOut(BaseModel):
-    id: int
-    name: str
-    team: str
-    user: str
-    priority: int
-    state: JobState
-    gpus: int
-    memory_per_gpu_mib: int
-    submitted_at: float
-    started_at: float | None
-    finished_at: float | None
-    attempt: int
-    retries: int
-    placement: dict | None
-    pending_reason: str | None
-    progress: dict | None
-    result: dict | None
-    failure_reason: str | None
-    cancel_requested: bool
-    spec: dict
-
-    @classmethod
-    def of(cls, job: JobRecord) -> JobOut:
-        return cls.model_validate({k: v for k, v in asdict(job).items() if k in cls.model_fields})
-
-
-class EventOut(BaseModel):
-    ts: float
-    from_state: str | None
-    to_state: str
-    attempt: int
-    reason: str
-
-
-class LogChunk(BaseModel):
-    text: str
-    offset: int  # byte offset to ask for next
-    terminal: bool  # the job is finished: no more lines will come
 
 
 def _validate_spec(body: SubmitIn) -> JobSpec:

@@ -19,7 +19,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from scheduler.admission import SubmitError, check_files
-from scheduler.api import JobOut
+from scheduler.models import JobOut
 from scheduler.client import Client, NotRunning, ShoalError
 from scheduler.daemon import default_home
 from scheduler.lifecycle import JobState

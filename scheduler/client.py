@@ -16,7 +16,7 @@ from typing import Iterator
 
 import httpx
 
-from scheduler.api import EventOut, JobOut, LogChunk
+from scheduler.models import EventOut, JobOut, LogChunk
 from scheduler.lifecycle import JobState
 from scheduler.spec import JobSpec, load_job_spec
 

@@ -18,7 +18,6 @@ from pathlib import Path
 from monitoring.gpu import FakeGpuReader, GpuReader, NvmlReader
 from scheduler.clock import WallClock
 from scheduler.spec import ClusterConfig, load_cluster_config
-from scheduler.store import JobRecord
 
 log = logging.getLogger("shoal.daemon")
 
@@ -42,11 +41,11 @@ class FakeGpuLoad:
     def __init__(self, reader: FakeGpuReader):
         self.reader = reader
 
-    def placed(self, job: JobRecord) -> None:
+    def placed(self, job) -> None:
         self.reader.detach_job(job.id)
         self.reader.attach_job(job.id, tuple(job.placement["gpu_indices"]), job.memory_per_gpu_mib)
 
-    def released(self, job: JobRecord) -> None:
+    def released(self, job) -> None:
         self.reader.detach_job(job.id)
 
 
