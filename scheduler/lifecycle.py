@@ -2,7 +2,7 @@
 
     QUEUED -> ADMITTED -> STARTING -> RUNNING -> SUCCEEDED | FAILED | CANCELLED
     RUNNING -> PREEMPTING -> QUEUED         (stopped at a checkpoint; resumes from it)
-    STARTING | RUNNING -> QUEUED            (lost: service restart, launch error, retryable failure)
+    ADMITTED | STARTING | RUNNING -> QUEUED (lost: service restart, launch error, retryable failure)
 
 FAILED, SUCCEEDED and CANCELLED are terminal. A failure with retries left does not pass through
 FAILED: the job goes straight back to QUEUED with the cause in the event's reason, so "FAILED"
@@ -40,7 +40,7 @@ ACTIVE = frozenset({JobState.ADMITTED, JobState.STARTING, JobState.RUNNING, JobS
 _S = JobState
 TRANSITIONS: dict[JobState, frozenset[JobState]] = {
     _S.QUEUED: frozenset({_S.ADMITTED, _S.CANCELLED}),
-    _S.ADMITTED: frozenset({_S.STARTING, _S.QUEUED, _S.CANCELLED}),
+    _S.ADMITTED: frozenset({_S.STARTING, _S.QUEUED, _S.FAILED, _S.CANCELLED}),
     _S.STARTING: frozenset({_S.RUNNING, _S.SUCCEEDED, _S.FAILED, _S.CANCELLED, _S.QUEUED, _S.PREEMPTING}),
     _S.RUNNING: frozenset({_S.SUCCEEDED, _S.FAILED, _S.CANCELLED, _S.QUEUED, _S.PREEMPTING}),
     _S.PREEMPTING: frozenset({_S.QUEUED, _S.SUCCEEDED, _S.FAILED, _S.CANCELLED}),

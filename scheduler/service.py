@@ -227,7 +227,8 @@ class Service:
             self.executor.launch(self._launch_request(job))
         except Exception as e:  # noqa: BLE001 - a launch error must not stop the loop
             log.exception("launch of job %s failed", job.id)
-            self._move(job, S.ADMITTED, S.QUEUED, f"launch failed: {e}", placement=None)
+            # Counted like any failed attempt, so a launch that always fails ends in FAILED.
+            self._ingest_outcome(Outcome(job.id, job.attempt, "failed", error=f"launch failed: {e!r}"))
             return
         self._move(job, S.ADMITTED, S.STARTING, f"launched attempt {job.attempt}",
                    started_at=job.started_at or self.clock.now())
@@ -250,7 +251,7 @@ class Service:
                            "not running after a service restart; resumes from the last checkpoint",
                            placement=None)
 
-    def shutdown(self, grace_s: float, poll_s: float = 0.2, stop_event: threading.Event | None = None) -> None:
+    def shutdown(self, grace_s: float, poll_s: float = 0.2) -> None:
         """Stop launching; ask every running job to checkpoint and stop; after `grace_s` kill
         what is left. Every job ends QUEUED (it resumes on the next start) or terminal."""
         self._stopping = True

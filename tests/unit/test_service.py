@@ -158,3 +158,20 @@ def test_foreign_process_pushes_job_to_another_gpu(world):
     job = world.submit(mem=10000)
     world.service.tick()
     assert world.store.get(job.id).placement["gpu_indices"] == [1]
+
+
+class _BrokenLauncher(InMemoryExecutor):
+    def launch(self, req):
+        raise ConnectionError("Ray is unreachable")
+
+
+def test_launch_errors_count_as_failed_attempts(tmp_path):
+    w = World(tmp_path)
+    w.executor = _BrokenLauncher(w.clock)
+    w.service = w.new_service()
+    job = w.submit(max_retries=2)
+    w.run(3)
+    rec = w.store.get(job.id)
+    assert rec.state is S.FAILED and rec.attempt == 3 and rec.retries == 2
+    assert "Ray is unreachable" in rec.failure_reason
+    assert w.reader.read()[0].memory_used_mib == 0  # nothing left on the GPU
