@@ -40,6 +40,9 @@ class ProgressHub:
     def request_stop(self, job_id: int, attempt: int) -> None:
         self._stop.add((job_id, attempt))
 
+    def forget(self, job_id: int, attempt: int) -> None:
+        self._stop.discard((job_id, attempt))
+
     def should_stop(self, job_id: int, attempt: int) -> bool:
         return (job_id, attempt) in self._stop
 
@@ -183,12 +186,14 @@ class RayExecutor:
         out = []
         for ref in ready:
             key = refs[ref]
-            del self._runs[key]
+            actor, _ = self._runs.pop(key)
             try:
                 res = ray.get(ref)
-            except ray.exceptions.RayActorError as e:
+            except ray.exceptions.RayError as e:
                 status = "killed" if key in self._killed else "failed"
                 res = {"status": status, "error": None if status == "killed" else f"job runner died: {e}"}
+            ray.kill(actor, no_restart=True)  # the attempt is over: free the runner's process
+            self.hub.forget.remote(*key)
             self._killed.discard(key)
             out.append(Outcome(key[0], key[1], res["status"], res.get("metrics", {}), res.get("error")))
         return out

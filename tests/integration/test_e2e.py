@@ -6,6 +6,7 @@ import json
 import math
 import re
 import time
+from pathlib import Path
 
 import httpx
 import pytest
@@ -79,6 +80,24 @@ def test_tiny_lora_job_end_to_end(server, tiny_model_dir):
 
     out = server.cli("queue", "--all", "--output", "json")
     assert [j["state"] for j in json.loads(out.stdout)] == ["SUCCEEDED"]
+
+    # The attempt's runner actor is gone (no process per finished job is left behind).
+    deadline = time.monotonic() + 20
+    while _processes("ray::JobRunner"):
+        assert time.monotonic() < deadline, _processes("ray::JobRunner")
+        time.sleep(0.5)
+
+
+def _processes(title: str) -> list[str]:
+    found = []
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            text = cmdline.read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        if text.startswith(title):
+            found.append(text)
+    return found
 
 
 def test_running_job_shows_on_its_gpu_in_metrics_and_cancel_stops_it(server, tmp_path):
