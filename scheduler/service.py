@@ -15,13 +15,13 @@ from __future__ import annotations
 import logging
 import threading
 from pathlib import Path
-from typing import Protocol
+from typing import Callable, Protocol
 
 from scheduler.clock import Clock
 from scheduler.executor import Executor, LaunchRequest, Outcome, ProgressEvent
 from scheduler.inventory import Inventory
 from scheduler.lifecycle import ACTIVE, JobState
-from scheduler.policy import JobRequest, RunningJob, Snapshot, TeamQuota, schedule
+from scheduler.policy import Decision, JobRequest, RunningJob, Snapshot, TeamQuota, schedule
 from scheduler.spec import ClusterConfig
 from scheduler.store import Conflict, JobRecord, Store
 
@@ -44,7 +44,7 @@ class JobListener(Protocol):
 class Service:
     def __init__(self, store: Store, executor: Executor, inventory: Inventory, config: ClusterConfig,
                  clock: Clock, home: Path, listeners: list[JobListener] | None = None,
-                 on_cycle=None):
+                 on_cycle=None, policy: Callable[[Snapshot], Decision] = schedule):
         self.store = store
         self.executor = executor
         self.inventory = inventory
@@ -53,6 +53,7 @@ class Service:
         self.home = Path(home)
         self.listeners = listeners or []
         self.on_cycle = on_cycle  # called with the cycle's duration in seconds (metrics)
+        self.policy = policy  # any pure Snapshot -> Decision (the simulator swaps baselines in)
         self._killing: set[tuple[int, int]] = set()
         self._stopping = False
 
@@ -198,12 +199,20 @@ class Service:
 
     def _schedule(self) -> None:
         snap, queued = self.snapshot()
-        decision = schedule(snap)
+        decision = self.policy(snap)
+        for pre in decision.to_preempt:
+            self._preempt(pre.job_id, pre.reason)
         for start in decision.to_start:
             self._start(queued[start.job_id], start.placement.node_id, start.placement.gpu_indices)
         for job_id, reason in decision.pending.items():
             if queued[job_id].pending_reason != reason:
                 self.store.update_fields(job_id, pending_reason=reason)
+
+    def _preempt(self, job_id: int, reason: str) -> None:
+        """Ask a running job to checkpoint and stop; it returns to the queue when it has."""
+        job = self.store.get(job_id)
+        if job.state in (S.STARTING, S.RUNNING) and self._move(job, job.state, S.PREEMPTING, f"preempted: {reason}"):
+            self.executor.request_stop(job.id, job.attempt)
 
     def _launch_request(self, job: JobRecord) -> LaunchRequest:
         d = self.job_dir(job.id)
@@ -259,8 +268,7 @@ class Service:
             if job.state is S.ADMITTED:
                 self._move(job, S.ADMITTED, S.QUEUED, "service stopping before launch", placement=None)
             elif job.state in (S.STARTING, S.RUNNING):
-                if self._move(job, job.state, S.PREEMPTING, "service stopping: checkpoint and requeue"):
-                    self.executor.request_stop(job.id, job.attempt)
+                self._preempt(job.id, "service stopping; checkpoint and requeue")
         deadline = self.clock.now() + grace_s
         while self.store.active_jobs() and self.clock.now() < deadline:
             self.tick()

@@ -175,3 +175,28 @@ def test_launch_errors_count_as_failed_attempts(tmp_path):
     assert rec.state is S.FAILED and rec.attempt == 3 and rec.retries == 2
     assert "Ray is unreachable" in rec.failure_reason
     assert w.reader.read()[0].memory_used_mib == 0  # nothing left on the GPU
+
+
+def test_policy_preemption_checkpoints_and_requeues(tmp_path):
+    """A policy that preempts job 1 for job 2 (the seam richer policies use)."""
+    from scheduler.policy import Decision, Preempt, schedule
+
+    def preempt_low_priority(snap):
+        d = schedule(snap)
+        waiting_high = [p for p in snap.pending if p.priority > 0 and p.job_id in d.pending]
+        victims = [r for r in snap.running if r.priority == 0]
+        if waiting_high and victims:
+            return Decision(d.to_start, (Preempt(victims[0].job_id, "priority"),), d.pending)
+        return d
+
+    w = World(tmp_path, quotas={"a": 1})
+    w.service.policy = preempt_low_priority
+    low = w.submit(duration=30)
+    w.run(3)
+    high = w.submit(prio=10, duration=5)
+    w.run(2)
+    assert [e.to_state for e in w.store.events(low.id)][-2:] == ["PREEMPTING", "QUEUED"]
+    assert "preempted: priority" in w.store.events(low.id)[-2].reason
+    w.run(40)
+    assert w.state(high) is S.SUCCEEDED and w.state(low) is S.SUCCEEDED
+    assert w.store.get(low.id).attempt == 2
