@@ -27,14 +27,12 @@ class Inventory:
     def __init__(self, nodes: Callable[[], list[NodeInfo]], readers: dict[str, GpuReader]):
         self._nodes = nodes
         self.readers = readers
-        self.last_readings: dict[str, list[GpuReading]] = {}
 
     def read(self) -> dict[str, list[GpuReading]]:
         out = {}
         for node in self._nodes():
             reader = self.readers.get(node.node_id)
             out[node.node_id] = reader.read() if (reader and node.alive) else []
-        self.last_readings = out
         return out
 
     def node_views(self, running: list[RunningJob]) -> tuple[NodeView, ...]:
