@@ -26,10 +26,11 @@ class ShoalCollector(Collector):
         self._running_jobs = running_jobs  # JobRecords holding GPUs
 
     def collect(self):
-        yield from self._jobs()
-        yield from self._gpus()
+        running = list(self._running_jobs())  # one store read per scrape
+        yield from self._jobs(running)
+        yield from self._gpus(running)
 
-    def _jobs(self):
+    def _jobs(self, running: list):
         jobs = GaugeMetricFamily("shoal_jobs", "Jobs by state and team", labels=["state", "team"])
         counts = self._job_counts()
         teams = sorted({team for _, team in counts})
@@ -41,7 +42,7 @@ class ShoalCollector(Collector):
         tps = GaugeMetricFamily("shoal_job_tokens_per_second", "Training throughput, tokens/s",
                                 labels=["job_id", "team"])
         step = GaugeMetricFamily("shoal_job_step", "Optimizer steps done", labels=["job_id", "team"])
-        for job in self._running_jobs():
+        for job in running:
             p = job.progress or {}
             labels = [str(job.id), job.team]
             if "loss" in p:
@@ -52,7 +53,7 @@ class ShoalCollector(Collector):
                 step.add_metric(labels, float(p["step"]))
         yield from (loss, tps, step)
 
-    def _gpus(self):
+    def _gpus(self, running: list):
         labels = ["gpu", "UUID", "device", "modelName", "Hostname", "job_id", "team"]
         used = GaugeMetricFamily("DCGM_FI_DEV_FB_USED", "Framebuffer memory used (in MiB).", labels=labels)
         free = GaugeMetricFamily("DCGM_FI_DEV_FB_FREE", "Framebuffer memory free (in MiB).", labels=labels)
@@ -60,7 +61,7 @@ class ShoalCollector(Collector):
         xid = GaugeMetricFamily("DCGM_FI_DEV_XID_ERRORS", "Value of the last XID error encountered.",
                                 labels=labels)
         holders: dict[tuple[str, int], tuple[str, str]] = {}
-        for job in self._running_jobs():
+        for job in running:
             if job.placement:
                 for idx in job.placement["gpu_indices"]:
                     holders[(job.placement["node_id"], idx)] = (str(job.id), job.team)

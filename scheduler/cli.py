@@ -90,6 +90,11 @@ def _pid_alive(pid: int) -> bool:
         return True
 
 
+def _healthy(url: str) -> bool:
+    with Client(url) as c:
+        return c.health()
+
+
 def _daemon_info(home: Path) -> dict | None:
     """The running server's daemon.json, or None if there is none or its process is gone."""
     try:
@@ -129,7 +134,7 @@ def up(config: Optional[Path] = typer.Option(None, help="cluster config YAML (te
                 tail = (home / "shoal.log").read_text(errors="replace").splitlines()[-25:]
                 _error(f"Shoal exited during start-up; last lines of {home / 'shoal.log'}:\n" + "\n".join(tail))
                 raise typer.Exit(1)
-            if (info := _daemon_info(home)) is not None and Client(info["url"]).health():
+            if (info := _daemon_info(home)) is not None and _healthy(info["url"]):
                 out.print(f"Shoal is up: API {info['url']}  metrics {info['url']}/metrics  "
                           f"store {info['db']}  log {home / 'shoal.log'}")
                 return

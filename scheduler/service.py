@@ -166,9 +166,7 @@ class Service:
                        placement=None)
 
     def _carry_out_cancels(self) -> None:
-        for job in self.store.jobs(states=[S.QUEUED, *ACTIVE]):
-            if not job.cancel_requested:
-                continue
+        for job in self.store.jobs(states=[S.QUEUED, *ACTIVE], cancel_requested=True):
             if job.state in (S.QUEUED, S.ADMITTED):
                 self._move(job, job.state, S.CANCELLED, "cancelled by user", placement=None)
             elif (job.id, job.attempt) not in self._killing:
@@ -187,7 +185,7 @@ class Service:
 
     def snapshot(self) -> tuple[Snapshot, dict[int, JobRecord]]:
         running = self.running_views(self.store.active_jobs())
-        queued = [j for j in self.store.jobs(states=[S.QUEUED]) if not j.cancel_requested]
+        queued = self.store.jobs(states=[S.QUEUED], cancel_requested=False)
         pending = tuple(
             JobRequest(j.id, j.team, j.priority, j.submitted_at, j.gpus, j.memory_per_gpu_mib,
                        j.spec.get("resources", {}).get("gpu_model"), _cpus_per_gpu(j.spec))

@@ -190,12 +190,14 @@ class Store:
             return JobRecord.of(row)
 
     def jobs(self, *, states: Iterable[JobState] | None = None, team: str | None = None,
-             limit: int | None = None) -> list[JobRecord]:
+             limit: int | None = None, cancel_requested: bool | None = None) -> list[JobRecord]:
         q = select(JobRow).order_by(JobRow.id)
         if states is not None:
             q = q.where(JobRow.state.in_([s.value for s in states]))
         if team is not None:
             q = q.where(JobRow.team == team)
+        if cancel_requested is not None:
+            q = q.where(JobRow.cancel_requested == cancel_requested)
         if limit is not None:
             q = q.limit(limit)
         with self._session() as s:
