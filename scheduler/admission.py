@@ -3,7 +3,8 @@ exist, the dataset parses, the estimate fits some GPU, the job could ever fit. E
 collected (not just the first) and reported together, each naming its field."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+import math
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from scheduler.estimate import estimate
@@ -90,9 +91,11 @@ def check_submission(spec: JobSpec, config: ClusterConfig, nodes: tuple[NodeView
             est = estimate(spec.model, spec.method, hp.batch_size, hp.max_length, spec.resources.gpus, usable)
         except ValueError as e:
             problems.append(str(e))
+    if est is not None and spec.resources.memory_gib_per_gpu is not None:  # the user's figure wins
+        est = replace(est, memory_per_gpu_mib=math.ceil(spec.resources.memory_gib_per_gpu * 1024))
     if est is not None and spec.team in config.teams:
         req = JobRequest(0, spec.team, spec.priority, 0.0, est.gpus, est.memory_per_gpu_mib, flavor,
-                         spec.resources.cpus_per_gpu)
+                         spec.resources.cpus_per_gpu, shareable=spec.resources.shareable)
         if (why := never_fits(req, nodes, quotas)) is not None:
             problems.append(f"resources: can never run here: {why}")
     if problems:

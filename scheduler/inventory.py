@@ -60,5 +60,12 @@ class Inventory:
                                   cpus=node.cpus, cpus_held=cpus_held[node.node_id]))
         return tuple(views)
 
+    def gpu_model(self, node_id: str, gpu_indices) -> str | None:
+        """The flavor of the first of these GPUs (a placement never mixes flavors)."""
+        reader = self.readers.get(node_id)
+        if reader is None or not gpu_indices:
+            return None
+        return next((r.model for r in reader.read() if r.index == gpu_indices[0]), None)
+
     def node_name(self, node_id: str) -> str:
         return next((n.name for n in self._nodes() if n.node_id == node_id), node_id)

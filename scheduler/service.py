@@ -21,7 +21,9 @@ from scheduler.clock import Clock
 from scheduler.executor import Executor, LaunchRequest, Outcome, ProgressEvent
 from scheduler.inventory import Inventory
 from scheduler.lifecycle import ACTIVE, JobState
-from scheduler.policy import Decision, JobRequest, RunningJob, Snapshot, TeamQuota, schedule
+from scheduler.policy import (
+    Cohort, Decision, JobRequest, PolicySettings, RunningJob, Snapshot, TeamQuota, schedule,
+)
 from scheduler.spec import ClusterConfig
 from scheduler.store import Conflict, JobRecord, Store
 
@@ -31,6 +33,17 @@ S = JobState
 
 def _cpus_per_gpu(spec: dict) -> int:
     return int(spec.get("resources", {}).get("cpus_per_gpu", 1))
+
+
+def _resources(spec: dict) -> dict:
+    return spec.get("resources", {}) or {}
+
+
+def policy_settings(config: ClusterConfig) -> PolicySettings:
+    s = config.scheduler
+    return PolicySettings(share_max_utilization=s.share_max_utilization, min_runtime_s=s.min_runtime_s,
+                          aging_s=s.aging_s, backfill=s.backfill, preemption=s.preemption,
+                          over_budget=s.over_budget)
 
 
 class JobListener(Protocol):
@@ -75,6 +88,11 @@ class Service:
         now = self.clock.now()
         if dst.terminal:
             changes.setdefault("finished_at", now)
+        if job.state.active and not dst.active and job.attempt_started_at is not None:
+            # GPU-seconds this attempt received (fair share, LAS); the attempt clock stops here
+            held = len((job.placement or {}).get("gpu_indices", ())) or job.gpus
+            changes.setdefault("attained_gpu_s", job.attained_gpu_s + held * max(0.0, now - job.attempt_started_at))
+            changes.setdefault("attempt_started_at", None)
         try:
             new = self.store.transition(job.id, src, dst, reason=reason, now=now, **changes)
         except Conflict as e:
@@ -129,6 +147,7 @@ class Service:
             changes = {"progress": {**(job.progress or {}), **fields}}
             if "checkpoint_step" in fields:
                 changes["last_checkpoint_step"] = fields["checkpoint_step"]
+                changes["last_checkpoint_at"] = self.clock.now()
             self.store.update_fields(job_id, **changes)
             if job.state is S.STARTING:  # any report means the trainer is alive
                 self._move(job, S.STARTING, S.RUNNING, "training started")
@@ -174,25 +193,57 @@ class Service:
                 self.executor.kill(job.id, job.attempt)
 
     def quotas(self) -> tuple[TeamQuota, ...]:
-        return tuple(TeamQuota(name, t.gpus) for name, t in sorted(self.config.teams.items()))
+        """Teams from the cluster config. Decayed usage and spend are the policy issue's (#3) to fill."""
+        return tuple(
+            TeamQuota(name, t.gpus, nominal_by_flavor=tuple(sorted(t.gpus_by_model.items())), cohort=t.cohort,
+                      borrowing_limit=t.borrowing_limit, lending_limit=t.lending_limit, weight=t.weight,
+                      budget_usd=t.budget_usd)
+            for name, t in sorted(self.config.teams.items())
+        )
 
     def running_views(self, active: list[JobRecord]) -> list[RunningJob]:
-        return [
-            RunningJob(j.id, j.team, j.priority, j.placement["node_id"], tuple(j.placement["gpu_indices"]),
-                       j.memory_per_gpu_mib, cpus=_cpus_per_gpu(j.spec) * len(j.placement["gpu_indices"]))
-            for j in active if j.placement
-        ]
+        now = self.clock.now()
+        views = []
+        for j in active:
+            if not j.placement:
+                continue
+            gpus = tuple(j.placement["gpu_indices"])
+            started = j.attempt_started_at if j.attempt_started_at is not None else now
+            res = _resources(j.spec)
+            expected = res.get("expected_duration_s")
+            views.append(RunningJob(
+                j.id, j.team, j.priority, j.placement["node_id"], gpus, j.memory_per_gpu_mib,
+                cpus=_cpus_per_gpu(j.spec) * len(gpus), submitted_at=j.submitted_at, started_at=started,
+                last_checkpoint_at=j.last_checkpoint_at,
+                expected_end_at=(started + float(expected)) if expected else None,
+                attained_gpu_s=j.attained_gpu_s + len(gpus) * max(0.0, now - started),
+                shareable=bool(res.get("shareable", False)), gpu_model=j.placement.get("gpu_model"),
+                preemptible=j.state in (S.STARTING, S.RUNNING),
+            ))
+        return views
+
+    def pending_views(self, queued: list[JobRecord]) -> tuple[JobRequest, ...]:
+        out = []
+        for j in queued:
+            res = _resources(j.spec)
+            expected = res.get("expected_duration_s")
+            out.append(JobRequest(
+                j.id, j.team, j.priority, j.submitted_at, j.gpus, j.memory_per_gpu_mib, res.get("gpu_model"),
+                _cpus_per_gpu(j.spec), shareable=bool(res.get("shareable", False)),
+                expected_duration_s=float(expected) if expected else None, attained_gpu_s=j.attained_gpu_s,
+                user=j.user,
+            ))
+        return tuple(out)
 
     def snapshot(self) -> tuple[Snapshot, dict[int, JobRecord]]:
         running = self.running_views(self.store.active_jobs())
         queued = self.store.jobs(states=[S.QUEUED], cancel_requested=False)
-        pending = tuple(
-            JobRequest(j.id, j.team, j.priority, j.submitted_at, j.gpus, j.memory_per_gpu_mib,
-                       j.spec.get("resources", {}).get("gpu_model"), _cpus_per_gpu(j.spec))
-            for j in queued
+        snap = Snapshot(
+            self.inventory.node_views(running), tuple(running), self.pending_views(queued), self.quotas(),
+            self.config.scheduler.memory_headroom_mib, now=self.clock.now(),
+            cohorts=tuple(Cohort(n, c.parent) for n, c in sorted(self.config.cohorts.items())),
+            settings=policy_settings(self.config),
         )
-        snap = Snapshot(self.inventory.node_views(running), tuple(running), pending, self.quotas(),
-                        self.config.scheduler.memory_headroom_mib)
         return snap, {j.id: j for j in queued}
 
     def _schedule(self) -> None:
@@ -222,10 +273,12 @@ class Service:
         )
 
     def _start(self, job: JobRecord, node_id: str, gpu_indices: tuple[int, ...]) -> None:
-        placement = {"node_id": node_id, "node": self.inventory.node_name(node_id), "gpu_indices": list(gpu_indices)}
+        placement = {"node_id": node_id, "node": self.inventory.node_name(node_id), "gpu_indices": list(gpu_indices),
+                     "gpu_model": self.inventory.gpu_model(node_id, gpu_indices)}
         admitted = self._move(job, S.QUEUED, S.ADMITTED,
                               f"placed on {placement['node']} GPU {','.join(map(str, gpu_indices))}",
-                              placement=placement, attempt=job.attempt + 1, pending_reason=None)
+                              placement=placement, attempt=job.attempt + 1, pending_reason=None,
+                              attempt_started_at=self.clock.now(), last_checkpoint_at=None)
         if admitted is not None:
             self._launch(admitted)
 

@@ -57,6 +57,9 @@ class Resources(_Strict):
     gpus: int | Literal["auto"] = "auto"
     gpu_model: str | None = Field(default=None, description="GPU flavor, e.g. 'H100 80GB'; any if unset")
     cpus_per_gpu: int = Field(default=1, ge=1, le=64)
+    shareable: bool = Field(default=False, description="may share a GPU with other shareable jobs")
+    memory_gib_per_gpu: float | None = Field(default=None, gt=0, description="overrides the estimator")
+    expected_duration_s: float | None = Field(default=None, gt=0, description="expected run time, for backfill")
 
     @field_validator("gpus")
     @classmethod
@@ -125,7 +128,17 @@ class GpuModel(_Strict):
 
 
 class TeamConfig(_Strict):
-    gpus: int = Field(ge=0, description="nominal GPU quota: GPUs the team's running jobs may hold")
+    gpus: int = Field(ge=0, description="nominal GPU quota: GPUs the team is guaranteed")
+    gpus_by_model: dict[str, int] = Field(default={}, description="nominal per GPU flavor (optional)")
+    cohort: str | None = Field(default=None, description="cohort whose idle quota it may borrow")
+    borrowing_limit: int | None = Field(default=None, ge=0, description="GPUs above nominal; None = any")
+    lending_limit: int | None = Field(default=None, ge=0, description="idle nominal GPUs lent; None = all")
+    weight: float = Field(default=1.0, gt=0, description="fair-share weight")
+    budget_usd: float | None = Field(default=None, ge=0, description="$ per budget period; None = none")
+
+
+class CohortConfig(_Strict):
+    parent: str | None = None
 
 
 class LocalCluster(_Strict):
@@ -141,6 +154,14 @@ class SchedulerSettings(_Strict):
     interval_s: float = Field(default=0.5, gt=0, le=60)
     memory_headroom_mib: int = Field(default=1024, ge=0)
     stop_grace_s: float = Field(default=60.0, ge=0, description="checkpoint wait when stopping jobs")
+    share_max_utilization: float = Field(default=0.8, ge=0, le=1, description="GPU sharing only below this")
+    min_runtime_s: float = Field(default=300.0, ge=0, description="no preemption before this runtime")
+    aging_s: float = Field(default=3600.0, gt=0, description="bounds how long a feasible job waits")
+    backfill: bool = True
+    preemption: bool = True
+    over_budget: Literal["no-borrowing", "none"] = "no-borrowing"
+    fair_share_half_life_s: float = Field(default=7 * 86400.0, gt=0, description="usage decay half-life")
+    budget_period: Literal["day", "week", "month"] = "month"
 
 
 class ClusterConfig(_Strict):
@@ -149,6 +170,7 @@ class ClusterConfig(_Strict):
     }
     local: LocalCluster = LocalCluster()
     teams: dict[str, TeamConfig] = {"default": TeamConfig(gpus=8)}
+    cohorts: dict[str, CohortConfig] = {}
     scheduler: SchedulerSettings = SchedulerSettings()
 
     @model_validator(mode="after")

@@ -5,11 +5,12 @@ randomness (tests/unit/test_policy_purity.py enforces the imports). The live ser
 simulator and property tests all call the same function.
 """
 from scheduler.policy.types import (
-    Decision, GpuView, JobRequest, NodeView, Placement, Preempt, RunningJob, Snapshot, Start, TeamQuota,
+    Cohort, Decision, GpuView, JobRequest, NodeView, Placement, PolicySettings, Preempt, RunningJob, Snapshot, Start,
+    TeamQuota,
 )
 from scheduler.policy.simple import never_fits, schedule
 
 __all__ = [
-    "Decision", "GpuView", "JobRequest", "NodeView", "Placement", "Preempt", "RunningJob", "Snapshot",
+    "Cohort", "Decision", "PolicySettings", "GpuView", "JobRequest", "NodeView", "Placement", "Preempt", "RunningJob", "Snapshot",
     "Start", "TeamQuota", "never_fits", "schedule",
 ]

@@ -44,6 +44,10 @@ class JobRequest:
     memory_per_gpu_mib: int
     gpu_model: str | None = None  # required flavor, or any
     cpus_per_gpu: int = 1  # each GPU's worker holds this many CPUs on the same node
+    shareable: bool = False  # may share a GPU with other shareable jobs (small LoRA jobs)
+    expected_duration_s: float | None = None  # estimate of the remaining run time (user or estimator)
+    attained_gpu_s: float = 0.0  # GPU-seconds already received in earlier attempts (LAS / Tiresias)
+    user: str | None = None
 
     @property
     def cpus(self) -> int:
@@ -59,12 +63,49 @@ class RunningJob:
     gpu_indices: tuple[int, ...]
     memory_per_gpu_mib: int
     cpus: int = 0
+    submitted_at: float = 0.0
+    started_at: float = 0.0  # start of the current attempt
+    last_checkpoint_at: float | None = None  # None = no checkpoint yet this attempt (started_at counts)
+    expected_end_at: float | None = None  # estimated end of the current attempt, for reservations
+    attained_gpu_s: float = 0.0  # GPU-seconds received so far, all attempts including this one
+    shareable: bool = False
+    gpu_model: str | None = None  # the flavor it runs on
+    preemptible: bool = True  # False while stopping, or when its spec forbids it
 
 
 @dataclass(frozen=True)
 class TeamQuota:
+    """A team's share of the cluster. `nominal_by_flavor` maps GPU flavor -> nominal GPUs; when it
+    is empty, `nominal_gpus` is a flavor-agnostic total. Limits of None mean unlimited."""
+
     team: str
     nominal_gpus: int
+    nominal_by_flavor: tuple[tuple[str, int], ...] = ()
+    cohort: str | None = None  # teams in one cohort lend each other idle nominal quota
+    borrowing_limit: int | None = None  # most GPUs above nominal the team may borrow
+    lending_limit: int | None = None  # most of its idle nominal GPUs others may borrow
+    weight: float = 1.0  # fair-share weight
+    usage_gpu_s: float = 0.0  # decayed historical usage (GPU-seconds), computed by the service
+    budget_usd: float | None = None  # $ per budget period; None = no budget
+    spent_usd: float = 0.0  # spend in the current period so far
+
+
+@dataclass(frozen=True)
+class Cohort:
+    name: str
+    parent: str | None = None  # hierarchical cohorts: a cohort may borrow from its parent
+
+
+@dataclass(frozen=True)
+class PolicySettings:
+    """Knobs of the Shoal policy (the simulator sweeps them; the cluster config sets them)."""
+
+    share_max_utilization: float = 0.8  # a GPU shared by shareable jobs only if live util below this
+    min_runtime_s: float = 300.0  # a job is not preempted before it ran this long
+    aging_s: float = 3600.0  # waiting time that bounds starvation (the policy documents the rule)
+    backfill: bool = True
+    preemption: bool = True
+    over_budget: str = "no-borrowing"  # or "none": an over-budget team starts nothing new
 
 
 @dataclass(frozen=True)
@@ -74,6 +115,9 @@ class Snapshot:
     pending: tuple[JobRequest, ...]
     quotas: tuple[TeamQuota, ...]
     memory_headroom_mib: int = 1024
+    now: float = 0.0  # the service's clock, passed in (the policy never reads a clock)
+    cohorts: tuple[Cohort, ...] = ()
+    settings: PolicySettings = PolicySettings()
 
 
 @dataclass(frozen=True)
@@ -99,3 +143,4 @@ class Decision:
     to_start: tuple[Start, ...] = ()
     to_preempt: tuple[Preempt, ...] = ()
     pending: dict[int, str] = field(default_factory=dict)  # job id -> why it waits
+    estimated_start: dict[int, float] = field(default_factory=dict)  # job id -> est. start (clock time)

@@ -49,6 +49,9 @@ class JobRecord:
     failure_reason: str | None
     cancel_requested: bool
     last_checkpoint_step: int | None
+    last_checkpoint_at: float | None
+    attempt_started_at: float | None
+    attained_gpu_s: float
 
     @classmethod
     def of(cls, row: JobRow) -> JobRecord:
@@ -91,6 +94,7 @@ def make_engine(url: str) -> Engine:
 _MUTABLE = {
     "placement", "pending_reason", "progress", "result", "failure_reason", "cancel_requested",
     "last_checkpoint_step", "started_at", "finished_at", "attempt", "retries",
+    "last_checkpoint_at", "attempt_started_at", "attained_gpu_s",
 }
 
 

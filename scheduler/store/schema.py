@@ -8,7 +8,7 @@ from __future__ import annotations
 from sqlalchemy import JSON, Boolean, Float, ForeignKey, Integer, String, Text
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: per-attempt start, checkpoint time, attained GPU-s (policy inputs)
 
 
 class Base(DeclarativeBase):
@@ -40,6 +40,9 @@ class JobRow(Base):
     failure_reason: Mapped[str | None] = mapped_column(Text, nullable=True)
     cancel_requested: Mapped[bool] = mapped_column(Boolean, default=False)
     last_checkpoint_step: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    last_checkpoint_at: Mapped[float | None] = mapped_column(Float, nullable=True)
+    attempt_started_at: Mapped[float | None] = mapped_column(Float, nullable=True)  # current attempt
+    attained_gpu_s: Mapped[float] = mapped_column(Float, default=0.0)  # GPU-s of finished attempts
 
 
 class EventRow(Base):

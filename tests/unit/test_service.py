@@ -200,3 +200,25 @@ def test_policy_preemption_checkpoints_and_requeues(tmp_path):
     w.run(40)
     assert w.state(high) is S.SUCCEEDED and w.state(low) is S.SUCCEEDED
     assert w.store.get(low.id).attempt == 2
+
+
+def test_snapshot_carries_attempt_times_and_attained_service(world):
+    """The policy's inputs for fair share / LAS / min-runtime: per-attempt start, and GPU-seconds
+    accumulated across attempts (a preempted attempt's time is kept)."""
+    job = world.submit(gpus=2, duration=100)
+    t0 = world.clock.now()
+    world.service.tick()
+    world.clock.advance(5)
+    snap, _ = world.service.snapshot()
+    (running,) = snap.running
+    assert running.started_at == t0 and snap.now == t0 + 5
+    assert running.attained_gpu_s == pytest.approx(2 * 5)
+    world.service._preempt(job.id, "test")
+    world.clock.advance(1)
+    world.service.tick()  # stopped, requeued and (GPUs free) started again, all in this tick
+    rec = world.store.get(job.id)
+    assert rec.attempt == 2 and rec.attempt_started_at == t0 + 6
+    assert rec.attained_gpu_s == pytest.approx(2 * 6)  # the first attempt's GPU-seconds, kept
+    world.clock.advance(1)
+    snap, _ = world.service.snapshot()
+    assert snap.running[0].attained_gpu_s == pytest.approx(2 * 7)
