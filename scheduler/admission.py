@@ -8,7 +8,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from scheduler.estimate import estimate
-from scheduler.policy import JobRequest, NodeView, TeamQuota, never_fits
+from scheduler.policy import Cohort, JobRequest, NodeView, PolicySettings, TeamQuota, never_fits
 from scheduler.spec import ClusterConfig, JobSpec
 
 
@@ -96,7 +96,9 @@ def check_submission(spec: JobSpec, config: ClusterConfig, nodes: tuple[NodeView
     if est is not None and spec.team in config.teams:
         req = JobRequest(0, spec.team, spec.priority, 0.0, est.gpus, est.memory_per_gpu_mib, flavor,
                          spec.resources.cpus_per_gpu, shareable=spec.resources.shareable)
-        if (why := never_fits(req, nodes, quotas)) is not None:
+        cohorts = tuple(Cohort(n, c.parent) for n, c in sorted(config.cohorts.items()))
+        settings = PolicySettings(multi_node=config.scheduler.multi_node_gangs)
+        if (why := never_fits(req, nodes, quotas, cohorts, settings, config.scheduler.memory_headroom_mib)) is not None:
             problems.append(f"resources: can never run here: {why}")
     if problems:
         raise SubmitError(problems)

@@ -43,7 +43,10 @@ def policy_settings(config: ClusterConfig) -> PolicySettings:
     s = config.scheduler
     return PolicySettings(share_max_utilization=s.share_max_utilization, min_runtime_s=s.min_runtime_s,
                           aging_s=s.aging_s, backfill=s.backfill, preemption=s.preemption,
-                          over_budget=s.over_budget)
+                          over_budget=s.over_budget, fair_share_band=s.fair_share_band,
+                          fair_share_history_weight=s.fair_share_history_weight, multi_node=s.multi_node_gangs,
+                          max_preemptions_per_cycle=s.max_preemptions_per_cycle,
+                          las_preempt_factor=s.las_preempt_factor)
 
 
 class JobListener(Protocol):
@@ -218,7 +221,7 @@ class Service:
                 expected_end_at=(started + float(expected)) if expected else None,
                 attained_gpu_s=j.attained_gpu_s + len(gpus) * max(0.0, now - started),
                 shareable=bool(res.get("shareable", False)), gpu_model=j.placement.get("gpu_model"),
-                preemptible=j.state in (S.STARTING, S.RUNNING),
+                preemptible=j.state in (S.STARTING, S.RUNNING), stopping=j.state is S.PREEMPTING,
             ))
         return views
 
