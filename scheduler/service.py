@@ -257,8 +257,9 @@ class Service:
         for start in decision.to_start:
             self._start(queued[start.job_id], start.placement.node_id, start.placement.gpu_indices)
         for job_id, reason in decision.pending.items():
-            if queued[job_id].pending_reason != reason:
-                self.store.update_fields(job_id, pending_reason=reason)
+            eta = decision.estimated_start.get(job_id)
+            if queued[job_id].pending_reason != reason or queued[job_id].estimated_start_at != eta:
+                self.store.update_fields(job_id, pending_reason=reason, estimated_start_at=eta)
 
     def _preempt(self, job_id: int, reason: str) -> None:
         """Ask a running job to checkpoint and stop; it returns to the queue when it has."""
@@ -281,6 +282,7 @@ class Service:
         admitted = self._move(job, S.QUEUED, S.ADMITTED,
                               f"placed on {placement['node']} GPU {','.join(map(str, gpu_indices))}",
                               placement=placement, attempt=job.attempt + 1, pending_reason=None,
+                              estimated_start_at=None,
                               attempt_started_at=self.clock.now(), last_checkpoint_at=None)
         if admitted is not None:
             self._launch(admitted)
