@@ -223,6 +223,12 @@ def _entry(fs: _FairShare, team: str, j: _Job) -> tuple:
 # -- the cycle ----------------------------------------------------------------------------------
 
 def schedule(snap: Snapshot) -> Decision:
+    return plan(snap)[0]
+
+
+def plan(snap: Snapshot) -> tuple[Decision, tuple[tuple[str, tuple[int, ...], float, int], ...] | None]:
+    """The decision plus the cycle's reservation as (node_id, GPUs, start time, job id) per part
+    (for tests and the simulator's traces)."""
     cy = _index(snap)
     s, now, c, book = snap.settings, snap.now, cy.cluster, cy.book
     jobs = []
@@ -238,7 +244,9 @@ def schedule(snap: Snapshot) -> Decision:
     book.build()
     for job, fs in _ordered(cy, jobs):
         _one(cy, job, fs)
-    return Decision(tuple(cy.starts), tuple(cy.preempts), cy.pending, cy.eta)
+    r = cy.reservation
+    held = tuple((*c.gpus_of(p), r.at, r.job_id) for p in r.parts) if r else None
+    return Decision(tuple(cy.starts), tuple(cy.preempts), cy.pending, cy.eta), held
 
 
 def _demand_key(cy: _Cycle, req: JobRequest, flavors: list[str]) -> str:
