@@ -62,6 +62,7 @@ class Cluster:
         self.shared_free: dict[tuple[int, int], int] = {}  # (unit, index) -> its entry's free MiB
         self.failures: dict[str, list[tuple[int, int, int, bool]]] = {}
         self.by_gpu: dict[tuple[str, int], int] = {}  # (node_id, index) -> unit order
+        self.free_total: dict[str, int] = {}  # flavor -> exclusive-free GPUs
         for node in snap.nodes:
             self.cpus_free[node.node_id] = node.cpus_free()
             self.node_cpus[node.node_id] = float("inf") if node.cpus is None else float(node.cpus)
@@ -98,11 +99,11 @@ class Cluster:
             self.buckets[name] = b
             self.shared.setdefault(name, []).sort()
             self.failures[name] = []
+            self.free_total[name] = sum(len(self.units[o].free) for o in fl.units)
 
     # -- queries --------------------------------------------------------------------------
     def free_count(self, flavor: str) -> int:
-        b = self.buckets.get(flavor, [])
-        return sum(c * len(units) for c, units in enumerate(b))
+        return self.free_total.get(flavor, 0)
 
     def max_free_on_unit(self, flavor: str) -> int:
         b = self.buckets.get(flavor, [])
@@ -201,6 +202,7 @@ class Cluster:
                     insort(shared, (free - m, o, i))
                     self.shared_free[(o, i)] = free - m
             if len(u.free) != before:
+                self.free_total[u.flavor] -= before - len(u.free)
                 b = self.buckets[u.flavor]
                 del b[before][o]
                 b[len(u.free)][o] = None

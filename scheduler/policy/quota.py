@@ -77,6 +77,7 @@ class QuotaBook:
                 for key in self._nominal_keys(q):
                     self._keys_of_tree[self.tree[q.team]].add(key)
         self._built = False
+        self._lendable: dict[tuple[str, str], float] = {}
 
     # -- static facts ---------------------------------------------------------------------
     @staticmethod
@@ -102,10 +103,13 @@ class QuotaBook:
         """The most this team could ever hold on `key` (nominal + what it may borrow)."""
         q = self.teams[team]
         n = self.nominal(team, key)
-        if self.tree[team] is None:
+        tree = self.tree[team]
+        if tree is None:
             return n
-        room = sum(self.nominal(t, key) - self.guaranteed(t, key)
-                   for t, tree in self.tree.items() if tree == self.tree[team] and t != team)
+        if (tree, key) not in self._lendable:
+            self._lendable[(tree, key)] = sum(self.nominal(t, key) - self.guaranteed(t, key)
+                                              for t, tr in self.tree.items() if tr == tree)
+        room = self._lendable[(tree, key)] - (n - self.guaranteed(team, key))
         return n + (room if q.borrowing_limit is None else min(room, q.borrowing_limit))
 
     # -- state ----------------------------------------------------------------------------
@@ -137,7 +141,9 @@ class QuotaBook:
         return 0.0 if tree is None else max(0.0, self._cap[(tree, key)] - self._pool[(tree, key)])
 
     # -- the check ------------------------------------------------------------------------
-    def check(self, team: str, key: str, gpus: float, label: str) -> Check:
+    def check(self, team: str, key: str, gpus: float, label: str, explain: bool = True) -> Check:
+        """May `team` take `gpus` more on `key`? With explain=False a refusal carries no reason
+        (saves formatting for the many refusals nobody reads)."""
         assert self._built, "QuotaBook.build() first"
         q = self.teams.get(team)
         if q is None:
@@ -145,8 +151,17 @@ class QuotaBook:
         used, n = self.used[(team, key)], self.nominal(team, key)
         if used + gpus <= n + EPS:
             return Check(True, NOMINAL)
-        have = f"team {team} uses {_fmt(used)}/{_fmt(n)} {label}, job needs {_fmt(gpus)}"
         tree = self.tree[team]
+        q_borrow = q.borrowing_limit
+        if not explain:
+            over = used + gpus - n
+            if tree is None or (q_borrow is not None and over > q_borrow + EPS):
+                return Check(False)
+            new = max(0.0, used + gpus - self.guaranteed(team, key))
+            if self._pool[(tree, key)] - self._term(team, key) + new > self._cap[(tree, key)] + EPS:
+                return Check(False)
+            return Check(True, BORROW)
+        have = f"team {team} uses {_fmt(used)}/{_fmt(n)} {label}, job needs {_fmt(gpus)}"
         if tree is None:
             return Check(False, reason=f"waiting for quota: {have}; no cohort to borrow from")
         over = used + gpus - n

@@ -78,9 +78,13 @@ class _Cycle:
     eta: dict[int, float] = field(default_factory=dict)
     reservation: Reservation | None = None
     stopping: dict[int, set[int]] = field(default_factory=dict)  # unit -> stopping job ids, unclaimed
-    victims_ok: dict[int, list[RunningJob]] = field(default_factory=dict)  # unit -> preemptible jobs
+    victims_ok: dict[str, dict[int, dict[int, RunningJob]]] = field(default_factory=dict)  # flavor -> unit -> id -> job
+    flavor_of: dict[int, str] = field(default_factory=dict)  # running job -> its flavor
+    min_prio: dict[str, int] = field(default_factory=dict)  # team -> lowest priority among its preemptible jobs
     reclaimed: dict[tuple[str, str], float] = field(default_factory=lambda: defaultdict(float))
     attempts: int = 0
+    memo: dict = field(default_factory=dict)  # feasibility facts that depend on the request's shape only
+    fair: _FairShare | None = None
 
 
 def _amount(c: Cluster, flavor: str, g: int, m: int, shareable: bool) -> float:
@@ -106,7 +110,7 @@ def _index(snap: Snapshot) -> _Cycle:
             if g.allocated_to:
                 cy.held.setdefault(u.order, {})[i] = g.allocated_to
     for r in snap.running:
-        flavor = _flavor_of(cluster, r)
+        flavor = cy.flavor_of[r.job_id] = _flavor_of(cluster, r)
         gpus = sum(len(ix) for _, ix in r.placements())
         amt = _amount(cluster, flavor, gpus, r.memory_per_gpu_mib, r.shareable) if flavor in cluster.flavors else gpus
         if r.team in cy.book.teams:
@@ -123,14 +127,29 @@ def _index(snap: Snapshot) -> _Cycle:
                 if r.stopping:
                     cy.stopping.setdefault(o, set()).add(r.job_id)
                 elif r.preemptible and now - r.started_at >= s.min_runtime_s:
-                    lst = cy.victims_ok.setdefault(o, [])
-                    if r not in lst:
-                        lst.append(r)
+                    cy.victims_ok.setdefault(flavor, {}).setdefault(o, {})[r.job_id] = r
+                    cy.min_prio[r.team] = min(cy.min_prio.get(r.team, r.priority), r.priority)
     return cy
 
 
 def _infeasible(cy: _Cycle, req: JobRequest) -> tuple[list[str], str | None]:
     """(feasible flavors in preference order, or [] with the reason why none is)."""
+    key = (req.team, req.gpus, req.memory_per_gpu_mib, req.gpu_model, req.cpus_per_gpu, req.shareable)
+    if key not in cy.memo:
+        cy.memo[key] = _infeasible_uncached(cy, req)
+    return cy.memo[key]
+
+
+def _one_unit(cy: _Cycle, f: str, g: int, cpus: int) -> bool:
+    key = ("unit", f, g, cpus)
+    if key not in cy.memo:
+        c = cy.cluster
+        cy.memo[key] = any(len(c.units[o].gpus) >= g and c.node_cpus[c.units[o].node_id] >= cpus
+                           for o in c.flavors[f].units)
+    return cy.memo[key]
+
+
+def _infeasible_uncached(cy: _Cycle, req: JobRequest) -> tuple[list[str], str | None]:
     c, s = cy.cluster, cy.snap.settings
     if req.team not in cy.book.teams:
         known = ", ".join(sorted(cy.book.teams)) or "none"
@@ -145,9 +164,7 @@ def _infeasible(cy: _Cycle, req: JobRequest) -> tuple[list[str], str | None]:
         if fl.memory_total_mib - c.headroom < req.memory_per_gpu_mib:
             why.append(f"{f} has {explain.gib(fl.memory_total_mib - c.headroom)} usable per GPU")
             continue
-        one = [o for o in fl.units if len(c.units[o].gpus) >= req.gpus
-               and c.node_cpus[c.units[o].node_id] >= req.cpus]
-        if not one and not (s.multi_node and fl.gpus >= req.gpus):
+        if not _one_unit(cy, f, req.gpus, req.cpus) and not (s.multi_node and fl.gpus >= req.gpus):
             why.append(f"largest {f} node has {fl.largest_unit} GPUs")
             continue
         most = cy.book.max_gpus(req.team, cy.book.key(req.team, f))
@@ -184,14 +201,24 @@ class _FairShare:
         self.w = s.fair_share_history_weight if total_h > 0 else 0.0  # no history yet: live share only
         self.cap = {f: max(1, fl.healthy) for f, fl in cy.cluster.flavors.items()}
 
+        self._cache: dict[str, tuple[float, float]] = {}
+
+    def changed(self, team: str) -> None:
+        self._cache.pop(team, None)
+
+    def _get(self, team: str) -> tuple[float, float]:
+        if team not in self._cache:
+            use = self.cy.use.get(team, {})
+            dom = max((v / self.cap.get(f, 1) for f, v in use.items()), default=0.0)
+            r = ((1 - self.w) * dom + self.w * self.hist.get(team, 0.0)) / max(self.entitled[team], 1e-12)
+            self._cache[team] = (r, r if self.width <= 0 else float(math.floor(r / self.width)))
+        return self._cache[team]
+
     def ratio(self, team: str) -> float:
-        use = self.cy.use.get(team, {})
-        dom = max((v / self.cap.get(f, 1) for f, v in use.items()), default=0.0)
-        return ((1 - self.w) * dom + self.w * self.hist.get(team, 0.0)) / max(self.entitled[team], 1e-12)
+        return self._get(team)[0]
 
     def band(self, team: str) -> float:
-        r = self.ratio(team)
-        return r if self.width <= 0 else float(math.floor(r / self.width))
+        return self._get(team)[1]
 
 
 def _ordered(cy: _Cycle, jobs: list[_Job]):
@@ -199,7 +226,7 @@ def _ordered(cy: _Cycle, jobs: list[_Job]):
     queues: dict[str, list[_Job]] = defaultdict(list)
     for j in jobs:
         queues[j.req.team].append(j)
-    fs = _FairShare(cy, set(queues) | {r.team for r in cy.snap.running})
+    fs = cy.fair = _FairShare(cy, set(queues) | {r.team for r in cy.snap.running})
     heap = []
     pos = {}
     for team, q in queues.items():
@@ -267,7 +294,7 @@ def _one(cy: _Cycle, job: _Job, fs: _FairShare) -> None:
     for f in job.flavors:
         k = book.key(req.team, f)
         chk = book.check(req.team, k, _amount(c, f, req.gpus, req.memory_per_gpu_mib, req.shareable),
-                         "GPUs" if k == ANY else f"{f} GPUs")
+                         "GPUs" if k == ANY else f"{f} GPUs", explain=not first_no)
         if chk.ok and chk.kind == BORROW and over:
             chk.ok, chk.reason = False, f"over budget: {over}; borrowing paused (within nominal only)"
         if chk.ok:
@@ -295,6 +322,7 @@ def _commit(cy: _Cycle, job: _Job, f: str, parts: list[Part], end: float | None)
     book.commit(req.team, book.key(req.team, f), amt, 0.0)
     book.met(req.team, job.dkey, amt)
     cy.use[req.team][f] += amt
+    cy.fair.changed(req.team)
     for o, ix in parts:
         for i in ix:
             cy.ends[(o, i)] = max(cy.ends.get((o, i), 0.0), end if end is not None else INF)
@@ -318,7 +346,7 @@ def _blocked(cy: _Cycle, job: _Job, allowed: list[tuple[str, str]], avoid: dict,
         cy.pending[req.job_id] = f"waiting for preempted {explain.jobs(waiting)} to checkpoint and stop"
         return
     # (b) preemption.
-    if s.preemption and len(cy.preempts) < s.max_preemptions_per_cycle and cy.attempts < 4 * s.max_preemptions_per_cycle:
+    if s.preemption and len(cy.preempts) < s.max_preemptions_per_cycle and cy.attempts < s.max_preemptions_per_cycle:
         why = _preempt_for(cy, job, allowed, avoid, fs)
         if why:
             cy.pending[req.job_id] = why
@@ -348,13 +376,13 @@ def _blocked(cy: _Cycle, job: _Job, allowed: list[tuple[str, str]], avoid: dict,
                                       ("no expected duration given" if req.expected_duration_s is None
                                        else "it would not end by then"))
             return
-    cpus = max((c.cpus_free[c.units[o].node_id] for f in flavors for o in c.flavors[f].units
-                if c.units[o].free), default=0.0)
-    if cpus < req.cpus and c.free_count(flavors[0]) >= req.gpus:
+    best = max(c.max_free_on_unit(f) for f in flavors)
+    cpus = math.inf if best < req.gpus else max(
+        (c.cpus_free[c.units[o].node_id] for f in flavors for o in c.flavors[f].units if c.units[o].free), default=0.0)
+    if cpus < req.cpus:
         cy.pending[req.job_id] = (f"waiting for resources: needs {req.cpus} CPUs on one node with its GPUs; "
                                   f"the most free CPUs on a node with free GPUs is {cpus:.0f}")
         return
-    best = max(c.max_free_on_unit(f) for f in flavors)
     free = sum(c.free_count(f) for f in flavors)
     cy.pending[req.job_id] = (f"waiting for resources: needs {need}; the most free on a node is {best}, "
                               f"{free} free in all")
@@ -378,9 +406,18 @@ def _preempt_for(cy: _Cycle, job: _Job, allowed: list[tuple[str, str]], avoid: d
     nominal = {f for f, k in allowed if k == NOMINAL}
     my_band = fs.band(req.team)
 
+    def borrowed(team: str, f: str) -> bool:
+        k = book.key(team, f)
+        return book.borrowing(team, k) - cy.reclaimed[(team, k)] > 1e-9
+
+    reclaim = bool(nominal) and any(t != req.team and book.same_tree(t, req.team) and borrowed(t, f)
+                                    for t in book.teams for f in nominal)
+    if not (reclaim or cy.min_prio.get(req.team, req.priority) < req.priority or s.las_preempt_factor > 0):
+        return ""
+
     def why(r: RunningJob) -> str | None:
-        rf = _flavor_of(c, r)
-        if rf in nominal and r.team != req.team and book.same_tree(r.team, req.team):
+        rf = cy.flavor_of[r.job_id]
+        if reclaim and rf in nominal and r.team != req.team and book.same_tree(r.team, req.team):
             k = book.key(r.team, rf)
             if book.borrowing(r.team, k) - cy.reclaimed[(r.team, k)] > 1e-9:
                 return f"team {r.team} borrows beyond its nominal quota; team {req.team} reclaims its own"
@@ -395,14 +432,14 @@ def _preempt_for(cy: _Cycle, job: _Job, allowed: list[tuple[str, str]], avoid: d
 
     cands: dict[int, list[RunningJob]] = {}
     reasons: dict[int, str] = {}
-    for o, rs in cy.victims_ok.items():
-        if c.units[o].flavor not in cy.cluster.flavors or c.units[o].flavor not in [f for f, _ in allowed]:
-            continue
-        for r in rs:
-            w = why(r)
-            if w:
-                cands.setdefault(o, []).append(r)
-                reasons[r.job_id] = w
+    flavors = {f for f, _ in allowed}
+    for f in flavors:
+        for o, rs in cy.victims_ok.get(f, {}).items():
+            for r in rs.values():
+                w = why(r)
+                if w:
+                    cands.setdefault(o, []).append(r)
+                    reasons[r.job_id] = w
     if not cands:
         return ""
     cy.attempts += 1
@@ -412,10 +449,10 @@ def _preempt_for(cy: _Cycle, job: _Job, allowed: list[tuple[str, str]], avoid: d
         return ""
     for r in pick.victims:
         cy.preempts.append(Preempt(r.job_id, reasons[r.job_id]))
-        for o, lst in cy.victims_ok.items():
-            if r in lst:
-                lst.remove(r)
-        rf = _flavor_of(c, r)
+        rf = cy.flavor_of[r.job_id]
+        for units in cy.victims_ok.values():
+            for jobs in units.values():
+                jobs.pop(r.job_id, None)
         k = book.key(r.team, rf)
         cy.reclaimed[(r.team, k)] += _amount(c, rf, len(r.gpu_indices), r.memory_per_gpu_mib, r.shareable)
     ids = [r.job_id for r in pick.victims]
