@@ -88,7 +88,8 @@ def check_submission(spec: JobSpec, config: ClusterConfig, nodes: tuple[NodeView
     if (Path(spec.model) / "config.json").is_file():
         try:
             hp = spec.hyperparameters
-            est = estimate(spec.model, spec.method, hp.batch_size, hp.max_length, spec.resources.gpus, usable)
+            est = estimate(spec.model, spec.method, hp.batch_size, hp.max_length, spec.resources.gpus, usable,
+                           lora_r=spec.lora.r, lora_targets=spec.lora.target_modules)
         except ValueError as e:
             problems.append(str(e))
     if est is not None and spec.resources.memory_gib_per_gpu is not None:  # the user's figure wins
