@@ -65,6 +65,9 @@ def _fmt(x: float) -> str:
 class QuotaBook:
     def __init__(self, quotas: tuple[TeamQuota, ...], cohorts: tuple[Cohort, ...]):
         self.teams = {q.team: q for q in quotas}
+        self._per_flavor = {q.team for q in quotas if q.nominal_by_flavor}
+        self._nominal: dict[tuple[str, str], float] = {}
+        self._guaranteed: dict[tuple[str, str], float] = {}
         roots = cohort_roots(cohorts)
         self.tree = {q.team: (roots.get(q.cohort, q.cohort) if q.cohort else None) for q in quotas}
         self.used: dict[tuple[str, str], float] = defaultdict(float)  # (team, key) -> GPUs held
@@ -85,19 +88,27 @@ class QuotaBook:
         return [f for f, _ in q.nominal_by_flavor] if q.nominal_by_flavor else [ANY]
 
     def key(self, team: str, flavor: str) -> str:
-        q = self.teams.get(team)
-        return flavor if (q is not None and q.nominal_by_flavor) else ANY
+        return flavor if team in self._per_flavor else ANY
 
     def nominal(self, team: str, key: str) -> float:
-        q = self.teams[team]
-        if not q.nominal_by_flavor:
-            return float(q.nominal_gpus) if key == ANY else 0.0
-        return float(dict(q.nominal_by_flavor).get(key, 0))
+        n = self._nominal.get((team, key))
+        if n is None:
+            q = self.teams[team]
+            if not q.nominal_by_flavor:
+                n = float(q.nominal_gpus) if key == ANY else 0.0
+            else:
+                n = float(dict(q.nominal_by_flavor).get(key, 0))
+            self._nominal[(team, key)] = n
+        return n
 
     def guaranteed(self, team: str, key: str) -> float:
-        n = self.nominal(team, key)
-        lend = self.teams[team].lending_limit
-        return n if self.tree[team] is None else (0.0 if lend is None else max(0.0, n - lend))
+        g = self._guaranteed.get((team, key))
+        if g is None:
+            n = self.nominal(team, key)
+            lend = self.teams[team].lending_limit
+            g = n if self.tree[team] is None else (0.0 if lend is None else max(0.0, n - lend))
+            self._guaranteed[(team, key)] = g
+        return g
 
     def max_gpus(self, team: str, key: str) -> float:
         """The most this team could ever hold on `key` (nominal + what it may borrow)."""
