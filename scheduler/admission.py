@@ -8,7 +8,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from scheduler.estimate import estimate
-from scheduler.policy import JobRequest, NodeView, TeamQuota, never_fits
+from scheduler.policy import Cohort, JobRequest, NodeView, PolicySettings, TeamQuota, never_fits
 from scheduler.spec import ClusterConfig, JobSpec
 
 
@@ -88,7 +88,8 @@ def check_submission(spec: JobSpec, config: ClusterConfig, nodes: tuple[NodeView
     if (Path(spec.model) / "config.json").is_file():
         try:
             hp = spec.hyperparameters
-            est = estimate(spec.model, spec.method, hp.batch_size, hp.max_length, spec.resources.gpus, usable)
+            est = estimate(spec.model, spec.method, hp.batch_size, hp.max_length, spec.resources.gpus, usable,
+                           lora_r=spec.lora.r, lora_targets=spec.lora.target_modules)
         except ValueError as e:
             problems.append(str(e))
     if est is not None and spec.resources.memory_gib_per_gpu is not None:  # the user's figure wins
@@ -96,7 +97,9 @@ def check_submission(spec: JobSpec, config: ClusterConfig, nodes: tuple[NodeView
     if est is not None and spec.team in config.teams:
         req = JobRequest(0, spec.team, spec.priority, 0.0, est.gpus, est.memory_per_gpu_mib, flavor,
                          spec.resources.cpus_per_gpu, shareable=spec.resources.shareable)
-        if (why := never_fits(req, nodes, quotas)) is not None:
+        cohorts = tuple(Cohort(n, c.parent) for n, c in sorted(config.cohorts.items()))
+        settings = PolicySettings(multi_node=config.scheduler.multi_node_gangs)
+        if (why := never_fits(req, nodes, quotas, cohorts, settings, config.scheduler.memory_headroom_mib)) is not None:
             problems.append(f"resources: can never run here: {why}")
     if problems:
         raise SubmitError(problems)

@@ -255,16 +255,25 @@ def queue(state: Optional[list[JobState]] = typer.Option(None, "--state", "-s"),
         out.print_json(json.dumps([j.model_dump(mode="json") for j in jobs]))
         return
     t = Table(box=None, header_style="bold")
-    for c in ("ID", "NAME", "TEAM", "USER", "PRI", "STATE", "GPUS", "NODE/GPU", "PROGRESS"):
+    for c in ("ID", "NAME", "TEAM", "USER", "PRI", "STATE", "GPUS", "NODE/GPU", "PROGRESS", "START"):
         t.add_column(c, no_wrap=True)
     t.add_column("REASON", overflow="fold", min_width=20)
     for j in jobs:
         p = j.progress or {}
         where = f"{j.placement['node']}:{','.join(map(str, j.placement['gpu_indices']))}" if j.placement else "-"
         prog = f"{p.get('step', 0)}/{p.get('total_steps', '?')}" if p else "-"
+        queued = j.state is JobState.QUEUED
         t.add_row(str(j.id), j.name, j.team, j.user, str(j.priority), j.state.value, str(j.gpus), where, prog,
-                  j.pending_reason if j.state is JobState.QUEUED and j.pending_reason else "")
+                  _eta(j.estimated_start_at) if queued else "",
+                  j.pending_reason if queued and j.pending_reason else "")
     out.print(t)
+
+
+def _eta(ts: float | None) -> str:
+    """A queued job's estimated start as local clock time ('~14:05'), '-' when unknown."""
+    if ts is None:
+        return "-"
+    return "~" + datetime.fromtimestamp(ts).strftime("%H:%M" if abs(ts - time.time()) < 86400 else "%m-%d %H:%M")
 
 
 @app.command()

@@ -1,22 +1,99 @@
-"""GPU memory estimate for an SFT job from the model directory, method and batch shape.
+"""GPU memory and step-time estimate for an SFT job from the model's config.json (no weights
+needed), the method, LoRA rank/targets, batch shape, gradient checkpointing and precision.
 
-Rough but conservative (it decides packing and `gpus: auto`; issue #3/#5 refine it):
-  weights        bytes of the checkpoint's tensors as stored on disk, re-counted at 2 B/param
-                 (bf16 compute) for adapters; full fine-tuning keeps fp32 master weights, grads
-                 and AdamW moments: 16 B/param (mixed-precision rule of thumb, ZeRO paper §3)
-  activations    ~34·s·b·h bytes per layer without recomputation (Korthikanti et al. 2022, eq. 2)
-  adapter states LoRA params (tiny) are covered by a 5 % overhead
-  runtime        1 GiB for the CUDA context and allocator slack
+Parameters (decoder-only transformers: Llama, Mistral, Qwen2, ... shapes; exact for these):
+  embeddings     V·h
+  per layer      attention  h·(H·d) + 2·h·(K·d) + (H·d)·h      (H heads, K key/value heads (GQA), d head_dim)
+                            + biases: q/k/v (H·d + 2·K·d) when attention_bias or model_type qwen2
+                 MLP        3·h·I (gate, up, down; SwiGLU) (+ 2·I + h with mlp_bias)
+                 norms      2·h (RMSNorm weights)
+  final norm     h
+  lm_head        V·h unless tie_word_embeddings
+  Without those keys in config.json the count falls back to the weight files' bytes / dtype size.
+
+Memory per GPU worker (bytes):
+  full           16 B/param: bf16 weights 2 + bf16 grads 2 + fp32 master, Adam m and v 12 (ZeRO,
+                 Rajbhandari et al. 2020, §3), sharded over the job's GPUs (FSDP / ZeRO-3)
+  lora / dora    frozen base at the compute precision (2 B bf16/fp16, 4 B fp32) on every GPU (DDP);
+                 adapters r·(d_in + d_out) per targeted linear (DoRA adds d_out magnitudes) trained
+                 in fp32 with AdamW: 16 B per adapter param (Hu et al. 2021; Liu et al. 2024)
+  qlora          like lora but all decoder linears are stored in 4-bit NF4 with double
+                 quantization: 0.5 B + ~0.127 bit/param of constants (Dettmers et al. 2023);
+                 embeddings, norms and lm_head stay at 2 B
+  activations    per layer per token, bf16 tensors kept for backward in a Llama block with fused
+                 (flash/SDPA) attention: inputs of both norms, q/k/v, attention output, MLP gate/up/
+                 activation outputs: 2·(4h + 2·K·d + 3I) bytes; without the Llama keys the general
+                 34·h of Korthikanti et al. 2022 (eq. 2, s² term dropped for fused attention).
+                 Gradient checkpointing keeps only each layer's input (2h) plus one layer recomputed.
+  logits         s·b·V·(2 + 4 + 4): bf16 logits, fp32 upcast for the loss and its gradient
+  runtime        1 GiB CUDA context + allocator slack, plus 5 % on states
+
+Step time: FLOPs per token ≈ 6·P + 12·L·h·s for full fine-tuning (Kaplan et al. 2020, forward 2P,
+backward 4P, attention 12·L·h·s); with adapters the frozen weights need no weight gradients:
+4·P; gradient checkpointing re-runs the forward: +2·P. Time = FLOPs / (peak dense bf16 TFLOPS of
+the GPU × MFU); MFU defaults to 0.35, a typical fine-tuning utilization. These are estimates for
+packing and backfill; a user's `resources.memory_gib_per_gpu` overrides the memory figure.
 """
 from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 MIB = 2**20
+GIB = 2**30
 _DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2, "float64": 8}
+METHODS = ("full", "lora", "qlora", "dora")
+LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+# Peak dense bf16 tensor TFLOPS (vendor data sheets, no sparsity).
+PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L40S": 362.0, "L4": 121.0, "A10": 125.0}
+
+
+@dataclass(frozen=True)
+class Shape:
+    vocab: int
+    hidden: int
+    layers: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    intermediate: int
+    tied: bool
+    qkv_bias: bool
+    o_bias: bool
+    mlp_bias: bool
+
+    @classmethod
+    def of(cls, cfg: dict) -> Shape | None:
+        """The shape from a config.json, or None when it lacks the keys of a Llama-like model."""
+        need = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size")
+        if any(k not in cfg for k in need):
+            return None
+        h, heads = int(cfg["hidden_size"]), int(cfg["num_attention_heads"])
+        bias = bool(cfg.get("attention_bias", False))
+        return cls(int(cfg["vocab_size"]), h, int(cfg["num_hidden_layers"]), heads,
+                   int(cfg.get("num_key_value_heads") or heads), int(cfg.get("head_dim") or h // heads),
+                   int(cfg["intermediate_size"]), bool(cfg.get("tie_word_embeddings", False)),
+                   bias or cfg.get("model_type") == "qwen2", bias, bool(cfg.get("mlp_bias", False)))
+
+    def linear_dims(self) -> dict[str, tuple[int, int]]:
+        """(in, out) of each decoder linear."""
+        h, q, kv, i = self.hidden, self.heads * self.head_dim, self.kv_heads * self.head_dim, self.intermediate
+        return {"q_proj": (h, q), "k_proj": (h, kv), "v_proj": (h, kv), "o_proj": (q, h),
+                "gate_proj": (h, i), "up_proj": (h, i), "down_proj": (i, h)}
+
+    def layer_linear_params(self) -> int:
+        return sum(a * b for a, b in self.linear_dims().values())
+
+    def params(self) -> int:
+        q, kv = self.heads * self.head_dim, self.kv_heads * self.head_dim
+        per_layer = self.layer_linear_params() + 2 * self.hidden
+        per_layer += (q + 2 * kv) if self.qkv_bias else 0
+        per_layer += self.hidden if self.o_bias else 0
+        per_layer += (2 * self.intermediate + self.hidden) if self.mlp_bias else 0
+        embed = self.vocab * self.hidden
+        return embed + self.layers * per_layer + self.hidden + (0 if self.tied else embed)
 
 
 @dataclass(frozen=True)
@@ -24,9 +101,21 @@ class Estimate:
     params: int
     memory_per_gpu_mib: int
     gpus: int
+    trainable_params: int = 0
+    breakdown_mib: dict[str, float] = field(default_factory=dict)  # per GPU: states, activations, ...
+    flops_per_step: float = 0.0  # per worker (one micro-batch of batch_size x max_length tokens)
+
+    def step_time_s(self, gpu_model: str, mfu: float = 0.35) -> float | None:
+        """Seconds per micro-step on `gpu_model` (e.g. 'H100 80GB'), None for an unknown GPU."""
+        peak = next((v for k, v in PEAK_TFLOPS.items() if gpu_model.upper().startswith(k)), None)
+        return None if peak is None else self.flops_per_step / (peak * 1e12 * mfu)
+
+    def duration_s(self, steps: int, gpu_model: str, mfu: float = 0.35) -> float | None:
+        t = self.step_time_s(gpu_model, mfu)
+        return None if t is None else steps * t
 
 
-def _params(model_dir: Path, cfg: dict) -> int:
+def _file_params(model_dir: Path, cfg: dict) -> int:
     weight_bytes = sum(f.stat().st_size for f in model_dir.glob("*.safetensors"))
     if weight_bytes == 0:
         weight_bytes = sum(f.stat().st_size for f in model_dir.glob("*.bin"))
@@ -34,35 +123,77 @@ def _params(model_dir: Path, cfg: dict) -> int:
     return int(weight_bytes / _DTYPE_BYTES.get(dtype, 4))
 
 
+def adapter_params(shape: Shape, r: int, targets: list[str] | str, dora: bool = False) -> int:
+    dims = shape.linear_dims()
+    names = list(LINEARS) if targets == "all-linear" else [t for t in targets if t in dims]
+    per_layer = sum(r * (dims[n][0] + dims[n][1]) + (dims[n][1] if dora else 0) for n in names)
+    return shape.layers * per_layer
+
+
 def estimate(model_dir: str | Path, method: str, batch_size: int, max_length: int,
-             gpus: int | str, usable_mib_per_gpu: float) -> Estimate:
-    """Raises ValueError naming the problem if the model directory is unusable."""
+             gpus: int | str, usable_mib_per_gpu: float, *, lora_r: int = 8,
+             lora_targets: list[str] | str = "all-linear", gradient_checkpointing: bool = False,
+             precision: str = "bf16") -> Estimate:
+    """Raises ValueError naming the problem if the model directory or an argument is unusable."""
+    if method not in METHODS:
+        raise ValueError(f"method: {method!r} is not one of {', '.join(METHODS)}")
+    if precision not in ("bf16", "fp16", "fp32"):
+        raise ValueError(f"precision: {precision!r} is not bf16, fp16 or fp32")
     d = Path(model_dir)
     cfg_file = d / "config.json"
     if not cfg_file.is_file():
         raise ValueError(f"model: {d} has no config.json (expected a Hugging Face model directory)")
-    cfg = json.loads(cfg_file.read_text())
-    params = _params(d, cfg)
+    try:
+        cfg = json.loads(cfg_file.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"model: {cfg_file}:{e.lineno}: invalid JSON ({e.msg})") from None
+    shape = Shape.of(cfg)
+    params = shape.params() if shape else _file_params(d, cfg)
     if params == 0:
-        raise ValueError(f"model: {d} has no *.safetensors or *.bin weight files")
-    hidden = int(cfg.get("hidden_size", 4096))
-    layers = int(cfg.get("num_hidden_layers", 32))
-    activations = 34 * max_length * batch_size * hidden * layers
-    per_param = 16 if method == "full" else 2
-    runtime = 1024 * MIB
+        raise ValueError(f"model: {d} has no *.safetensors or *.bin weight files and its config.json lacks "
+                         "the shape keys (vocab_size, hidden_size, num_hidden_layers, ...)")
+    hidden = shape.hidden if shape else int(cfg.get("hidden_size", 4096))
+    layers = shape.layers if shape else int(cfg.get("num_hidden_layers", 32))
+    tokens = batch_size * max_length
+    act_bytes = 2 if precision != "fp32" else 4
 
-    def need(n: int) -> float:
-        # Full fine-tuning shards states across n GPUs (FSDP); adapters replicate weights (DDP).
-        states = params * per_param / (n if method == "full" else 1)
-        return (states * 1.05 + activations + runtime) / MIB
+    # Activations kept for backward, per token per layer.
+    if shape:
+        per_layer = (act_bytes * (4 * shape.hidden + 2 * shape.kv_heads * shape.head_dim + 3 * shape.intermediate))
+    else:
+        per_layer = 34 * hidden * act_bytes / 2
+    if gradient_checkpointing:
+        activations = tokens * (layers * act_bytes * hidden + per_layer)
+    else:
+        activations = tokens * layers * per_layer
+    logits = tokens * (shape.vocab if shape else 32000) * (act_bytes + 4 + 4)
+
+    trainable = params if method == "full" else (
+        adapter_params(shape, lora_r, lora_targets, dora=method == "dora") if shape
+        else int(params * 0.005))  # ~0.5 % without the shape
+    base_bytes = 4 if precision == "fp32" else 2
+    if method == "qlora":
+        linear = shape.layers * shape.layer_linear_params() if shape else int(params * 0.9)
+        frozen = linear * (0.5 + 0.127 / 8) + (params - linear) * 2
+    else:
+        frozen = params * base_bytes
+
+    def need(n: int) -> tuple[float, dict[str, float]]:
+        states = params * 16 / n if method == "full" else frozen + trainable * 16
+        parts = {"states": states * 1.05, "activations": activations, "logits": logits, "runtime": GIB}
+        return sum(parts.values()) / MIB, {k: v / MIB for k, v in parts.items()}
 
     if gpus == "auto":
-        n = next((k for k in (1, 2, 4, 8, 16, 32, 64) if need(k) <= usable_mib_per_gpu), None)
+        n = next((k for k in (1, 2, 4, 8, 16, 32, 64) if need(k)[0] <= usable_mib_per_gpu), None)
         if n is None:
             raise ValueError(
                 f"resources.gpus: auto found no GPU count up to 64 whose share of "
-                f"{need(64):.0f} MiB fits {usable_mib_per_gpu:.0f} MiB per GPU"
+                f"{need(64)[0]:.0f} MiB fits {usable_mib_per_gpu:.0f} MiB per GPU"
             )
     else:
         n = int(gpus)
-    return Estimate(params=params, memory_per_gpu_mib=math.ceil(need(n)), gpus=n)
+    total, parts = need(n)
+    per_token = (6 if method == "full" else 4) * params + (2 * params if gradient_checkpointing else 0)
+    attention = 12 * layers * hidden * max_length
+    return Estimate(params=params, memory_per_gpu_mib=math.ceil(total), gpus=n, trainable_params=trainable,
+                    breakdown_mib=parts, flops_per_step=tokens * (per_token + attention))

@@ -31,6 +31,7 @@ class JobOut(BaseModel):
     retries: int
     placement: dict | None
     pending_reason: str | None
+    estimated_start_at: float | None = None  # the scheduler's estimate while queued (backfill reservation)
     progress: dict | None
     result: dict | None
     failure_reason: str | None

@@ -44,7 +44,10 @@ def policy_settings(config: ClusterConfig) -> PolicySettings:
     s = config.scheduler
     return PolicySettings(share_max_utilization=s.share_max_utilization, min_runtime_s=s.min_runtime_s,
                           aging_s=s.aging_s, backfill=s.backfill, preemption=s.preemption,
-                          over_budget=s.over_budget)
+                          over_budget=s.over_budget, fair_share_band=s.fair_share_band,
+                          fair_share_history_weight=s.fair_share_history_weight, multi_node=s.multi_node_gangs,
+                          max_preemptions_per_cycle=s.max_preemptions_per_cycle,
+                          las_preempt_factor=s.las_preempt_factor)
 
 
 class JobListener(Protocol):
@@ -236,7 +239,7 @@ class Service:
                 expected_end_at=(started + float(expected)) if expected else None,
                 attained_gpu_s=j.attained_gpu_s + len(gpus) * max(0.0, now - started),
                 shareable=bool(res.get("shareable", False)), gpu_model=j.placement.get("gpu_model"),
-                preemptible=j.state in (S.STARTING, S.RUNNING),
+                preemptible=j.state in (S.STARTING, S.RUNNING), stopping=j.state is S.PREEMPTING,
             ))
         return views
 
@@ -272,8 +275,9 @@ class Service:
         for start in decision.to_start:
             self._start(queued[start.job_id], start.placement.node_id, start.placement.gpu_indices)
         for job_id, reason in decision.pending.items():
-            if queued[job_id].pending_reason != reason:
-                self.store.update_fields(job_id, pending_reason=reason)
+            eta = decision.estimated_start.get(job_id)
+            if queued[job_id].pending_reason != reason or queued[job_id].estimated_start_at != eta:
+                self.store.update_fields(job_id, pending_reason=reason, estimated_start_at=eta)
 
     def _preempt(self, job_id: int, reason: str) -> None:
         """Ask a running job to checkpoint and stop; it returns to the queue when it has."""
@@ -302,6 +306,7 @@ class Service:
         admitted = self._move(job, S.QUEUED, S.ADMITTED,
                               f"placed on {placement['node']} GPU {','.join(map(str, gpu_indices))}",
                               placement=placement, attempt=job.attempt + 1, pending_reason=None,
+                              estimated_start_at=None,
                               attempt_started_at=self.clock.now(), last_checkpoint_at=None, usage=usage)
         if admitted is not None:
             self._launch(admitted)

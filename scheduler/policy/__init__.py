@@ -8,7 +8,7 @@ from scheduler.policy.types import (
     Cohort, Decision, GpuView, JobRequest, NodeView, Placement, PolicySettings, Preempt, RunningJob, Snapshot, Start,
     TeamQuota,
 )
-from scheduler.policy.simple import never_fits, schedule
+from scheduler.policy.shoal import never_fits, schedule
 
 __all__ = [
     "Cohort", "Decision", "PolicySettings", "GpuView", "JobRequest", "NodeView", "Placement", "Preempt", "RunningJob", "Snapshot",

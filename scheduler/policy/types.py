@@ -71,6 +71,11 @@ class RunningJob:
     shareable: bool = False
     gpu_model: str | None = None  # the flavor it runs on
     preemptible: bool = True  # False while stopping, or when its spec forbids it
+    stopping: bool = False  # asked to checkpoint and stop (PREEMPTING): its GPUs free up soon
+    parts: tuple[tuple[str, tuple[int, ...]], ...] = ()  # multi-node: every (node_id, gpu_indices); () = one node
+
+    def placements(self) -> tuple[tuple[str, tuple[int, ...]], ...]:
+        return self.parts or ((self.node_id, self.gpu_indices),)
 
 
 @dataclass(frozen=True)
@@ -106,6 +111,15 @@ class PolicySettings:
     backfill: bool = True
     preemption: bool = True
     over_budget: str = "no-borrowing"  # or "none": an over-budget team starts nothing new
+    # -- additive knobs of the Shoal policy (scheduler/policy/shoal.py documents each rule) --
+    fair_share_band: float = 1.0  # teams whose usage/entitlement ratios fall in one band of this width
+    #                               rank as equals (then shortest work first); 0 = strict fair share
+    fair_share_history_weight: float = 0.5  # share = (1-w) * live dominant share + w * decayed history
+    multi_node: bool = False  # a gang too big for one node may span nodes (the Ray executor is single-node)
+    max_preemptions_per_cycle: int = 16  # victims chosen per cycle, at most
+    las_preempt_factor: float = 0.0  # > 0: a waiting job may preempt a same-priority running job of its
+    #                                  own band that attained this many times more GPU-s (Tiresias-like);
+    #                                  0 = off
 
 
 @dataclass(frozen=True)
@@ -122,8 +136,15 @@ class Snapshot:
 
 @dataclass(frozen=True)
 class Placement:
+    """Where a job starts. `node_id`/`gpu_indices` are the first (or only) node; a multi-node gang
+    lists every (node_id, gpu_indices) in `parts`, the first equal to node_id/gpu_indices."""
+
     node_id: str
     gpu_indices: tuple[int, ...]
+    parts: tuple[tuple[str, tuple[int, ...]], ...] = ()
+
+    def all_parts(self) -> tuple[tuple[str, tuple[int, ...]], ...]:
+        return self.parts or ((self.node_id, self.gpu_indices),)
 
 
 @dataclass(frozen=True)

@@ -53,6 +53,7 @@ class JobRecord:
     last_checkpoint_at: float | None
     attempt_started_at: float | None
     attained_gpu_s: float
+    estimated_start_at: float | None = None  # the policy's estimated start while queued
 
     @classmethod
     def of(cls, row: JobRow) -> JobRecord:
@@ -95,7 +96,7 @@ def make_engine(url: str) -> Engine:
 _MUTABLE = {
     "placement", "pending_reason", "progress", "result", "failure_reason", "cancel_requested",
     "last_checkpoint_step", "started_at", "finished_at", "attempt", "retries",
-    "last_checkpoint_at", "attempt_started_at", "attained_gpu_s",
+    "last_checkpoint_at", "attempt_started_at", "attained_gpu_s", "estimated_start_at",
 }
 
 

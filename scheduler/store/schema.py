@@ -43,6 +43,7 @@ class JobRow(Base):
     last_checkpoint_at: Mapped[float | None] = mapped_column(Float, nullable=True)
     attempt_started_at: Mapped[float | None] = mapped_column(Float, nullable=True)  # current attempt
     attained_gpu_s: Mapped[float] = mapped_column(Float, default=0.0)  # GPU-s of finished attempts
+    estimated_start_at: Mapped[float | None] = mapped_column(Float, nullable=True)  # policy's estimate, queued
 
 
 class EventRow(Base):

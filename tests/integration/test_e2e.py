@@ -120,7 +120,7 @@ def test_running_job_shows_on_its_gpu_in_metrics_and_cancel_stops_it(server, tmp
     while client.job(big.id).pending_reason is None:
         assert time.monotonic() < deadline
         time.sleep(0.3)
-    reason = "quota: team default holds 1 of 8 GPUs; job needs 8"
+    reason = "waiting for quota: team default uses 1/8 GPUs, job needs 8; no cohort to borrow from"
     assert client.job(big.id).pending_reason == reason and client.job(big.id).state is JobState.QUEUED
     assert reason in " ".join(server.cli("queue").stdout.split())
     server.cli("cancel", str(big.id))

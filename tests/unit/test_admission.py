@@ -73,5 +73,5 @@ def test_every_problem_is_reported_together(tmp_path):
 def test_a_job_that_can_never_fit_is_refused(tmp_path):
     cfg = ClusterConfig(teams={"a": TeamConfig(gpus=16)})
     spec = _spec(tmp_path, fake_model(tmp_path, 1_000_000), resources={"gpus": 16})
-    with pytest.raises(SubmitError, match="can never run here: no node has 16"):
+    with pytest.raises(SubmitError, match="can never run here: needs 16× .*largest H100 80GB node has 8 GPUs"):
         check_submission(spec, cfg, _nodes(), (TeamQuota("a", 16),))

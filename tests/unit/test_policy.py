@@ -1,79 +1,190 @@
-"""The spine policy: quota, order, gang-on-one-node, best fit, live memory."""
-from scheduler.policy import GpuView, JobRequest, NodeView, RunningJob, Snapshot, TeamQuota, never_fits, schedule
+"""Table tests of the Shoal policy, one named case per rule (builders in policy_builders.py)."""
+import pytest
 
-H100 = 81559
-
-
-def node(name: str, gpus: int = 8, model: str = "H100 80GB", used: dict[int, int] | None = None,
-         held: dict[int, int] | None = None, unhealthy: tuple[int, ...] = ()) -> NodeView:
-    used, held = used or {}, held or {}
-    return NodeView(name, name, tuple(
-        GpuView(i, model, H100, used.get(i, 0), healthy=i not in unhealthy,
-                allocated_to=(held[i],) if i in held else (), reserved_mib=10000 if i in held else 0)
-        for i in range(gpus)))
+from scheduler.policy import JobRequest, NodeView, TeamQuota, never_fits, schedule
+from tests.unit.policy_builders import A100, H100, L4, NOW, job, node, run, snap, started, team
 
 
-def job(jid: int, team: str = "a", gpus: int = 1, prio: int = 0, t: float = 0.0, mem: int = 10000,
-        model: str | None = None) -> JobRequest:
-    return JobRequest(jid, team, prio, t or float(jid), gpus, mem, model)
-
-
-def snap(nodes, pending, running=(), quotas=(("a", 8), ("b", 8))) -> Snapshot:
-    return Snapshot(tuple(nodes), tuple(running), tuple(pending), tuple(TeamQuota(*q) for q in quotas), 1024)
-
+# -- quota, borrowing, lending, cohorts -------------------------------------------------------
 
 def test_quota_keeps_job_pending_with_reason():
-    running = [RunningJob(1, "a", 0, "n1", (0, 1, 2), 10000)]
-    d = schedule(snap([node("n1", held={0: 1, 1: 1, 2: 1})], [job(2, gpus=2)], running, quotas=[("a", 4)]))
+    d = schedule(snap([node("n1")], [job(2, gpus=2)], [run(1, "n1", (0, 1, 2))], teams=[team("a", 4)]))
     assert d.to_start == ()
-    assert d.pending[2] == "quota: team a holds 3 of 4 GPUs; job needs 2"
+    assert d.pending[2] == "waiting for quota: team a uses 3/4 GPUs, job needs 2; no cohort to borrow from"
 
+
+QUOTA_CASES = {
+    # name: (teams, cohorts, running, job, started?, reason fragment)
+    "borrows idle quota of its cohort": (
+        [team("a", 2, cohort="c"), team("b", 6, cohort="c")], ["c"], [], job(1, gpus=4), True, None),
+    "borrowing limit": (
+        [team("a", 2, cohort="c", borrow=1), team("b", 6, cohort="c")], ["c"], [run(9, "n1", (0, 1))],
+        job(1, gpus=2), False,
+        "borrowing 2 would pass its borrowing limit of 1"),
+    "lending limit keeps the rest for the lender": (
+        [team("a", 2, cohort="c"), team("b", 6, cohort="c", lend=1)], ["c"], [], job(1, gpus=4), False,
+        "infeasible"),  # a may hold at most 2 + 1
+    "cohort has nothing to lend": (
+        [team("a", 2, cohort="c"), team("b", 4, cohort="c")], ["c"],
+        [run(9, "n1", (0, 1, 2, 3), team="b")], job(1, gpus=3), False,
+        "waiting for quota: team a uses 0/2 GPUs, job needs 3; cohort c has 0 to lend"),
+    "no cohort, no borrowing": (
+        [team("a", 2), team("b", 6)], [], [], job(1, gpus=3), False, "infeasible"),
+    "hierarchical: borrows from a sibling cohort under the same parent": (
+        [team("a", 2, cohort="left"), team("b", 6, cohort="right")], [("left", "root"), ("right", "root"), "root"],
+        [], job(1, gpus=5), True, None),
+    "separate trees do not lend": (
+        [team("a", 2, cohort="left"), team("b", 6, cohort="right")], ["left", "right"], [], job(1, gpus=3),
+        False, "infeasible"),
+}
+
+
+@pytest.mark.parametrize("name", QUOTA_CASES)
+def test_quota_table(name):
+    teams, cohorts, running, j, ok, why = QUOTA_CASES[name]
+    d = schedule(snap([node("n1")], [j], running, teams=teams, cohorts=cohorts))
+    assert (j.job_id in started(d)) == ok, d.pending
+    if why:
+        assert why in d.pending[j.job_id]
+
+
+def test_lender_demand_is_not_lent_away():
+    # b has a waiting within-nominal job: its idle nominal is claimed, a cannot borrow it.
+    teams = [team("a", 2, cohort="c"), team("b", 6, cohort="c")]
+    d = schedule(snap([node("n1", gpus=8), node("n2", gpus=2)],
+                      [job(1, team="a", gpus=4, t=NOW - 500), job(2, team="b", gpus=6, t=NOW - 1)],
+                      teams=teams, cohorts=["c"]))
+    assert set(started(d)) == {2}
+    assert "cohort c has 0 to lend" in d.pending[1]
+
+
+def test_per_flavor_nominal():
+    teams = [team("a", 0, by_flavor={H100: 2}, cohort="c"), team("b", 0, by_flavor={L4: 4}, cohort="c")]
+    nodes = [node("h", 4), node("l", 4, model=L4)]
+    d = schedule(snap(nodes, [job(1, model=H100, gpus=2), job(2, model=L4, gpus=2, mem=5000)], teams=teams,
+                      cohorts=["c"]))
+    assert started(d)[1][0] == "h" and started(d)[2][0] == "l"  # L4 borrowed from b
+    d = schedule(snap(nodes, [job(1, model=H100, gpus=3)], teams=teams, cohorts=["c"]))
+    assert "may hold at most 2 H100 80GB GPUs" in d.pending[1]
+
+
+# -- order -------------------------------------------------------------------------------------
 
 def test_priority_then_submit_time_decides_who_gets_the_last_gpu():
     d = schedule(snap([node("n1", gpus=1)], [job(1, t=1), job(2, t=2, prio=5), job(3, t=0.5)]))
-    assert [s.job_id for s in d.to_start] == [2]
-    assert set(d.pending) == {1, 3}
-    d = schedule(snap([node("n1", gpus=1)], [job(1, t=1), job(3, t=0.5)]))
-    assert [s.job_id for s in d.to_start] == [3]
+    assert list(started(d)) == [2]
+    # equal priority and no duration or attained service: earliest submitted (aged FIFO) first
+    d = schedule(snap([node("n1", gpus=1)], [job(1, t=NOW - 10), job(3, t=NOW - 20)]))
+    assert list(started(d)) == [3]
 
+
+def test_shortest_remaining_work_first_within_a_team():
+    pend = [job(1, dur=3600), job(2, dur=60), job(3, dur=600)]
+    d = schedule(snap([node("n1", gpus=1)], pend))
+    assert list(started(d)) == [2]
+
+
+def test_least_attained_service_when_duration_unknown():
+    pend = [job(1, attained=5000), job(2, attained=10)]
+    assert list(started(schedule(snap([node("n1", gpus=1)], pend)))) == [2]
+
+
+def test_aging_bounds_the_wait_of_a_long_job():
+    old = job(1, dur=10 * 3600, t=NOW - 7200)  # waited 2 h > aging_s (1 h)
+    d = schedule(snap([node("n1", gpus=1)], [old, job(2, dur=60, t=NOW - 5)]))
+    assert list(started(d)) == [1]
+
+
+def test_fair_share_between_teams_before_job_length():
+    # team a already holds 6 of 8 GPUs; b holds none: b's long job beats a's short job.
+    running = [run(i, "n1", (i,), team="a") for i in range(6)]
+    d = schedule(snap([node("n1")], [job(10, team="a", dur=60), job(11, team="b", dur=36000)], running,
+                      teams=[team("a", 8, cohort="c"), team("b", 8, cohort="c")], cohorts=["c"]))
+    assert list(started(d))[0] == 11
+
+
+def test_weights_and_history_shift_fair_share():
+    teams = [team("a", 8, weight=1, usage=0), team("b", 8, weight=1, usage=1e6)]
+    d = schedule(snap([node("n1", gpus=1)], [job(1, team="a", dur=600), job(2, team="b", dur=60)], teams=teams))
+    assert list(started(d)) == [1]  # b used a lot recently: a first despite the longer job
+
+
+# -- gang placement and packing ---------------------------------------------------------------
 
 def test_gang_is_all_or_nothing_on_one_node_and_best_fit():
-    # n1 has 3 free, n2 has 8 free: a 2-GPU job goes to n1 (best fit keeps n2 whole).
-    nodes = [node("n1", held={i: 9 for i in range(5)}), node("n2")]
-    d = schedule(snap(nodes, [job(1, gpus=2)]))
-    assert d.to_start[0].placement.node_id == "n1"
-    assert d.to_start[0].placement.gpu_indices == (5, 6)
-    # 4 GPUs: n1 cannot hold it whole, so n2; never split across nodes.
-    d = schedule(snap(nodes, [job(2, gpus=4)]))
-    assert d.to_start[0].placement.node_id == "n2"
-    d = schedule(snap([node("n1", gpus=4), node("n2", gpus=4)], [job(3, gpus=6)], quotas=[("a", 8)]))
-    assert d.to_start == () and "on one node" in d.pending[3]
+    busy = [run(100 + i, "n1", (i,), team="b") for i in range(5)]
+    nodes = [node("n1"), node("n2")]
+    d = schedule(snap(nodes, [job(1, gpus=2)], busy))
+    assert started(d)[1] == ("n1", (5, 6))  # the partly used node, keeping n2 whole
+    d = schedule(snap(nodes, [job(2, gpus=4)], busy))
+    assert started(d)[2][0] == "n2"
+    d = schedule(snap([node("n1", gpus=4), node("n2", gpus=4)], [job(3, gpus=6)], teams=[team("a", 8)]))
+    assert d.to_start == () and "infeasible: needs 6× " in d.pending[3] and "largest" in d.pending[3]
 
 
-def test_foreign_memory_is_respected():
-    # GPU 0 has 75 GiB used by a process Shoal does not own: a 10 GiB job must go elsewhere.
-    n = node("n1", gpus=2, used={0: 75000})
-    d = schedule(snap([n], [job(1, mem=10000)]))
-    assert d.to_start[0].placement.gpu_indices == (1,)
-    d = schedule(snap([node("n1", gpus=1, used={0: 75000})], [job(1, mem=10000)]))
-    assert d.to_start == () and "resources" in d.pending[1]
+def test_multi_node_gang_when_enabled_fewest_nodes_one_flavor():
+    nodes = [node("n1", gpus=4), node("n2", gpus=4), node("n3", gpus=2), node("l", gpus=8, model=L4)]
+    d = schedule(snap(nodes, [job(1, gpus=6, model=H100)], teams=[team("a", 16)], multi_node=True))
+    p = d.to_start[0].placement
+    assert [n for n, _ in p.all_parts()] == ["n1", "n2"] or [n for n, _ in p.all_parts()] == ["n1", "n3"]
+    assert sum(len(ix) for _, ix in p.all_parts()) == 6 and (p.node_id, p.gpu_indices) == p.all_parts()[0]
+    assert "l" not in [n for n, _ in p.all_parts()]
 
 
-def test_same_cycle_starts_do_not_collide_and_unhealthy_gpus_are_skipped():
-    d = schedule(snap([node("n1", gpus=4, unhealthy=(0,))], [job(i) for i in range(1, 6)]))
-    placed = [s.placement.gpu_indices[0] for s in d.to_start]
-    assert sorted(placed) == [1, 2, 3] and len(d.pending) == 2
+def test_best_fit_by_free_memory_and_foreign_memory_respected():
+    n = node("n1", gpus=3, foreign={0: 75000, 1: 40000})
+    d = schedule(snap([n], [job(1, mem=30000)]))
+    assert started(d)[1] == ("n1", (1,))  # GPU 1 has ~40 GB free: the tightest that fits
+    d = schedule(snap([node("n1", gpus=1, foreign={0: 75000})], [job(1, mem=10000)]))
+    assert d.to_start == () and "waiting for resources" in d.pending[1]
 
 
-def test_flavor_constraint():
-    nodes = [node("l4", gpus=4, model="L4"), node("h", gpus=4)]
-    d = schedule(snap(nodes, [job(1, model="L4")]))
-    assert d.to_start[0].placement.node_id == "l4"
+def test_shareable_jobs_share_exclusive_never():
+    nodes = [node("n1", gpus=2)]
+    d = schedule(snap(nodes, [job(1, share=True, mem=20000), job(2, share=True, mem=20000),
+                              job(3, mem=20000)]))
+    p = started(d)
+    assert p[1] == p[2] and p[3] != p[1]
+    # exclusive job never joins a shared GPU, even with memory left
+    d = schedule(snap(nodes, [job(3, mem=1000)], [run(1, "n1", (0,), share=True), run(2, "n1", (1,))]))
+    assert d.to_start == ()
+
+
+def test_sharing_needs_low_live_utilization():
+    r = [run(1, "n1", (0,), share=True)]
+    d = schedule(snap([node("n1", gpus=2, util={0: 0.95})], [job(2, share=True)], r))
+    assert started(d)[2] == ("n1", (1,))
+    d = schedule(snap([node("n1", gpus=2, util={0: 0.2})], [job(2, share=True)], r))
+    assert started(d)[2] == ("n1", (0,))
+
+
+def test_flavor_constraint_and_smallest_fitting_flavor_preferred():
+    nodes = [node("h", gpus=4), node("l4", gpus=4, model=L4)]
+    assert started(schedule(snap(nodes, [job(1, model=H100)])))[1][0] == "h"
+    assert started(schedule(snap(nodes, [job(1, mem=10000)])))[1][0] == "l4"
+    assert started(schedule(snap(nodes, [job(1, mem=30000)])))[1][0] == "h"
+
+
+def test_unhealthy_gpus_and_unschedulable_nodes_get_nothing():
+    d = schedule(snap([node("n1", gpus=4, unhealthy=(0,)), node("n2", schedulable=False)],
+                      [job(i) for i in range(1, 6)]))
+    assert sorted(ix[0] for n, ix in started(d).values()) == [1, 2, 3]
+    assert {n for n, _ in started(d).values()} == {"n1"} and len(d.pending) == 2
+
+
+def test_cpus_are_a_limit_too():
+    n = NodeView("n1", "n1", node("n1").gpus, cpus=4)
+    reqs = [job(i, cpg=2) for i in (1, 2, 3)]
+    d = schedule(snap([n], reqs))
+    assert list(started(d)) == [1, 2]
+    assert "needs 2 CPUs on one node" in d.pending[3]
+    big = JobRequest(9, "a", 0, 0.0, 2, 1000, None, cpus_per_gpu=3)
+    assert "6 CPUs" in never_fits(big, (n,), (TeamQuota("a", 8),)) or "largest" in never_fits(big, (n,), (TeamQuota("a", 8),))
 
 
 def test_deterministic():
-    nodes = [node("n1", held={0: 9}), node("n2")]
-    pending = [job(i, team="ab"[i % 2], gpus=1 + i % 3) for i in range(1, 12)]
+    nodes = [node("n1"), node("n2")]
+    pending = [job(i, team="ab"[i % 2], gpus=1 + i % 3, dur=100.0 * i) for i in range(1, 12)]
     assert schedule(snap(nodes, pending)) == schedule(snap(nodes, pending))
 
 
@@ -81,20 +192,93 @@ def test_never_fits_reasons():
     nodes = (node("n1", gpus=4),)
     quotas = (TeamQuota("a", 8),)
     assert never_fits(job(1, gpus=4), nodes, quotas) is None
-    assert "largest node: 4" in never_fits(job(1, gpus=8), nodes, quotas)
-    assert "quota is 8" in never_fits(job(1, gpus=16), nodes, quotas)
+    assert "largest H100 80GB node has 4 GPUs" in never_fits(job(1, gpus=8), nodes, quotas)
+    assert "may hold at most 8" in never_fits(job(1, gpus=16), (node("n1", 16),), quotas)
     assert "no quota" in never_fits(job(1, team="zz"), nodes, quotas)
-    assert never_fits(job(1, mem=200_000), nodes, quotas) is not None
+    assert "usable per GPU" in never_fits(job(1, mem=200_000), nodes, quotas)
 
 
-def test_cpus_are_a_limit_too():
-    # 8 free GPUs but 4 CPUs: two 1-GPU jobs with 2 CPUs per GPU fit, the third waits.
-    n = NodeView("n1", "n1", node("n1").gpus, cpus=4)
-    reqs = [JobRequest(i, "a", 0, float(i), 1, 1000, None, cpus_per_gpu=2) for i in (1, 2, 3)]
-    d = schedule(snap([n], reqs))
-    assert [s.job_id for s in d.to_start] == [1, 2]
-    assert d.pending[3] == "resources: needs 2 CPUs on one node with its GPUs; the most free CPUs on a node is 0"
-    held = NodeView("n1", "n1", node("n1").gpus, cpus=4, cpus_held=3)
-    assert schedule(snap([held], reqs[:1])).to_start == ()
-    big = JobRequest(9, "a", 0, 0.0, 2, 1000, None, cpus_per_gpu=3)
-    assert "6 CPUs" in never_fits(big, (n,), (TeamQuota("a", 8),))
+# -- budgets -----------------------------------------------------------------------------------
+
+def test_over_budget_team_starts_no_borrowed_work():
+    teams = [team("a", 1, cohort="c", budget=100, spent=100), team("b", 7, cohort="c")]
+    d = schedule(snap([node("n1")], [job(1), job(2)], teams=teams, cohorts=["c"]))
+    assert list(started(d)) == [1]  # within nominal
+    assert "over budget: team a spent $100.00 of its $100.00 budget" in d.pending[2]
+    d = schedule(snap([node("n1")], [job(1)], teams=teams, cohorts=["c"], over_budget="none"))
+    assert d.to_start == () and "no new work starts" in d.pending[1]
+
+
+# -- preemption --------------------------------------------------------------------------------
+
+def test_quota_reclaim_preempts_borrowers_with_least_lost_work():
+    teams = [team("a", 4, cohort="c"), team("b", 4, cohort="c")]
+    running = [run(10 + i, "n1", (i,), team="b", ckpt=NOW - 60 * (i + 1)) for i in range(8)]
+    d = schedule(snap([node("n1")], [job(1, team="a", gpus=2)], running, teams=teams, cohorts=["c"]))
+    assert {p.job_id for p in d.to_preempt} == {10, 11}  # checkpointed most recently
+    assert "reclaims its own" in d.to_preempt[0].reason and "preempting jobs 10, 11" in d.pending[1]
+
+
+def test_reclaim_respects_min_runtime_and_nominal_of_victim():
+    teams = [team("a", 4, cohort="c"), team("b", 4, cohort="c")]
+    young = [run(10 + i, "n1", (i,), team="b", started=NOW - 10) for i in range(8)]
+    d = schedule(snap([node("n1")], [job(1, team="a")], young, teams=teams, cohorts=["c"]))
+    assert d.to_preempt == ()
+    # b holds only its nominal: nothing to reclaim from b
+    own = [run(10 + i, "n1", (i,), team="b") for i in range(4)] + [run(20 + i, "n1", (4 + i,), team="a")
+                                                                   for i in range(4)]
+    d = schedule(snap([node("n1")], [job(1, team="a")], own, teams=teams, cohorts=["c"]))
+    assert d.to_preempt == ()
+
+
+def test_priority_preemption_within_a_team_only():
+    running = [run(10, "n1", (0, 1), team="a", prio=0), run(11, "n1", (2, 3), team="b", prio=0)]
+    d = schedule(snap([node("n1", gpus=4)], [job(1, team="a", gpus=2, prio=5)], running))
+    assert [p.job_id for p in d.to_preempt] == [10]
+    d = schedule(snap([node("n1", gpus=4)], [job(1, team="b", gpus=4, prio=5)], running,
+                      teams=[team("a"), team("b", 4)]))
+    assert d.to_preempt == ()
+
+
+def test_stopping_jobs_are_waited_for_not_preempted_again():
+    teams = [team("a", 4, cohort="c"), team("b", 4, cohort="c")]
+    running = [run(10, "n1", (0, 1), team="b", stopping=True)] + [run(11 + i, "n1", (2 + i,), team="b")
+                                                                    for i in range(6)]
+    d = schedule(snap([node("n1")], [job(1, team="a", gpus=2)], running, teams=teams, cohorts=["c"]))
+    assert d.to_preempt == () and "waiting for preempted job 10" in d.pending[1]
+
+
+def test_las_preemption_when_enabled():
+    running = [run(10, "n1", (0,), team="a", attained=100_000)]
+    pend = [job(1, team="a", attained=0)]
+    assert schedule(snap([node("n1", gpus=1)], pend, running)).to_preempt == ()
+    d = schedule(snap([node("n1", gpus=1)], pend, running, las_preempt_factor=4))
+    assert [p.job_id for p in d.to_preempt] == [10]
+
+
+# -- backfill and explain ----------------------------------------------------------------------
+
+def test_reservation_and_backfill():
+    # 5 GPUs: 3 busy until NOW+600; a 4-GPU job reserves; a short 1-GPU job backfills, a long one waits.
+    running = [run(10 + i, "n1", (i,), team="b", end=NOW + 600) for i in range(3)]
+    pend = [job(1, gpus=4, t=NOW - 50, dur=100), job(2, dur=300, t=NOW - 40), job(3, dur=3000, t=NOW - 30)]
+    d = schedule(snap([node("n1", gpus=5)], pend, running, teams=[team("a", 8), team("b", 8)]))
+    assert d.pending[1].startswith("reserved: starts at ~") and "on n1 GPUs 0,1,3,4" in d.pending[1]
+    assert d.estimated_start[1] == NOW + 600
+    assert list(started(d)) == [2]
+    assert "would delay job 1's reservation" in d.pending[3]
+
+
+def test_no_reservation_without_end_times_unless_aged():
+    running = [run(10 + i, "n1", (i,), team="b") for i in range(3)]
+    d = schedule(snap([node("n1", gpus=4)], [job(1, gpus=4), job(2)], running))
+    assert list(started(d)) == [2] and "waiting for resources" in d.pending[1]
+    d = schedule(snap([node("n1", gpus=4)], [job(1, gpus=4, t=NOW - 7200), job(2)], running))
+    assert d.to_start == () and "aging bound" in d.pending[1]
+
+
+def test_every_pending_job_has_a_reason():
+    pend = [job(i, gpus=1 + i % 4, team="ab"[i % 2]) for i in range(1, 40)]
+    d = schedule(snap([node("n1", gpus=4), node("n2", gpus=2, model=A100)], pend))
+    assert set(d.pending) | set(started(d)) == {j.job_id for j in pend}
+    assert all(d.pending.values())

@@ -75,7 +75,8 @@ def test_over_quota_job_waits_with_reason_then_runs(tmp_path):
     first, second = w.submit(gpus=2), w.submit(gpus=1)
     w.service.tick()
     assert w.state(first) is S.STARTING and w.state(second) is S.QUEUED
-    assert w.store.get(second.id).pending_reason == "quota: team a holds 2 of 2 GPUs; job needs 1"
+    assert w.store.get(second.id).pending_reason == ("waiting for quota: team a uses 2/2 GPUs, job needs 1; "
+                                                    "no cohort to borrow from")
     w.run(11)
     assert w.state(first) is S.SUCCEEDED and w.state(second) in (S.STARTING, S.RUNNING)
     assert w.store.get(second.id).pending_reason is None

@@ -1,0 +1,216 @@
+"""The cycle's working view of free GPUs, indexed so a fit costs far less than a scan of all GPUs.
+
+A *unit* is the GPUs of one flavor on one node (a gang never mixes flavors). For each flavor:
+
+  buckets[c]  units with exactly c exclusive-free GPUs, in snapshot order. Best fit = the lowest
+              c that can hold the gang, so partly used nodes fill first and whole nodes stay
+              free for large gangs.
+  unit.free   its exclusive-free GPUs as a list sorted by (free MiB, index): with bisect, "how
+              many GPUs have >= m MiB free" is O(log 8), and the chosen GPUs are the ones with
+              the LEAST free memory that still fit (best fit by memory).
+  shared      a sorted list of (free MiB, unit, index) of GPUs that host only shareable jobs and
+              run under the utilization threshold: a shareable job takes the fullest one that fits.
+  failures    (gpus, MiB, CPUs per GPU, avoids-reservation) that did not fit this cycle. Free
+              capacity only shrinks during a cycle, so any request at least as large fails too and
+              is answered in O(#failures) without looking at a node.
+
+Exclusive-free GPU: healthy, on a schedulable node, no Shoal job on it, some memory free after
+headroom (foreign processes count: GpuView.free_mib). Exclusive jobs never share with Shoal jobs.
+"""
+from __future__ import annotations
+
+from bisect import bisect_left, insort
+from dataclasses import dataclass, field
+
+from scheduler.policy.types import GpuView, RunningJob, Snapshot
+
+
+@dataclass
+class Unit:
+    order: int
+    node_id: str
+    name: str
+    flavor: str
+    gpus: dict[int, GpuView]  # every GPU of this flavor on the node, by index
+    schedulable: bool = True
+    free: list[tuple[int, int]] = field(default_factory=list)  # exclusive-free (free MiB, index), sorted
+
+
+@dataclass
+class Flavor:
+    name: str
+    memory_total_mib: int = 0  # largest GPU of the flavor
+    gpus: int = 0  # all GPUs of the flavor (structural: healthy or not)
+    healthy: int = 0  # healthy GPUs on schedulable nodes (fair-share capacity)
+    largest_unit: int = 0  # most GPUs of the flavor on one node
+    units: list[int] = field(default_factory=list)
+
+
+Part = tuple[int, tuple[int, ...]]  # (unit order, GPU indices)
+
+
+class Cluster:
+    def __init__(self, snap: Snapshot, tenants: dict[int, RunningJob]):
+        self.headroom = snap.memory_headroom_mib
+        self.share_max_util = snap.settings.share_max_utilization
+        self.units: list[Unit] = []
+        self.flavors: dict[str, Flavor] = {}
+        self.cpus_free: dict[str, float] = {}
+        self.node_cpus: dict[str, float] = {}
+        self.buckets: dict[str, list[dict[int, None]]] = {}
+        self.shared: dict[str, list[tuple[int, int, int]]] = {}
+        self.shared_free: dict[tuple[int, int], int] = {}  # (unit, index) -> its entry's free MiB
+        self.failures: dict[str, list[tuple[int, int, int, bool]]] = {}
+        self.by_gpu: dict[tuple[str, int], int] = {}  # (node_id, index) -> unit order
+        self.free_total: dict[str, int] = {}  # flavor -> exclusive-free GPUs
+        for node in snap.nodes:
+            self.cpus_free[node.node_id] = node.cpus_free()
+            self.node_cpus[node.node_id] = float("inf") if node.cpus is None else float(node.cpus)
+            per_flavor: dict[str, dict[int, GpuView]] = {}
+            for g in node.gpus:
+                per_flavor.setdefault(g.model, {})[g.index] = g
+            for model, gpus in per_flavor.items():
+                fl = self.flavors.setdefault(model, Flavor(model))
+                u = Unit(len(self.units), node.node_id, node.name, model, gpus, node.schedulable)
+                self.units.append(u)
+                fl.units.append(u.order)
+                fl.gpus += len(gpus)
+                fl.largest_unit = max(fl.largest_unit, len(gpus))
+                fl.memory_total_mib = max(fl.memory_total_mib, *(g.memory_total_mib for g in gpus.values()))
+                for g in gpus.values():
+                    self.by_gpu[(node.node_id, g.index)] = u.order
+                    if not (node.schedulable and g.healthy):
+                        continue
+                    fl.healthy += 1
+                    free = g.free_mib(self.headroom)
+                    if free <= 0:
+                        continue
+                    if not g.allocated_to:
+                        u.free.append((free, g.index))
+                    elif g.utilization < self.share_max_util and all(
+                            t in tenants and tenants[t].shareable for t in g.allocated_to):
+                        self.shared.setdefault(model, []).append((free, u.order, g.index))
+                        self.shared_free[(u.order, g.index)] = free
+                u.free.sort()
+        for name, fl in self.flavors.items():
+            b: list[dict[int, None]] = [{} for _ in range(fl.largest_unit + 1)]
+            for o in fl.units:
+                b[len(self.units[o].free)][o] = None
+            self.buckets[name] = b
+            self.shared.setdefault(name, []).sort()
+            self.failures[name] = []
+            self.free_total[name] = sum(len(self.units[o].free) for o in fl.units)
+
+    # -- queries --------------------------------------------------------------------------
+    def free_count(self, flavor: str) -> int:
+        return self.free_total.get(flavor, 0)
+
+    def max_free_on_unit(self, flavor: str) -> int:
+        b = self.buckets.get(flavor, [])
+        return next((c for c in range(len(b) - 1, -1, -1) if b[c]), 0)
+
+    @staticmethod
+    def _fitting(u: Unit, m: int, avoid: set[int] | None) -> list[int]:
+        """Indices of u's free GPUs with >= m MiB, least free first, minus `avoid`."""
+        pos = bisect_left(u.free, (m, -1))
+        return [i for _, i in u.free[pos:] if not avoid or i not in avoid]
+
+    def _failed_before(self, flavor: str, g: int, m: int, cpg: int, avoiding: bool) -> bool:
+        return any(g >= fg and m >= fm and cpg >= fc and (avoiding or not fa)
+                   for fg, fm, fc, fa in self.failures[flavor])
+
+    def fit(self, flavor: str, g: int, m: int, cpg: int, shareable: bool, multi_node: bool,
+            avoid: dict[int, set[int]]) -> list[Part] | None:
+        """GPUs for a gang of `g` GPUs with `m` MiB each and `cpg` CPUs per GPU, or None.
+        One unit when one holds it; else, if `multi_node`, the fewest units. `avoid` maps a
+        unit to GPU indices this job must not take (a reservation it would delay)."""
+        if flavor not in self.flavors:
+            return None
+        if shareable and g == 1:
+            hit = self._fit_shared(flavor, m, cpg, avoid)
+            if hit is not None:
+                return [hit]
+        avoiding = bool(avoid)
+        if g > self.free_count(flavor) or self._failed_before(flavor, g, m, cpg, avoiding):
+            return None
+        buckets = self.buckets[flavor]
+        for c in range(g, len(buckets)):
+            for o in buckets[c]:
+                u = self.units[o]
+                if self.cpus_free[u.node_id] < g * cpg:
+                    continue
+                fits = self._fitting(u, m, avoid.get(o))
+                if len(fits) >= g:
+                    return [(o, tuple(sorted(fits[:g])))]
+        if multi_node:
+            parts = self._fit_spread(flavor, g, m, cpg, avoid)
+            if parts is not None:
+                return parts
+        self._remember_failure(flavor, (g, m, cpg, avoiding))
+        return None
+
+    def _remember_failure(self, flavor: str, f: tuple[int, int, int, bool]) -> None:
+        fails = self.failures[flavor]
+        if len(fails) < 64:
+            fails.append(f)
+
+    def _fit_spread(self, flavor: str, g: int, m: int, cpg: int, avoid: dict[int, set[int]]) -> list[Part] | None:
+        """Fewest units: take units with the most fitting GPUs first."""
+        parts: list[Part] = []
+        need = g
+        buckets = self.buckets[flavor]
+        for c in range(len(buckets) - 1, 0, -1):
+            for o in buckets[c]:
+                u = self.units[o]
+                fits = self._fitting(u, m, avoid.get(o))
+                cpus = self.cpus_free[u.node_id]
+                k = min(len(fits), need, need if cpus == float("inf") else int(cpus // max(1, cpg)))
+                if k <= 0:
+                    continue
+                parts.append((o, tuple(sorted(fits[:k]))))
+                need -= k
+                if need == 0:
+                    return parts
+        return None
+
+    def _fit_shared(self, flavor: str, m: int, cpg: int, avoid: dict[int, set[int]]) -> Part | None:
+        lst = self.shared[flavor]
+        for k in range(bisect_left(lst, (m, -1, -1)), len(lst)):
+            _, o, i = lst[k]
+            if self.cpus_free[self.units[o].node_id] >= cpg and i not in avoid.get(o, ()):
+                return (o, (i,))
+        return None
+
+    # -- commit ---------------------------------------------------------------------------
+    def take(self, parts: list[Part], m: int, cpg: int, shareable: bool) -> None:
+        for o, idx in parts:
+            u = self.units[o]
+            self.cpus_free[u.node_id] -= cpg * len(idx)
+            shared = self.shared[u.flavor]
+            before = len(u.free)
+            for i in idx:
+                entry = next((e for e in u.free if e[1] == i), None)
+                if entry is not None:  # an exclusive-free GPU
+                    u.free.remove(entry)
+                    if shareable and u.gpus[i].utilization < self.share_max_util and entry[0] - m > 0:
+                        insort(shared, (entry[0] - m, o, i))
+                        self.shared_free[(o, i)] = entry[0] - m
+                    continue
+                free = self.shared_free.pop((o, i))
+                del shared[bisect_left(shared, (free, o, i))]
+                if free - m > 0:
+                    insort(shared, (free - m, o, i))
+                    self.shared_free[(o, i)] = free - m
+            if len(u.free) != before:
+                self.free_total[u.flavor] -= before - len(u.free)
+                b = self.buckets[u.flavor]
+                del b[before][o]
+                b[len(u.free)][o] = None
+
+    def foreign_free(self, o: int, i: int) -> int:
+        """MiB free on GPU i of unit o once every Shoal job on it has gone (foreign use stays)."""
+        g = self.units[o].gpus[i]
+        return g.memory_total_mib - max(0, g.memory_used_mib - g.reserved_mib) - self.headroom
+
+    def gpus_of(self, part: Part) -> tuple[str, tuple[int, ...]]:
+        return self.units[part[0]].node_id, part[1]

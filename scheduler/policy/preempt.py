@@ -1,0 +1,83 @@
+"""Choosing preemption victims for one blocked job.
+
+Who may be a victim is the caller's rule (quota reclaim: borrowed work of another team in the same
+cohort tree; priority: lower-priority work of the same team; LAS: much longer-served work). This
+module only picks, on ONE unit (node x flavor) of the job's flavor, the cheapest set of those
+candidates whose GPUs, together with what is free now, hold the gang:
+
+  * lost work of a victim = now - its last checkpoint (or its attempt's start if none);
+  * per unit, add candidates in order of (lost work, GPUs) until the gang fits, then drop any
+    that turned out unnecessary (latest first);
+  * over units, take the set with the least (total lost work, number of victims).
+
+A GPU becomes usable when every Shoal job on it is a victim or already stopping and its memory
+minus foreign use covers the job. Candidates must have run `min_runtime_s` and be preemptible;
+the caller filters that. Victims are asked to checkpoint then stop (Preempt); the job starts in a
+later cycle once they have. Gangs spanning nodes are not built by preemption.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from scheduler.policy.cluster import Cluster
+from scheduler.policy.types import RunningJob
+
+
+@dataclass(frozen=True)
+class Choice:
+    unit: int
+    victims: tuple[RunningJob, ...]
+    lost_s: float
+
+
+def lost_work(r: RunningJob, now: float) -> float:
+    since = r.last_checkpoint_at if r.last_checkpoint_at is not None else r.started_at
+    return max(0.0, now - since)
+
+
+def usable(cluster: Cluster, o: int, m: int, gone: set[int], tenants: dict[int, tuple[int, ...]],
+            avoid: set[int]) -> int:
+    """GPUs of unit o usable by a job of m MiB once the jobs in `gone` have left."""
+    u = cluster.units[o]
+    n = sum(1 for free, i in u.free if free >= m and i not in avoid)
+    for i, held in tenants.items():
+        if i not in avoid and all(j in gone for j in held) and cluster.foreign_free(o, i) >= m:
+            n += 1
+    return n
+
+
+def choose(cluster: Cluster, flavors: list[str], g: int, m: int, cpg: int, now: float,
+           candidates: dict[int, list[RunningJob]], stopping: dict[int, set[int]],
+           held: dict[int, dict[int, tuple[int, ...]]], avoid: dict[int, set[int]]) -> Choice | None:
+    """candidates: unit -> preemptible jobs there; stopping: unit -> job ids already stopping
+    (unclaimed); held: unit -> {GPU index: Shoal job ids on it} for GPUs held by Shoal jobs."""
+    best: Choice | None = None
+    for o, cands in candidates.items():
+        u = cluster.units[o]
+        if u.flavor not in flavors or not u.schedulable:
+            continue
+        gone = set(stopping.get(o, ()))
+        tenants = held.get(o, {})
+        bad = avoid.get(o, set())
+        cpus = cluster.cpus_free[u.node_id]
+        chosen: list[RunningJob] = []
+        for r in sorted(cands, key=lambda r: (lost_work(r, now), len(r.gpu_indices), r.job_id)):
+            if usable(cluster, o, m, gone, tenants, bad) >= g and cpus >= g * cpg:
+                break
+            chosen.append(r)
+            gone.add(r.job_id)
+            cpus += r.cpus
+        if usable(cluster, o, m, gone, tenants, bad) < g or cpus < g * cpg:
+            continue
+        for r in reversed(list(chosen)):  # drop the ones not needed after all
+            trial = gone - {r.job_id}
+            if usable(cluster, o, m, trial, tenants, bad) >= g and cpus - r.cpus >= g * cpg:
+                chosen.remove(r)
+                gone = trial
+                cpus -= r.cpus
+        if not chosen:
+            continue
+        lost = sum(lost_work(r, now) for r in chosen)
+        if best is None or (lost, len(chosen), o) < (best.lost_s, len(best.victims), best.unit):
+            best = Choice(o, tuple(chosen), lost)
+    return best

@@ -1,0 +1,99 @@
+"""Backfill reservations (EASY backfilling, as in Slurm's backfill scheduler).
+
+The highest-ranked job that passes its quota check but finds no GPUs gets a reservation: the
+earliest time T at which some unit will hold its gang, computed from when each GPU frees up:
+
+  free now with enough memory  -> now
+  held by Shoal jobs           -> the latest expected end of its jobs (None = unknown = never),
+                                  usable if its memory minus foreign use covers the job
+  started earlier this cycle   -> now + that job's expected duration (unknown = never)
+
+T for a unit is the g-th smallest of those times; the reservation takes the unit with the
+smallest T (ties: the fullest unit). Lower-ranked jobs may then start on the reserved GPUs only
+if they are expected to end by T (a job with no expected duration may not). When no end time is
+known (T infinite) the reservation is made only for a job that has waited past the aging bound:
+it then holds its GPUs idle as they free up, which is what bounds a large gang's wait.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from scheduler.policy.cluster import Cluster, Part
+
+INF = math.inf
+
+
+@dataclass(frozen=True)
+class Reservation:
+    job_id: int
+    at: float  # clock time the gang is expected to start; inf = unknown
+    parts: tuple[Part, ...]
+
+    def avoid_for(self, job_end: float | None) -> dict[int, set[int]]:
+        """The GPUs a job ending at `job_end` must leave alone ({} = it may use them)."""
+        if job_end is not None and job_end <= self.at:
+            return {}
+        return {o: set(idx) for o, idx in self.parts}
+
+
+def _unit_times(cluster: Cluster, o: int, m: int, now: float, ends: dict[tuple[int, int], float]) -> list[tuple[float, int]]:
+    u = cluster.units[o]
+    if not u.schedulable:
+        return []
+    free_now = {i for free, i in u.free if free >= m}
+    times = []
+    for i, g in u.gpus.items():
+        if not g.healthy:
+            continue
+        if i in free_now:
+            times.append((now, i))
+        elif (o, i) in ends and cluster.foreign_free(o, i) >= m:
+            times.append((max(now, ends[(o, i)]), i))
+    times.sort()
+    return times
+
+
+def _cpu_time(cluster: Cluster, node_id: str, need: float, now: float,
+              cpu_ends: dict[str, list[tuple[float, float]]]) -> float:
+    """Earliest time the node has `need` CPUs free, as its jobs end."""
+    have = cluster.cpus_free[node_id]
+    if have >= need:
+        return now
+    for end, cpus in sorted(cpu_ends.get(node_id, ())):
+        have += cpus
+        if have >= need:
+            return max(now, end)
+    return INF
+
+
+def reserve(cluster: Cluster, job_id: int, flavors: list[str], g: int, m: int, now: float,
+            ends: dict[tuple[int, int], float], multi_node: bool, cpus: float = 0.0,
+            cpu_ends: dict[str, list[tuple[float, float]]] | None = None) -> Reservation | None:
+    """The earliest start of a gang of g GPUs x m MiB on one unit of `flavors` (or, with
+    `multi_node`, on the fewest GPUs' earliest times across a flavor); None if it never fits."""
+    best: tuple[float, int, Part] | None = None
+    spread: tuple[float, tuple[Part, ...]] | None = None
+    for flavor in flavors:
+        per_unit = []
+        for o in cluster.flavors[flavor].units:
+            times = _unit_times(cluster, o, m, now, ends)
+            if len(times) >= g:
+                at = max(times[g - 1][0], _cpu_time(cluster, cluster.units[o].node_id, cpus, now, cpu_ends or {}))
+                key = (at, len(cluster.units[o].free))
+                if best is None or key < best[:2]:
+                    best = (key[0], key[1], (o, tuple(sorted(i for _, i in times[:g]))))
+            per_unit.extend((t, o, i) for t, i in times)
+        if multi_node and best is None and len(per_unit) >= g:
+            per_unit.sort()
+            at = per_unit[g - 1][0]
+            if spread is None or at < spread[0]:
+                chosen: dict[int, list[int]] = {}
+                for _, o, i in per_unit[:g]:
+                    chosen.setdefault(o, []).append(i)
+                spread = (at, tuple((o, tuple(sorted(ix))) for o, ix in chosen.items()))
+    if best is not None and best[0] < INF:
+        return Reservation(job_id, best[0], (best[2],))
+    if spread is not None and (best is None or spread[0] < INF):
+        return Reservation(job_id, spread[0], spread[1])
+    return Reservation(job_id, INF, (best[2],)) if best is not None else None
