@@ -108,6 +108,9 @@ def _daemon_info(home: Path) -> dict | None:
 def up(config: Optional[Path] = typer.Option(None, help="cluster config YAML (teams, quotas, GPUs)"),
        port: int = typer.Option(8470, help="API port on 127.0.0.1 (0: any free port)"),
        db: Optional[str] = typer.Option(None, help="SQLAlchemy URL; default SQLite in SHOAL_HOME"),
+       ray_address: Optional[str] = typer.Option(None, "--ray-address",
+                                                 help="connect to an existing Ray cluster (host:port) instead of "
+                                                      "starting a local one"),
        foreground: bool = typer.Option(False, help="run in this terminal instead of the background"),
        timeout: float = typer.Option(180, help="seconds to wait for the server to come up")) -> None:
     """Start the embedded Shoal server: local Ray, scheduler, REST API and /metrics."""
@@ -120,6 +123,8 @@ def up(config: Optional[Path] = typer.Option(None, help="cluster config YAML (te
         args += ["--config", str(config.resolve())]
     if db:
         args += ["--db", db]
+    if ray_address:
+        args += ["--ray-address", ray_address]
     if foreground:
         os.execv(sys.executable, args)
     home.mkdir(parents=True, exist_ok=True)
@@ -335,6 +340,75 @@ def cancel(job_ids: list[int]) -> None:
             _error(f"job {jid}: {e}")
             code = 2 if not isinstance(e, NotRunning) else 3
     raise typer.Exit(code)
+
+
+# -- nodes and the database: straight to the store (the server's loop acts on what is recorded) --
+
+def _store_url(db: Optional[str]) -> str:
+    if db:
+        return db
+    info = _daemon_info(default_home())
+    if info is not None:
+        return info["db"]
+    return f"sqlite:///{default_home() / 'shoal.db'}"
+
+
+def _set_drain(node: str, drained: bool, db: Optional[str], reason: str) -> None:
+    from scheduler.service import find_node
+    from scheduler.store import Store
+
+    store = Store(_store_url(db))
+    try:
+        rec = find_node(list(store.nodes().values()), node)
+        store.set_drained(rec.node_id, drained, reason=reason if drained else None, now=time.time())
+        out.print(f"Node {rec.name} ({rec.node_id[:12]}) " + (
+            "drained: no new jobs land there; its running jobs checkpoint and move" if drained
+            else "undrained: it takes jobs again"))
+    except KeyError as e:
+        _error(e.args[0])
+        raise typer.Exit(2) from None
+    finally:
+        store.close()
+
+
+@app.command()
+def drain(node: str = typer.Argument(..., help="node id, id prefix (6+ characters) or name"),
+          reason: str = typer.Option("drained by operator", help="recorded with the drain"),
+          db: Optional[str] = typer.Option(None, help="SQLAlchemy URL; default the running server's")) -> None:
+    """Take a node out of scheduling: nothing new lands there; running jobs checkpoint and move."""
+    _set_drain(node, True, db, reason)
+
+
+@app.command()
+def undrain(node: str = typer.Argument(..., help="node id, id prefix (6+ characters) or name"),
+            db: Optional[str] = typer.Option(None, help="SQLAlchemy URL; default the running server's")) -> None:
+    """Put a drained node back into scheduling (GPU faults seen so far are acknowledged)."""
+    _set_drain(node, False, db, "")
+
+
+db_app = typer.Typer(help="The store's schema.", no_args_is_help=True)
+app.add_typer(db_app, name="db")
+
+
+@db_app.command("upgrade")
+def db_upgrade(db: Optional[str] = typer.Option(None, help="SQLAlchemy URL; default SQLite in SHOAL_HOME")) -> None:
+    """Migrate the database to this Shoal's schema (the server also does it when it starts)."""
+    from scheduler.store import SchemaTooNew, SchemaUnknown
+    from scheduler.store import migrate
+    from scheduler.store.db import make_engine
+
+    url = _store_url(db)
+    engine = make_engine(url)
+    try:
+        with engine.connect() as conn:
+            before = migrate.current(conn)
+        rev = migrate.upgrade(engine, url)
+    except (SchemaTooNew, SchemaUnknown) as e:
+        _error(str(e))
+        raise typer.Exit(2) from None
+    finally:
+        engine.dispose()
+    out.print(f"{url}: schema at revision {rev}" + (" (already current)" if before == rev else f" (was {before})"))
 
 
 def main() -> None:

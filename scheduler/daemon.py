@@ -36,17 +36,26 @@ def default_home() -> Path:
 
 class FakeGpuLoad:
     """Makes a fake GPU look busy while a Shoal job holds it: a process with the job's estimated
-    memory and 90 % utilization, as NVML would show on real hardware."""
+    memory and 90 % utilization, as NVML would show on real hardware. `reader` is one node's
+    reader, or a {node_id: reader} dict for a multi-node cluster."""
 
-    def __init__(self, reader: FakeGpuReader):
+    def __init__(self, reader):
         self.reader = reader
 
+    def _reader(self, job):
+        if isinstance(self.reader, dict):
+            return self.reader.get((job.placement or {}).get("node_id"))
+        return self.reader
+
     def placed(self, job) -> None:
-        self.reader.detach_job(job.id)
-        self.reader.attach_job(job.id, tuple(job.placement["gpu_indices"]), job.memory_per_gpu_mib)
+        if (reader := self._reader(job)) is not None:
+            reader.detach_job(job.id)
+            reader.attach_job(job.id, tuple(job.placement["gpu_indices"]), job.memory_per_gpu_mib)
 
     def released(self, job) -> None:
-        self.reader.detach_job(job.id)
+        readers = self.reader.values() if isinstance(self.reader, dict) else [self.reader]
+        for reader in readers:
+            reader.detach_job(job.id)
 
 
 def _check_port(host: str, port: int) -> None:
@@ -70,10 +79,20 @@ def make_reader(config: ClusterConfig) -> GpuReader:
 
 
 class Daemon:
-    def __init__(self, home: Path, config: ClusterConfig, db_url: str | None, host: str, port: int):
+    """`ray_address`: connect to an existing Ray cluster (every node with GPUs is used; fake
+    readers sized by each node's GPU resource) instead of starting a local one. `replica_id`:
+    this replica's name in the leader lease (replicas sharing a PostgreSQL store: one leads,
+    the others serve the API and take over when it dies)."""
+
+    def __init__(self, home: Path, config: ClusterConfig, db_url: str | None, host: str, port: int,
+                 ray_address: str | None = None, workload: str = "train", replica_id: str | None = None,
+                 lease_ttl_s: float = 8.0):
         self.home, self.config, self.host, self.port = home, config, host, port
         self.db_url = db_url or f"sqlite:///{home / 'shoal.db'}"
+        self.ray_address, self.workload, self.lease_ttl_s = ray_address, workload, lease_ttl_s
+        self.replica_id = replica_id
         self.stop = threading.Event()
+        self.lost_lease = False
 
     def start(self) -> None:
         import ray
@@ -82,7 +101,8 @@ class Daemon:
         from monitoring.metrics import ShoalCollector, build_registry
         from scheduler.api import create_app
         from scheduler.inventory import Inventory, NodeInfo
-        from scheduler.ray_executor import RayExecutor
+        from scheduler.ha import LeaderElector, default_replica_id
+        from scheduler.ray_executor import RayExecutor, RayNodes
         from scheduler.service import Service
         from scheduler.store import Store
 
@@ -90,31 +110,51 @@ class Daemon:
         _check_port(self.host, self.port)  # fail before the slow part (Ray) starts
         os.environ.update(_RAY_ENV)
         local = self.config.local
-        self.reader = make_reader(self.config)
-        gpus = len(self.reader.read())
-        cpus = max(os.cpu_count() or 1, gpus)  # every fake GPU can hold a 1-CPU worker
-        ray.init(num_cpus=cpus, num_gpus=gpus, namespace="shoal",
-                 include_dashboard=True, logging_level=logging.WARNING, log_to_driver=False,
-                 configure_logging=False)
-        node_id = ray.get_runtime_context().get_node_id()
         hostname = socket.gethostname()
+        if self.ray_address:
+            if local.reader != "fake":
+                raise RuntimeError("--ray-address works with the fake GPU reader only until node agents report "
+                                   "NVML readings (issue #6): set local.reader: fake in the cluster config")
+            memory_mib = int(self.config.gpu_models[local.gpu_model].memory_gib * 1024)
+            # The cluster's processes do not inherit this process's environment: send it along.
+            ray.init(address=self.ray_address, namespace="shoal", logging_level=logging.WARNING,
+                     log_to_driver=False, configure_logging=False, runtime_env={"env_vars": dict(_RAY_ENV)})
+            nodes = RayNodes(lambda nid, n: FakeGpuReader(n, local.gpu_model, memory_mib, host=nid))
+            nodes()
+            readers = nodes.readers
+            self.reader = None
+            node_id = ray.get_runtime_context().get_node_id()
+        else:
+            self.reader = make_reader(self.config)
+            gpus = len(self.reader.read())
+            cpus = max(os.cpu_count() or 1, gpus)  # every fake GPU can hold a 1-CPU worker
+            ray.init(num_cpus=cpus, num_gpus=gpus, namespace="shoal",
+                     include_dashboard=True, logging_level=logging.WARNING, log_to_driver=False,
+                     configure_logging=False)
+            node_id = ray.get_runtime_context().get_node_id()
 
-        def nodes() -> list[NodeInfo]:
-            return [NodeInfo(node_id, hostname, alive=True, cpus=cpus)]
+            def nodes() -> list[NodeInfo]:
+                return [NodeInfo(node_id, hostname, alive=True, cpus=cpus)]
+
+            readers = {node_id: self.reader}
 
         self.store = Store(self.db_url)
-        inventory = Inventory(nodes, {node_id: self.reader})
-        listeners = [FakeGpuLoad(self.reader)] if isinstance(self.reader, FakeGpuReader) else []
-        executor = RayExecutor(backend="gloo" if local.reader == "fake" else "nccl")
+        self.elector = LeaderElector(self.store, self.replica_id or default_replica_id(str(self.home)), WallClock(),
+                                     ttl_s=self.lease_ttl_s, renew_s=min(2.0, self.lease_ttl_s / 4))
+        inventory = Inventory(nodes, readers)
+        fake = local.reader == "fake"
+        listeners = [FakeGpuLoad(readers if self.ray_address else self.reader)] if fake else []
+        executor = RayExecutor(backend="gloo" if fake else "nccl", workload=self.workload)
         collector = ShoalCollector(
             job_counts=self.store.count_by_state_team,
-            gpu_readings=lambda: {node_id: (hostname, self.reader.read())},
+            gpu_readings=lambda: {nid: (inventory.node_name(nid), rs) for nid, rs in inventory.read().items()},
             running_jobs=self.store.active_jobs,
         )
         registry, cycle_hist = build_registry(collector)
         self.service = Service(self.store, executor, inventory, self.config, WallClock(), self.home,
                                listeners=listeners, on_cycle=cycle_hist.observe)
-        self.service.recover()
+        if self.elector.try_acquire():  # else a follower: serves the API, takes over in run()
+            self.service.recover()
         app = create_app(self.service, registry)
         self.server = uvicorn.Server(uvicorn.Config(app, host=self.host, port=self.port, log_level="warning"))
         self.api_thread = threading.Thread(target=self.server.run, name="shoal-api", daemon=True)
@@ -127,27 +167,45 @@ class Daemon:
         self.url = f"http://{self.host}:{port}"
         (self.home / "daemon.json").write_text(json.dumps({
             "pid": os.getpid(), "url": self.url, "db": self.db_url, "ray_node_id": node_id,
+            "ray_address": self.ray_address, "replica_id": self.elector.replica_id,
         }))
-        log.info("shoal up: API %s, metrics %s/metrics, store %s, %d %s GPU(s) (%s reader)",
-                 self.url, self.url, self.db_url, gpus, local.gpu_model, local.reader)
+        log.info("shoal up: API %s, metrics %s/metrics, store %s, %d %s GPU(s) (%s reader), %s",
+                 self.url, self.url, self.db_url, sum(len(r.read()) for r in readers.values()), local.gpu_model,
+                 local.reader, "leader" if self.elector.leading else "follower (waiting for the lease)")
 
     def run(self) -> None:
+        if not self.elector.leading:
+            if not self.elector.wait_for_leadership(self.stop):
+                return
+            log.info("took over as leader; reconciling with what runs")
+            self.service.recover()
+
+        def lost() -> None:
+            self.lost_lease = True
+            self.stop.set()
+
+        self.elector.keep_renewing(self.stop, lost)
         self.service.run(self.stop)
+        if not self.stop.is_set():  # the loop was fenced: another replica leads; leave its jobs alone
+            self.lost_lease = True
 
     def shutdown(self) -> None:
         """Stops whatever `start` got to start (it may have failed half-way)."""
         import ray
 
+        leading = hasattr(self, "elector") and self.elector.leading and not self.lost_lease
         try:
-            if hasattr(self, "service"):
+            if hasattr(self, "service") and leading:
                 log.info("stopping: checkpointing running jobs (grace %.0f s)", self.config.scheduler.stop_grace_s)
                 self.service.shutdown(self.config.scheduler.stop_grace_s)
         finally:
             if hasattr(self, "server"):
                 self.server.should_exit = True
                 self.api_thread.join(timeout=10)
-            if hasattr(self, "service"):
+            if hasattr(self, "service") and leading:
                 self.service.executor.close()
+            if leading:
+                self.elector.release()
             ray.shutdown()
             if hasattr(self, "store"):
                 self.store.close()
@@ -164,10 +222,18 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--db", default=None, help="SQLAlchemy URL (default: sqlite in --home)")
     ap.add_argument("--host", default="127.0.0.1")
     ap.add_argument("--port", type=int, default=8470, help="API port (0: any free port)")
+    ap.add_argument("--ray-address", default=None, help="connect to this Ray cluster instead of starting one")
+    ap.add_argument("--workload", choices=["train", "probe"], default="train",
+                    help="probe: a light stand-in for the trainer, for failure drills (benchmarks/chaos.py)")
+    ap.add_argument("--replica-id", default=None, help="this replica's name in the leader lease "
+                    "(default host:home; replicas sharing a database need distinct ones)")
+    ap.add_argument("--lease-ttl", type=float, default=8.0, help="seconds a leader lease lasts without renewal")
     args = ap.parse_args(argv)
     args.home.mkdir(parents=True, exist_ok=True)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    daemon = Daemon(args.home.resolve(), load_cluster_config(args.config), args.db, args.host, args.port)
+    daemon = Daemon(args.home.resolve(), load_cluster_config(args.config), args.db, args.host, args.port,
+                    ray_address=args.ray_address, workload=args.workload, replica_id=args.replica_id,
+                    lease_ttl_s=args.lease_ttl)
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: daemon.stop.set())
     try:
@@ -178,6 +244,9 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit(1) from None
     finally:
         daemon.shutdown()
+    if daemon.lost_lease:  # exit non-zero so a supervisor restarts it (as a follower)
+        log.error("exiting: another replica took the leader lease")
+        raise SystemExit(4)
 
 
 if __name__ == "__main__":

@@ -28,6 +28,9 @@ class Inventory:
         self._nodes = nodes
         self.readers = readers
 
+    def nodes(self) -> list[NodeInfo]:
+        return self._nodes()
+
     def read(self) -> dict[str, list[GpuReading]]:
         out = {}
         for node in self._nodes():

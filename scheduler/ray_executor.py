@@ -10,16 +10,36 @@ Placement: the workers are pinned to the chosen node with a label selector and g
 GPU indices in their config (`gpu_indices`); on real GPUs the trainer uses `cuda:<index>`.
 Checkpoints live in `<job_dir>/ray/job-<id>`; a later attempt with the same run name resumes
 from the newest one (Ray Train's run snapshot).
+
+Crash safety: each attempt's runner is a *detached* actor named `shoal-job-<id>-a<attempt>` (the
+natural key of a launch) that starts its run in its constructor, so creating it is the launch.
+A scheduler that dies after launching but before recording it finds the actor by name on restart
+and adopts it instead of launching again; a finished runner keeps its result until a scheduler
+has read it (it is ended one poll later, after the service recorded the outcome).
+
+`workload="probe"` replaces the trainer by a light stand-in for failure drills (benchmarks/chaos.py):
+the runner itself holds the job's GPUs on the chosen node, steps `max_steps` x PROBE_STEP_S,
+checkpoints every `checkpoint_every_steps`, honours stop requests, and appends every start and end
+to `<job_dir>/probe-ledger.jsonl` so a checker can prove no job ran twice.
 """
 from __future__ import annotations
 
+import json
 import logging
+import os
+import socket
 import threading
+import time
 import traceback
+from typing import Callable
 
 import ray
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from scheduler.executor import LaunchRequest, Outcome, ProgressEvent
+from scheduler.inventory import NodeInfo
+
+PROBE_STEP_S = 0.1
 
 log = logging.getLogger("shoal.executor")
 
@@ -69,29 +89,30 @@ def train_config(req: LaunchRequest) -> dict:
     return cfg
 
 
-@ray.remote(num_cpus=0, max_concurrency=4)
+@ray.remote(num_cpus=0, max_concurrency=64)
 class JobRunner:
-    """Threaded actor: `start` kicks off fit() in a thread; `result` waits for it (callable again
-    after the scheduler restarts, so a live run can be adopted)."""
+    """Threaded actor: the constructor starts the run in a thread (so the actor's creation is the
+    launch: there is no window where it exists but was never started); `result` waits for it and
+    can be called again by a restarted scheduler (adoption)."""
 
-    def __init__(self) -> None:
+    def __init__(self, req: LaunchRequest, hub_name: str, namespace: str, backend: str, storage: str,
+                 workload: str = "train") -> None:
         self._done = threading.Event()
         self._result: dict | None = None
-        self._thread: threading.Thread | None = None
-
-    def start(self, req: LaunchRequest, hub_name: str, namespace: str, backend: str, storage: str) -> None:
-        if self._thread is None:
-            self._thread = threading.Thread(target=self._fit, args=(req, hub_name, namespace, backend, storage),
-                                            daemon=True)
-            self._thread.start()
+        self._thread = threading.Thread(target=self._fit, args=(req, hub_name, namespace, backend, storage, workload),
+                                        daemon=True)
+        self._thread.start()
 
     def result(self) -> dict:
         self._done.wait()
         return self._result or {"status": "failed", "error": "runner ended without a result"}
 
-    def _fit(self, req, hub_name, namespace, backend, storage) -> None:
+    def _fit(self, req, hub_name, namespace, backend, storage, workload) -> None:
         try:
-            self._result = self._run(req, hub_name, namespace, backend, storage)
+            if workload == "probe":
+                self._result = _probe(req, ray.get_actor(hub_name, namespace=namespace))
+            else:
+                self._result = self._run(req, hub_name, namespace, backend, storage)
         except BaseException:  # noqa: BLE001 - reported to the scheduler as the cause
             self._result = {"status": "failed", "error": traceback.format_exc()}
         finally:
@@ -128,17 +149,97 @@ class JobRunner:
         return {"status": "preempted" if status == "preempted" else "succeeded", "metrics": metrics}
 
 
+def _probe(req: LaunchRequest, hub) -> dict:
+    """The light workload: see the module docstring. Its checkpoint is a file with the step."""
+    steps = int(req.spec.get("hyperparameters", {}).get("max_steps") or 10)
+    every = int(req.spec.get("checkpoint_every_steps") or steps)
+    ckpt, ledger = os.path.join(req.job_dir, "probe-checkpoint"), os.path.join(req.job_dir, "probe-ledger.jsonl")
+
+    def note(event: str, **extra) -> None:  # one O_APPEND write per line: lines never interleave
+        line = json.dumps({"attempt": req.attempt, "event": event, "t": time.time(), "pid": os.getpid(),
+                           "host": socket.gethostname(), **extra}) + "\n"
+        fd = os.open(ledger, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        try:
+            os.write(fd, line.encode())
+        finally:
+            os.close(fd)
+
+    def save(step: int) -> None:
+        tmp = f"{ckpt}.tmp-{req.attempt}"
+        with open(tmp, "w") as f:
+            f.write(str(step))
+        os.replace(tmp, ckpt)
+        hub.push.remote(req.job_id, req.attempt, {"type": "checkpoint", "step": step})
+
+    resumed = int(open(ckpt).read()) if os.path.exists(ckpt) else 0
+    note("start", resumed_from_step=resumed)
+    for step in range(resumed + 1, steps + 1):
+        if ray.get(hub.should_stop.remote(req.job_id, req.attempt)):
+            save(step - 1)
+            note("stop", step=step - 1)
+            return {"status": "preempted", "metrics": {"step": step - 1}}
+        time.sleep(PROBE_STEP_S)
+        hub.push.remote(req.job_id, req.attempt, {"type": "step", "step": step, "total_steps": steps,
+                                                  "loss": 1.0 / step, "lr": 0.0, "tokens_per_s": 0.0})
+        if step % every == 0 and step < steps:
+            save(step)
+    note("end", step=steps)
+    return {"status": "succeeded", "metrics": {"steps": steps, "resumed_from_step": resumed, "probe": True}}
+
+
+class RayNodes:
+    """The nodes of a Ray cluster Shoal connected to (`shoal up --ray-address`), as the Inventory's
+    node source: every node that offers GPUs, alive or (once seen) dead, with a GpuReader each
+    from `make_reader(node_id, gpu_count)` (fake GPUs sized by the node's GPU resource, until
+    node agents report real readings). A dead node keeps no GPUs in the snapshot; a node that
+    comes back is a new Ray node with its own id, so nothing is counted twice."""
+
+    def __init__(self, make_reader: Callable[[str, int], object], cache_s: float = 0.5):
+        self.readers: dict[str, object] = {}
+        self._make_reader = make_reader
+        self._cache_s = cache_s
+        self._cached: tuple[float, list[NodeInfo]] = (0.0, [])
+
+    def __call__(self) -> list[NodeInfo]:
+        at, nodes = self._cached
+        if time.monotonic() - at < self._cache_s:
+            return nodes
+        nodes = []
+        for n in ray.nodes():
+            node_id, alive = n["NodeID"], bool(n["Alive"])
+            name = f"{n.get('NodeManagerHostname', 'node')}:{node_id[:8]}"
+            if not alive:
+                if node_id in self.readers:
+                    nodes.append(NodeInfo(node_id, name, alive=False, cpus=0))
+                continue
+            gpus = int(n.get("Resources", {}).get("GPU", 0))
+            if gpus == 0:
+                continue  # a head without GPUs runs no jobs
+            if node_id not in self.readers:
+                self.readers[node_id] = self._make_reader(node_id, gpus)
+            nodes.append(NodeInfo(node_id, name, alive=True, cpus=int(n.get("Resources", {}).get("CPU", 0))))
+        self._cached = (time.monotonic(), nodes)
+        return nodes
+
+
 class RayExecutor:
-    """`backend` is "gloo" on CPU / fake GPUs and "nccl" on real NVIDIA GPUs."""
+    """`backend` is "gloo" on CPU / fake GPUs and "nccl" on real NVIDIA GPUs; `workload` is
+    "train" (Ray Train + trainer/) or "probe" (failure drills, see the module docstring)."""
 
     HUB = "shoal-progress"
 
-    def __init__(self, namespace: str = "shoal", backend: str = "gloo"):
+    def __init__(self, namespace: str = "shoal", backend: str = "gloo", workload: str = "train"):
+        if workload not in ("train", "probe"):
+            raise ValueError(f"workload: {workload!r} is not one of train, probe")
         self.namespace = namespace
         self.backend = backend
-        self.hub = ProgressHub.options(name=self.HUB, namespace=namespace, get_if_exists=True).remote()
+        self.workload = workload
+        # Detached: the hub and the runners outlive a scheduler process that dies (adoption).
+        self.hub = ProgressHub.options(name=self.HUB, namespace=namespace, get_if_exists=True,
+                                       lifetime="detached").remote()
         self._runs: dict[tuple[int, int], tuple[ray.actor.ActorHandle, ray.ObjectRef]] = {}
         self._killed: set[tuple[int, int]] = set()
+        self._finished: list[ray.actor.ActorHandle] = []  # ended at the next poll (see docstring)
 
     @staticmethod
     def _name(job_id: int, attempt: int) -> str:
@@ -156,8 +257,18 @@ class RayExecutor:
             return
         actor = self._existing(*key)  # adopt a run launched before a crash
         if actor is None:
-            actor = JobRunner.options(name=self._name(*key), namespace=self.namespace).remote()
-            actor.start.remote(req, self.HUB, self.namespace, self.backend, f"{req.job_dir}/ray")
+            opts = {}
+            if self.workload == "probe":  # the runner itself holds the job's GPUs on its node
+                opts = {"num_gpus": len(req.gpu_indices),
+                        "scheduling_strategy": NodeAffinitySchedulingStrategy(req.node_id, soft=False)}
+            try:
+                actor = JobRunner.options(name=self._name(*key), namespace=self.namespace, lifetime="detached",
+                                          **opts).remote(req, self.HUB, self.namespace, self.backend,
+                                                         f"{req.job_dir}/ray", self.workload)
+            except ValueError:  # created by another scheduler process a moment ago: adopt it
+                actor = self._existing(*key)
+                if actor is None:
+                    raise
         self._runs[key] = (actor, actor.result.remote())
 
     def is_active(self, job_id: int, attempt: int) -> bool:
@@ -179,6 +290,9 @@ class RayExecutor:
             ray.kill(run[0], no_restart=True)
 
     def poll(self) -> list[Outcome]:
+        for actor in self._finished:  # their outcomes were returned by the previous poll
+            ray.kill(actor, no_restart=True)
+        self._finished.clear()
         if not self._runs:
             return []
         refs = {ref: key for key, (_, ref) in self._runs.items()}
@@ -192,7 +306,9 @@ class RayExecutor:
             except ray.exceptions.RayError as e:
                 status = "killed" if key in self._killed else "failed"
                 res = {"status": status, "error": None if status == "killed" else f"job runner died: {e}"}
-            ray.kill(actor, no_restart=True)  # the attempt is over: free the runner's process
+            # The attempt is over; its runner (and its process) ends at the next poll, once the
+            # service has recorded this outcome, so a crash in between loses no result.
+            self._finished.append(actor)
             self.hub.forget.remote(*key)
             self._killed.discard(key)
             out.append(Outcome(key[0], key[1], res["status"], res.get("metrics", {}), res.get("error")))
@@ -202,6 +318,7 @@ class RayExecutor:
         return [ProgressEvent(j, a, e) for j, a, e in ray.get(self.hub.drain.remote(), timeout=30)]
 
     def close(self) -> None:
-        for actor, _ in self._runs.values():
+        for actor in [a for a, _ in self._runs.values()] + self._finished:
             ray.kill(actor, no_restart=True)
         self._runs.clear()
+        self._finished.clear()

@@ -12,6 +12,7 @@ what is really running; `shutdown()` checkpoints running jobs and puts them back
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import threading
 from pathlib import Path
@@ -26,7 +27,7 @@ from scheduler.policy import (
     Cohort, Decision, JobRequest, PolicySettings, RunningJob, Snapshot, TeamQuota, schedule,
 )
 from scheduler.spec import ClusterConfig
-from scheduler.store import Conflict, JobRecord, Store
+from scheduler.store import Conflict, Fenced, JobRecord, Store
 
 log = logging.getLogger("shoal.service")
 S = JobState
@@ -75,6 +76,9 @@ class Service:
         self._stopping = False
         self.usage_refresh_s = 10.0
         self._usage_cache: tuple[float, tuple[dict[str, float], dict[str, float]]] | None = None
+        self._backlog: list[Outcome] = []  # outcomes polled but not yet recorded (store errors)
+        self._reconcile = False  # a cycle failed half-way: reconcile store and executor first
+        self._known_nodes: dict[str, str] = {}  # node id -> name, recorded in the store
 
     # -- paths --------------------------------------------------------------------------------
     def job_dir(self, job_id: int) -> Path:
@@ -116,13 +120,25 @@ class Service:
     # -- the cycle ----------------------------------------------------------------------------
     def tick(self) -> None:
         t0 = self.clock.now()
-        outcomes = self.executor.poll()  # first, so progress sent before the end is drained below
-        self._ingest_progress(self.executor.drain_progress())
-        for outcome in outcomes:
-            self._ingest_outcome(outcome)
-        self._carry_out_cancels()
-        if not self._stopping:
-            self._schedule()
+        # first, so progress sent before the end is drained below; kept until recorded
+        self._backlog.extend(self.executor.poll())
+        try:
+            self._ingest_progress(self.executor.drain_progress())
+            while self._backlog:
+                self._ingest_outcome(self._backlog[0])
+                self._backlog.pop(0)
+            if self._reconcile:  # the last cycle failed half-way (e.g. the database was unreachable)
+                self.recover()
+                self._reconcile = False
+            self._sync_nodes()
+            self._carry_out_cancels()
+            if not self._stopping:
+                self._schedule()
+        except Fenced:
+            raise
+        except Exception:
+            self._reconcile = True
+            raise
         if self.on_cycle:
             self.on_cycle(self.clock.now() - t0)
 
@@ -260,7 +276,8 @@ class Service:
         running = self.running_views(self.store.active_jobs())
         queued = self.store.jobs(states=[S.QUEUED], cancel_requested=False)
         snap = Snapshot(
-            self.inventory.node_views(running), tuple(running), self.pending_views(queued), self.quotas(),
+            self._overlay_drains(self.inventory.node_views(running)), tuple(running), self.pending_views(queued),
+            self.quotas(),
             self.config.scheduler.memory_headroom_mib, now=self.clock.now(),
             cohorts=tuple(Cohort(n, c.parent) for n, c in sorted(self.config.cohorts.items())),
             settings=policy_settings(self.config),
@@ -322,6 +339,71 @@ class Service:
         self._move(job, S.ADMITTED, S.STARTING, f"launched attempt {job.attempt}",
                    started_at=job.started_at or self.clock.now())
 
+    # -- nodes: lost, drained (by an operator or a GPU fault) ------------------------------------
+    def _overlay_drains(self, views):
+        """Drained and lost nodes (store) take no new work."""
+        nodes = self.store.nodes()
+        return tuple(dataclasses.replace(v, schedulable=False)
+                     if (n := nodes.get(v.node_id)) is not None and (n.drained or n.lost) else v
+                     for v in views)
+
+    def _sync_nodes(self) -> None:
+        """Record new nodes; a node Ray reports dead is marked lost and its jobs go back to the
+        queue (not counted as a failure: they resume from their last checkpoint elsewhere); a GPU
+        with new XID/ECC errors drains its node; jobs on a drained node checkpoint and move."""
+        infos = self.inventory.nodes()
+        readings = self.inventory.read()
+        stored = self.store.nodes()
+        now = self.clock.now()
+        for info in infos:
+            rec = stored.get(info.node_id)
+            if info.alive and (rec is None or rec.lost or rec.name != info.name):
+                rec = self.store.upsert_node(info.node_id, info.name, now)
+                stored[info.node_id] = rec
+            if rec is None:
+                continue
+            if not info.alive and not rec.lost:
+                log.warning("node %s lost", info.name)
+                self.store.mark_node_lost(info.node_id, now)
+                stored[info.node_id] = dataclasses.replace(rec, lost=True, lost_at=now)
+            elif info.alive and not rec.drained:
+                ack = rec.xid_ack or {}
+                faults = [r for r in readings.get(info.node_id, [])
+                          if not r.healthy and r.xid_errors > int(ack.get(str(r.index), 0))]
+                if faults:
+                    why = "; ".join(f"GPU {r.index}: {r.xid_errors} XID/ECC error(s)" for r in faults)
+                    log.warning("draining node %s: %s", info.name, why)
+                    stored[info.node_id] = self.store.set_drained(info.node_id, True, reason=f"auto: {why}", now=now)
+        for job in self.store.active_jobs():
+            node = stored.get((job.placement or {}).get("node_id", ""))
+            if node is None:
+                continue
+            if node.lost:
+                self.executor.kill(job.id, job.attempt)
+                self._move(job, job.state, S.QUEUED, f"node {node.name} lost; resumes from the last checkpoint "
+                           "on another node", placement=None)
+            elif node.drained and job.state in (S.STARTING, S.RUNNING):
+                self._preempt(job.id, f"node {node.name} drained ({node.drain_reason}); checkpoint and move")
+
+    def find_node(self, ref: str):
+        """A node by id, unique id prefix (>= 6 characters) or unique name; KeyError naming the
+        known nodes otherwise."""
+        nodes = list(self.store.nodes().values())
+        return find_node(nodes, ref)
+
+    def drain(self, ref: str, reason: str = "drained by operator"):
+        """No new job lands on the node; its running jobs checkpoint and move (next cycle)."""
+        node = self.find_node(ref)
+        return self.store.set_drained(node.node_id, True, reason=reason, now=self.clock.now())
+
+    def undrain(self, ref: str):
+        """The node takes work again; GPU faults seen so far are acknowledged (only new ones
+        drain it again)."""
+        node = self.find_node(ref)
+        ack = {str(r.index): r.xid_errors for r in self.inventory.read().get(node.node_id, [])}
+        return self.store.set_drained(node.node_id, False, reason=None, now=self.clock.now(),
+                                      xid_ack={**(node.xid_ack or {}), **ack})
+
     # -- start-up and shut-down ---------------------------------------------------------------
     def recover(self) -> None:
         """Reconcile the store with reality after a (re)start: a committed-but-unlaunched job is
@@ -332,7 +414,9 @@ class Service:
                 self._launch(job)
             elif self.executor.is_active(job.id, job.attempt):
                 log.info("adopting job %s attempt %s", job.id, job.attempt)
-                if job.state is not S.PREEMPTING:
+                if job.state is S.PREEMPTING:  # the stop may not have been sent before a crash
+                    self.executor.request_stop(job.id, job.attempt)
+                else:
                     for lst in self.listeners:
                         lst.placed(job)
             else:
@@ -362,10 +446,31 @@ class Service:
                        "requeued", placement=None)
 
     def run(self, stop: threading.Event) -> None:
+        """Cycles until `stop`; a failed cycle (database briefly unreachable, a Ray hiccup) is
+        logged and the next one reconciles first. Returns on `Fenced`: another replica leads."""
         interval = self.config.scheduler.interval_s
         while not stop.is_set():
             try:
                 self.tick()
+            except Fenced as e:
+                log.error("lost the leadership, stopping the control loop: %s", e)
+                return
             except Exception:  # noqa: BLE001 - keep scheduling; the error is logged
                 log.exception("scheduler cycle failed")
             stop.wait(interval)
+
+
+def find_node(nodes, ref: str):
+    """`nodes`: NodeRecords. Matches an exact id, a unique id prefix of >= 6 characters, or a
+    unique name."""
+    exact = [n for n in nodes if n.node_id == ref]
+    if exact:
+        return exact[0]
+    by = [n for n in nodes if n.name == ref] or (
+        [n for n in nodes if n.node_id.startswith(ref)] if len(ref) >= 6 else [])
+    if len(by) == 1:
+        return by[0]
+    known = ", ".join(f"{n.name} ({n.node_id[:12]})" for n in nodes) or "none yet"
+    if by:
+        raise KeyError(f"node {ref!r} is ambiguous: it matches {len(by)} nodes; use the node id. Known: {known}")
+    raise KeyError(f"node {ref!r} is not known to Shoal (by id, id prefix of 6+ characters, or name). Known: {known}")

@@ -1,4 +1,7 @@
-"""Durable state. SQLAlchemy on SQLite (embedded default, WAL) or PostgreSQL (`postgresql+psycopg://`)."""
-from scheduler.store.db import Conflict, JobRecord, EventRecord, Store, UnknownJob
+"""Durable state. SQLAlchemy on SQLite (embedded default, WAL) or PostgreSQL (`postgresql+psycopg://`);
+schema migrations by alembic (scheduler/store/migrations)."""
+from scheduler.store.db import Conflict, EventRecord, Fenced, JobRecord, Lease, NodeRecord, Store, UnknownJob
+from scheduler.store.migrate import SchemaTooNew, SchemaUnknown
 
-__all__ = ["Conflict", "EventRecord", "JobRecord", "Store", "UnknownJob"]
+__all__ = ["Conflict", "EventRecord", "Fenced", "JobRecord", "Lease", "NodeRecord", "SchemaTooNew",
+           "SchemaUnknown", "Store", "UnknownJob"]

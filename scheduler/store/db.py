@@ -13,7 +13,10 @@ from sqlalchemy.pool import StaticPool
 
 from scheduler.accounting import UsageRecord
 from scheduler.lifecycle import ACTIVE, JobState, check_transition
-from scheduler.store.schema import SCHEMA_VERSION, Base, EventRow, JobRow, MetaRow, UsageRow
+from scheduler.store import migrate as migrations
+from scheduler.store.schema import EventRow, JobRow, LeaseRow, NodeRow, UsageRow
+
+LEADER = "leader"  # the lease row the scheduler replicas contend for
 
 
 class UnknownJob(KeyError):
@@ -24,6 +27,35 @@ class UnknownJob(KeyError):
 
 class Conflict(RuntimeError):
     """The job was not in the expected state (another writer moved it first)."""
+
+
+class Fenced(RuntimeError):
+    """This replica's fencing token is no longer the lease's: another replica leads now, and
+    nothing was written."""
+
+
+@dataclass(frozen=True)
+class NodeRecord:
+    node_id: str
+    name: str
+    drained: bool
+    drain_reason: str | None
+    lost: bool
+    lost_at: float | None
+    xid_ack: dict | None
+    updated_at: float
+
+    @classmethod
+    def of(cls, row: NodeRow) -> NodeRecord:
+        return cls(**{f.name: getattr(row, f.name) for f in fields(cls)})
+
+
+@dataclass(frozen=True)
+class Lease:
+    name: str
+    holder: str | None
+    token: int
+    expires_at: float
 
 
 @dataclass(frozen=True)
@@ -90,7 +122,8 @@ def make_engine(url: str) -> Engine:
                                **({"poolclass": StaticPool} if memory else {}))
         event.listen(engine, "connect", _sqlite_pragmas)
         return engine
-    return create_engine(url, pool_pre_ping=True)
+    # pre-ping: a connection the server dropped (restart, proxy) is replaced, not handed out
+    return create_engine(url, pool_pre_ping=True, pool_recycle=300)
 
 
 _MUTABLE = {
@@ -101,23 +134,31 @@ _MUTABLE = {
 
 
 class Store:
-    def __init__(self, url: str):
+    """`migrate=True` brings the database to the newest schema revision on open (alembic;
+    refuses a database migrated by a newer Shoal). `fence_token`, when set (by the leader
+    election, scheduler/ha.py), makes every write of the control loop check in its own
+    transaction that this replica still holds the leader lease with that token (`Fenced`)."""
+
+    def __init__(self, url: str, *, migrate: bool = True):
         self.url = url
         self.engine = make_engine(url)
         self._session = sessionmaker(self.engine, expire_on_commit=False)
-        Base.metadata.create_all(self.engine)  # migrations: issue #8 (alembic)
-        self._check_schema_version()
+        self.fence_token: int | None = None
+        if migrate:
+            migrations.upgrade(self.engine, url)
 
-    def _check_schema_version(self) -> None:
-        with self._session.begin() as s:
-            row = s.get(MetaRow, "schema_version")
-            if row is None:
-                s.add(MetaRow(key="schema_version", value=str(SCHEMA_VERSION)))
-            elif int(row.value) > SCHEMA_VERSION:
-                raise RuntimeError(
-                    f"database {self.url} has schema version {row.value}, newer than this Shoal "
-                    f"({SCHEMA_VERSION}); upgrade Shoal"
-                )
+    def _check_fence(self, s) -> None:
+        """Last step of a write transaction, after its writes: the writer now holds its locks
+        (SQLite: the database write lock, so no takeover can commit before this one does), and on
+        PostgreSQL the lease row is share-locked, so a takeover waits for this transaction. A
+        takeover committed earlier is seen here and the whole transaction rolls back."""
+        if self.fence_token is None:
+            return
+        token = s.execute(select(LeaseRow.token).where(LeaseRow.name == LEADER)
+                          .with_for_update(read=True)).scalar()
+        if token != self.fence_token:
+            raise Fenced(f"fencing token {self.fence_token} is stale (the lease is at {token}): "
+                         "another replica is the leader; nothing written")
 
     def close(self) -> None:
         self.engine.dispose()
@@ -173,6 +214,7 @@ class Store:
                 s.add(UsageRow(job_id=job_id, attempt=changes.get("attempt", row.attempt), team=row.team,
                                user=row.user, started_at=now, **usage))
             s.flush()
+            self._check_fence(s)
             s.refresh(row)
             return JobRecord.of(row)
 
@@ -185,6 +227,7 @@ class Store:
             res = s.execute(update(JobRow).where(JobRow.id == job_id).values(**changes))
             if res.rowcount != 1:
                 raise UnknownJob(job_id)
+            self._check_fence(s)
 
     def request_cancel(self, job_id: int) -> JobRecord:
         with self._session.begin() as s:
@@ -247,3 +290,75 @@ class Store:
         with self._session() as s:
             rows = s.execute(select(JobRow.state, JobRow.team, func.count()).group_by(JobRow.state, JobRow.team))
             return {(st, team): n for st, team, n in rows}
+
+    # -- nodes ------------------------------------------------------------------------------
+
+    def nodes(self) -> dict[str, NodeRecord]:
+        with self._session() as s:
+            return {r.node_id: NodeRecord.of(r) for r in s.scalars(select(NodeRow))}
+
+    def upsert_node(self, node_id: str, name: str, now: float) -> NodeRecord:
+        """Record a node the scheduler sees (idempotent; a returning lost node is un-lost)."""
+        with self._session.begin() as s:
+            row = s.get(NodeRow, node_id, with_for_update=True)
+            if row is None:
+                row = NodeRow(node_id=node_id, name=name, drained=False, lost=False, updated_at=now)
+                s.add(row)
+            elif row.lost or row.name != name:
+                row.lost, row.lost_at, row.name, row.updated_at = False, None, name, now
+            s.flush()
+            self._check_fence(s)
+            return NodeRecord.of(row)
+
+    def mark_node_lost(self, node_id: str, now: float) -> None:
+        with self._session.begin() as s:
+            s.execute(update(NodeRow).where(NodeRow.node_id == node_id)
+                      .values(lost=True, lost_at=now, updated_at=now))
+            self._check_fence(s)
+
+    def set_drained(self, node_id: str, drained: bool, *, reason: str | None, now: float,
+                    xid_ack: dict | None = None) -> NodeRecord:
+        """Drain (`drained=True`, with the reason) or undrain a node. An operator's request (CLI),
+        so not fenced: any replica may record it and the leader acts on it."""
+        with self._session.begin() as s:
+            row = s.get(NodeRow, node_id, with_for_update=True)
+            if row is None:
+                raise KeyError(f"node {node_id} is not known to Shoal")
+            row.drained, row.drain_reason, row.updated_at = drained, reason if drained else None, now
+            if xid_ack is not None:
+                row.xid_ack = xid_ack
+            s.flush()
+            return NodeRecord.of(row)
+
+    # -- leader lease -----------------------------------------------------------------------
+
+    def lease(self, name: str = LEADER) -> Lease | None:
+        with self._session() as s:
+            row = s.get(LeaseRow, name)
+            return None if row is None else Lease(row.name, row.holder, row.token, row.expires_at)
+
+    def try_acquire_lease(self, holder: str, ttl_s: float, now: float, name: str = LEADER) -> int | None:
+        """Take the lease if it is free, expired, or was held by an earlier incarnation of
+        `holder` (same replica id: it restarted); returns the new fencing token (the old one + 1,
+        so whoever held it before is fenced), or None while another replica holds it."""
+        free = or_(LeaseRow.holder.is_(None), LeaseRow.holder == holder, LeaseRow.expires_at <= now)
+        with self._session.begin() as s:
+            # One conditional UPDATE: atomic on both databases (no read-then-write window).
+            res = s.execute(update(LeaseRow).where(LeaseRow.name == name, free)
+                            .values(holder=holder, token=LeaseRow.token + 1, expires_at=now + ttl_s))
+            if res.rowcount != 1:
+                return None
+            return s.execute(select(LeaseRow.token).where(LeaseRow.name == name)).scalar_one()
+
+    def renew_lease(self, holder: str, token: int, ttl_s: float, now: float, name: str = LEADER) -> bool:
+        """Extend the lease; False when it was taken over (this replica must stop leading)."""
+        with self._session.begin() as s:
+            res = s.execute(update(LeaseRow).where(LeaseRow.name == name, LeaseRow.holder == holder,
+                                                   LeaseRow.token == token).values(expires_at=now + ttl_s))
+            return res.rowcount == 1
+
+    def release_lease(self, holder: str, token: int, name: str = LEADER) -> None:
+        """On a clean stop: a follower can take over at once instead of waiting out the TTL."""
+        with self._session.begin() as s:
+            s.execute(update(LeaseRow).where(LeaseRow.name == name, LeaseRow.holder == holder,
+                                             LeaseRow.token == token).values(expires_at=0.0))

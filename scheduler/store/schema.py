@@ -8,7 +8,9 @@ from __future__ import annotations
 from sqlalchemy import JSON, Boolean, Float, ForeignKey, Integer, String, Text
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
-SCHEMA_VERSION = 3  # 2: per-attempt start, checkpoint time, attained GPU-s; 3: usage ledger
+# The schema is versioned by alembic (scheduler/store/migrations); a change here needs a migration
+# (tests/reliability/test_migrations.py fails until the migrations match these models).
+SCHEMA_VERSION = 2  # the pre-alembic version stamp in shoal_meta; such databases are adopted as 0001
 
 
 class Base(DeclarativeBase):
@@ -82,3 +84,30 @@ class MetaRow(Base):
 
     key: Mapped[str] = mapped_column(String(64), primary_key=True)
     value: Mapped[str] = mapped_column(Text)
+
+
+class NodeRow(Base):
+    """What the scheduler decided about a node: drained (by an operator or an XID), lost (its Ray
+    node died). `xid_ack` = per-GPU XID counts acknowledged at the last undrain, so only new
+    faults drain it again."""
+    __tablename__ = "nodes"
+
+    node_id: Mapped[str] = mapped_column(String(128), primary_key=True)
+    name: Mapped[str] = mapped_column(String(255))
+    drained: Mapped[bool] = mapped_column(Boolean, default=False)
+    drain_reason: Mapped[str | None] = mapped_column(Text, nullable=True)
+    lost: Mapped[bool] = mapped_column(Boolean, default=False)
+    lost_at: Mapped[float | None] = mapped_column(Float, nullable=True)
+    xid_ack: Mapped[dict | None] = mapped_column(JSON, nullable=True)
+    updated_at: Mapped[float] = mapped_column(Float)
+
+
+class LeaseRow(Base):
+    """Leader election: one row per lease. `token` grows by one at every change of holder and is
+    the fencing token every write of the leader's loop checks in its own transaction."""
+    __tablename__ = "leases"
+
+    name: Mapped[str] = mapped_column(String(64), primary_key=True)
+    holder: Mapped[str | None] = mapped_column(String(255), nullable=True)
+    token: Mapped[int] = mapped_column(Integer)
+    expires_at: Mapped[float] = mapped_column(Float)

@@ -1,4 +1,4 @@
-"""The service loop with real store (SQLite), fake clock, fake GPUs and the in-memory executor."""
+"""The service loop with real store (SQLite and PostgreSQL), fake clock, fake GPUs and the in-memory executor."""
 from pathlib import Path
 
 import pytest
@@ -12,6 +12,7 @@ from scheduler.lifecycle import JobState as S
 from scheduler.service import Service
 from scheduler.spec import ClusterConfig, TeamConfig
 from scheduler.store import Store
+from tests.reliability.db import db_url, pg_database  # noqa: F401 - fixtures: every test on SQLite and PostgreSQL
 
 
 class World:
@@ -48,8 +49,8 @@ class World:
 
 
 @pytest.fixture
-def world(tmp_path):
-    w = World(tmp_path)
+def world(tmp_path, db_url):
+    w = World(tmp_path, url=db_url)
     yield w
     w.store.close()
 
@@ -70,8 +71,8 @@ def test_jobs_run_to_success_on_distinct_gpus_with_history(world):
     assert "step 10/10" in world.service.log_path(a.id).read_text()
 
 
-def test_over_quota_job_waits_with_reason_then_runs(tmp_path):
-    w = World(tmp_path, quotas={"a": 2})
+def test_over_quota_job_waits_with_reason_then_runs(tmp_path, db_url):
+    w = World(tmp_path, url=db_url, quotas={"a": 2})
     first, second = w.submit(gpus=2), w.submit(gpus=1)
     w.service.tick()
     assert w.state(first) is S.STARTING and w.state(second) is S.QUEUED
@@ -96,8 +97,8 @@ def test_failure_retries_then_fails_for_good(world):
     assert any("retry 1/1" in r for r in reasons)
 
 
-def test_cancel_queued_and_running(tmp_path):
-    w = World(tmp_path, quotas={"a": 1})
+def test_cancel_queued_and_running(tmp_path, db_url):
+    w = World(tmp_path, url=db_url, quotas={"a": 1})
     running, queued = w.submit(), w.submit()
     w.run(2)
     assert w.state(running) is S.RUNNING
@@ -109,8 +110,8 @@ def test_cancel_queued_and_running(tmp_path):
     assert not w.executor.active()
 
 
-def test_restart_requeues_lost_jobs_and_never_runs_one_twice(tmp_path):
-    w = World(tmp_path, quotas={"a": 4})
+def test_restart_requeues_lost_jobs_and_never_runs_one_twice(tmp_path, db_url):
+    w = World(tmp_path, url=db_url, quotas={"a": 4})
     jobs = [w.submit(duration=20), w.submit(duration=20)]
     w.run(3)
     assert all(w.state(j) is S.RUNNING for j in jobs)
@@ -166,8 +167,8 @@ class _BrokenLauncher(InMemoryExecutor):
         raise ConnectionError("Ray is unreachable")
 
 
-def test_launch_errors_count_as_failed_attempts(tmp_path):
-    w = World(tmp_path)
+def test_launch_errors_count_as_failed_attempts(tmp_path, db_url):
+    w = World(tmp_path, url=db_url)
     w.executor = _BrokenLauncher(w.clock)
     w.service = w.new_service()
     job = w.submit(max_retries=2)
@@ -178,7 +179,7 @@ def test_launch_errors_count_as_failed_attempts(tmp_path):
     assert w.reader.read()[0].memory_used_mib == 0  # nothing left on the GPU
 
 
-def test_policy_preemption_checkpoints_and_requeues(tmp_path):
+def test_policy_preemption_checkpoints_and_requeues(tmp_path, db_url):
     """A policy that preempts job 1 for job 2 (the seam richer policies use)."""
     from scheduler.policy import Decision, Preempt, schedule
 
@@ -190,7 +191,7 @@ def test_policy_preemption_checkpoints_and_requeues(tmp_path):
             return Decision(d.to_start, (Preempt(victims[0].job_id, "priority"),), d.pending)
         return d
 
-    w = World(tmp_path, quotas={"a": 1})
+    w = World(tmp_path, url=db_url, quotas={"a": 1})
     w.service.policy = preempt_low_priority
     low = w.submit(duration=30)
     w.run(3)

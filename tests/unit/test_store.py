@@ -4,11 +4,12 @@ import pytest
 
 from scheduler.lifecycle import IllegalTransition, JobState as S
 from scheduler.store import Conflict, Store, UnknownJob
+from tests.reliability.db import db_url, pg_database  # noqa: F401 - fixtures: every test on SQLite and PostgreSQL
 
 
 @pytest.fixture
-def store(tmp_path):
-    s = Store(f"sqlite:///{tmp_path / 'shoal.db'}")
+def store(db_url):
+    s = Store(db_url)
     yield s
     s.close()
 
@@ -64,8 +65,8 @@ def test_concurrent_writers_move_a_job_once(store):
     assert len(store.events(job.id)) == 2
 
 
-def test_state_survives_reopening(tmp_path):
-    url = f"sqlite:///{tmp_path / 's.db'}"
+def test_state_survives_reopening(db_url):
+    url = db_url
     s1 = Store(url)
     a = submit(s1)
     b = submit(s1, name="y")
