@@ -46,7 +46,7 @@ from dataclasses import dataclass, field
 from scheduler.policy import explain
 from scheduler.policy.cluster import Cluster, Part
 from scheduler.policy.preempt import choose, usable
-from scheduler.policy.quota import ANY, BORROW, NOMINAL, QuotaBook
+from scheduler.policy.quota import ANY, BORROW, NOMINAL, Check, QuotaBook
 from scheduler.policy.reserve import INF, Reservation, reserve
 from scheduler.policy.types import (
     Decision, JobRequest, NodeView, Placement, PolicySettings, Preempt, RunningJob, Snapshot, Start, TeamQuota,
@@ -81,6 +81,7 @@ class _Cycle:
     victims_ok: dict[str, dict[int, dict[int, RunningJob]]] = field(default_factory=dict)  # flavor -> unit -> id -> job
     flavor_of: dict[int, str] = field(default_factory=dict)  # running job -> its flavor
     min_prio: dict[str, int] = field(default_factory=dict)  # team -> lowest priority among its preemptible jobs
+    victim_teams: dict[str, set[str]] = field(default_factory=dict)  # flavor -> teams with preemptible jobs
     reclaimed: dict[tuple[str, str], float] = field(default_factory=lambda: defaultdict(float))
     attempts: int = 0
     memo: dict = field(default_factory=dict)  # feasibility facts that depend on the request's shape only
@@ -129,6 +130,7 @@ def _index(snap: Snapshot) -> _Cycle:
                 elif r.preemptible and now - r.started_at >= s.min_runtime_s:
                     cy.victims_ok.setdefault(flavor, {}).setdefault(o, {})[r.job_id] = r
                     cy.min_prio[r.team] = min(cy.min_prio.get(r.team, r.priority), r.priority)
+                    cy.victim_teams.setdefault(flavor, set()).add(r.team)
     return cy
 
 
@@ -296,7 +298,7 @@ def _one(cy: _Cycle, job: _Job, fs: _FairShare) -> None:
         chk = book.check(req.team, k, _amount(c, f, req.gpus, req.memory_per_gpu_mib, req.shareable),
                          "GPUs" if k == ANY else f"{f} GPUs", explain=not first_no)
         if chk.ok and chk.kind == BORROW and over:
-            chk.ok, chk.reason = False, f"over budget: {over}; borrowing paused (within nominal only)"
+            chk = Check(False, reason=f"over budget: {over}; borrowing paused (within nominal only)")
         if chk.ok:
             allowed.append((f, chk.kind))
         elif not first_no:
@@ -319,8 +321,7 @@ def _commit(cy: _Cycle, job: _Job, f: str, parts: list[Part], end: float | None)
     req, c, book = job.req, cy.cluster, cy.book
     c.take(parts, req.memory_per_gpu_mib, req.cpus_per_gpu, req.shareable)
     amt = _amount(c, f, req.gpus, req.memory_per_gpu_mib, req.shareable)
-    book.commit(req.team, book.key(req.team, f), amt, 0.0)
-    book.met(req.team, job.dkey, amt)
+    book.commit(req.team, book.key(req.team, f), amt, job.dkey)
     cy.use[req.team][f] += amt
     cy.fair.changed(req.team)
     for o, ix in parts:
@@ -410,8 +411,8 @@ def _preempt_for(cy: _Cycle, job: _Job, allowed: list[tuple[str, str]], avoid: d
         k = book.key(team, f)
         return book.borrowing(team, k) - cy.reclaimed[(team, k)] > 1e-9
 
-    reclaim = bool(nominal) and any(t != req.team and book.same_tree(t, req.team) and borrowed(t, f)
-                                    for t in book.teams for f in nominal)
+    reclaim = any(t != req.team and book.same_tree(t, req.team) and borrowed(t, f)
+                  for f in nominal for t in sorted(cy.victim_teams.get(f, ())))
     if not (reclaim or cy.min_prio.get(req.team, req.priority) < req.priority or s.las_preempt_factor > 0):
         return ""
 
