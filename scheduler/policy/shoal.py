@@ -45,7 +45,7 @@ from dataclasses import dataclass, field
 
 from scheduler.policy import explain
 from scheduler.policy.cluster import Cluster, Part
-from scheduler.policy.preempt import choose, usable
+from scheduler.policy.preempt import choose, lost_work, usable
 from scheduler.policy.quota import ANY, BORROW, NOMINAL, Check, QuotaBook
 from scheduler.policy.reserve import INF, Reservation, reserve
 from scheduler.policy.types import (
@@ -82,6 +82,7 @@ class _Cycle:
     flavor_of: dict[int, str] = field(default_factory=dict)  # running job -> its flavor
     min_prio: dict[str, int] = field(default_factory=dict)  # team -> lowest priority among its preemptible jobs
     victim_teams: dict[str, set[str]] = field(default_factory=dict)  # flavor -> teams with preemptible jobs
+    stopping_amt: dict[tuple[str, str], float] = field(default_factory=lambda: defaultdict(float))  # quota freeing up
     reclaimed: dict[tuple[str, str], float] = field(default_factory=lambda: defaultdict(float))
     attempts: int = 0
     memo: dict = field(default_factory=dict)  # feasibility facts that depend on the request's shape only
@@ -117,6 +118,8 @@ def _index(snap: Snapshot) -> _Cycle:
         if r.team in cy.book.teams:
             cy.book.hold(r.team, cy.book.key(r.team, flavor), amt)
         cy.use[r.team][flavor] += amt
+        if r.stopping and r.team in cy.book.teams:
+            cy.stopping_amt[(r.team, cy.book.key(r.team, flavor))] += amt
         end = r.expected_end_at if r.expected_end_at is not None else INF
         cy.cpu_ends.setdefault(r.node_id, []).append((end, float(r.cpus)))
         for node_id, ix in r.placements():
@@ -304,7 +307,7 @@ def _one(cy: _Cycle, job: _Job, fs: _FairShare) -> None:
         elif not first_no:
             first_no = chk.reason
     if not allowed:
-        cy.pending[req.job_id] = first_no
+        cy.pending[req.job_id] = _quota_preempt(cy, job) or first_no
         return
     allowed.sort(key=lambda fk: fk[1] != NOMINAL)  # stable: nominal flavors first
     end = now + req.expected_duration_s if req.expected_duration_s is not None else None
@@ -459,6 +462,60 @@ def _preempt_for(cy: _Cycle, job: _Job, allowed: list[tuple[str, str]], avoid: d
     ids = [r.job_id for r in pick.victims]
     return (f"preempting {explain.jobs(ids)} on {c.units[pick.unit].name} for it "
             f"({reasons[ids[0]]}); starts when they checkpoint")
+
+
+def _quota_preempt(cy: _Cycle, job: _Job) -> str:
+    """A job blocked by its own team's quota may preempt lower-priority jobs of its team: enough
+    of them to bring the team back within nominal for it, and - if the GPUs are not free - the
+    ones on one node that make room (preempt.choose). Waits instead if jobs already stopping
+    free enough quota."""
+    req, s, c, book, now = job.req, cy.snap.settings, cy.cluster, cy.book, cy.snap.now
+    if (not s.preemption or cy.min_prio.get(req.team, req.priority) >= req.priority
+            or len(cy.preempts) >= s.max_preemptions_per_cycle or cy.attempts >= s.max_preemptions_per_cycle):
+        return ""
+    for f in job.flavors:
+        k = book.key(req.team, f)
+        amt = _amount(c, f, req.gpus, req.memory_per_gpu_mib, req.shareable)
+        deficit = book.used.get((req.team, k), 0.0) + amt - book.nominal(req.team, k) - cy.reclaimed[(req.team, k)]
+        if amt > book.nominal(req.team, k) + 1e-9:
+            continue
+        if deficit <= cy.stopping_amt[(req.team, k)] + 1e-9:
+            return "waiting for lower-priority jobs of its team to checkpoint and stop"
+        deficit -= cy.stopping_amt[(req.team, k)]
+        mine = {r.job_id: r for units in cy.victims_ok.values() for jobs in units.values() for r in jobs.values()
+                if r.team == req.team and r.priority < req.priority and book.key(r.team, cy.flavor_of[r.job_id]) == k}
+        if not mine:
+            continue
+        cy.attempts += 1
+        chosen: list[RunningJob] = []
+        if c.fit(f, req.gpus, req.memory_per_gpu_mib, req.cpus_per_gpu, req.shareable, s.multi_node, {}) is None:
+            cands: dict[int, list[RunningJob]] = {}
+            for o, jobs in cy.victims_ok.get(f, {}).items():
+                cands[o] = [r for r in jobs.values() if r.job_id in mine]
+            pick = choose(c, [f], req.gpus, req.memory_per_gpu_mib, req.cpus_per_gpu, now, cands, cy.stopping,
+                          cy.held, {})
+            if pick is None:
+                continue
+            chosen = list(pick.victims)
+        freed = sum(_amount(c, cy.flavor_of[r.job_id], len(r.gpu_indices), r.memory_per_gpu_mib, r.shareable)
+                    for r in chosen)
+        for r in sorted(mine.values(), key=lambda r: (r.priority, lost_work(r, now), r.job_id)):
+            if freed >= deficit - 1e-9:
+                break
+            if r not in chosen:
+                chosen.append(r)
+                freed += _amount(c, cy.flavor_of[r.job_id], len(r.gpu_indices), r.memory_per_gpu_mib, r.shareable)
+        if freed < deficit - 1e-9 or len(cy.preempts) + len(chosen) > s.max_preemptions_per_cycle:
+            continue
+        why = f"priority {req.priority} job {req.job_id} of team {req.team} needs the quota"
+        for r in chosen:
+            cy.preempts.append(Preempt(r.job_id, why))
+            for units in cy.victims_ok.values():
+                for jobs in units.values():
+                    jobs.pop(r.job_id, None)
+        cy.reclaimed[(req.team, k)] += freed
+        return f"preempting {explain.jobs([r.job_id for r in chosen])} of lower priority for it; starts when they checkpoint"
+    return ""
 
 
 def never_fits(req: JobRequest, nodes: tuple[NodeView, ...], quotas: tuple[TeamQuota, ...],

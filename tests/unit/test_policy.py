@@ -282,3 +282,17 @@ def test_every_pending_job_has_a_reason():
     d = schedule(snap([node("n1", gpus=4), node("n2", gpus=2, model=A100)], pend))
     assert set(d.pending) | set(started(d)) == {j.job_id for j in pend}
     assert all(d.pending.values())
+
+
+def test_priority_preemption_frees_the_teams_own_quota():
+    teams = [team("a", 2)]
+    low = [run(10, "n1", (0, 1), team="a", prio=0, ckpt=NOW - 5), run(11, "n1", (2,), team="a", prio=3)]
+    d = schedule(snap([node("n1", gpus=4)], [job(1, gpus=2, prio=5)], low, teams=[team("a", 3)]))
+    assert [p.job_id for p in d.to_preempt] == [10] and "needs the quota" in d.to_preempt[0].reason
+    assert "preempting job 10 of lower priority" in d.pending[1]
+    stopping = [run(10, "n1", (0, 1), team="a", stopping=True), run(11, "n1", (2,), team="a", prio=3)]
+    d = schedule(snap([node("n1", gpus=4)], [job(1, gpus=2, prio=5)], stopping, teams=[team("a", 3)]))
+    assert d.to_preempt == () and "waiting for lower-priority jobs" in d.pending[1]
+    # equal priority: no preemption, the quota reason stays
+    d = schedule(snap([node("n1", gpus=4)], [job(1, gpus=2, prio=0)], low[:1], teams=teams))
+    assert d.to_preempt == () and d.pending[1].startswith("waiting for quota")
