@@ -250,12 +250,17 @@ def _one(cy: Cycle, job: Job, fs: _FairShare) -> None:
         return
     allowed: list[tuple[str, str]] = []  # (flavor, NOMINAL/BORROW)
     first_no = ""
+    seen: dict[tuple[str, float], Check] = {}  # flavor-agnostic quota: one check serves every flavor
     for f in job.flavors:
         k = book.key(req.team, f)
-        chk = book.check(req.team, k, amount(c, f, req.gpus, req.memory_per_gpu_mib, req.shareable),
-                         "GPUs" if k == ANY else f"{f} GPUs", explain=not first_no)
-        if chk.ok and chk.kind == BORROW and over:
-            chk = Check(False, reason=f"over budget: {over}; borrowing paused (within nominal only)")
+        amt = amount(c, f, req.gpus, req.memory_per_gpu_mib, req.shareable)
+        chk = seen.get((k, amt))
+        if chk is None:
+            chk = seen[(k, amt)] = book.check(req.team, k, amt, "GPUs" if k == ANY else f"{f} GPUs",
+                                              explain=not first_no)
+            if chk.ok and chk.kind == BORROW and over:
+                chk = seen[(k, amt)] = Check(False, reason=f"over budget: {over}; borrowing paused "
+                                                           "(within nominal only)")
         if chk.ok:
             allowed.append((f, chk.kind))
         elif not first_no:
@@ -263,7 +268,8 @@ def _one(cy: Cycle, job: Job, fs: _FairShare) -> None:
     if not allowed:
         cy.pending[req.job_id] = quota_preempt(cy, job) or first_no
         return
-    allowed.sort(key=lambda fk: fk[1] != NOMINAL)  # stable: nominal flavors first
+    if len(allowed) > 1:
+        allowed.sort(key=lambda fk: fk[1] != NOMINAL)  # stable: nominal flavors first
     end = now + req.expected_duration_s if req.expected_duration_s is not None else None
     avoid = cy.reservation.avoid_for(end) if cy.reservation else {}
     for f, kind in allowed:
@@ -335,8 +341,7 @@ def _blocked(cy: Cycle, job: Job, allowed: list[tuple[str, str]], avoid: dict, f
                                        else "it would not end by then"))
             return
     best = max(c.max_free_on_unit(f) for f in flavors)
-    cpus = math.inf if best < req.gpus else max(
-        (c.cpus_free[c.units[o].node_id] for f in flavors for o in c.flavors[f].units if c.units[o].free), default=0.0)
+    cpus = math.inf if best < req.gpus else c.most_cpus(flavors, req.gpus, req.cpus)
     if cpus < req.cpus:
         cy.pending[req.job_id] = (f"waiting for resources: needs {req.cpus} CPUs on one node with its GPUs; "
                                   f"the most free CPUs on a node with free GPUs is {cpus:.0f}")
