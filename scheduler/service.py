@@ -46,7 +46,7 @@ def policy_settings(config: ClusterConfig) -> PolicySettings:
                           aging_s=s.aging_s, backfill=s.backfill, preemption=s.preemption,
                           over_budget=s.over_budget, fair_share_band=s.fair_share_band,
                           fair_share_history_weight=s.fair_share_history_weight,
-                          max_preemptions_per_cycle=s.max_preemptions_per_cycle,
+                          max_preemptions_per_cycle=s.max_preemptions_per_cycle, aging_ratio=s.aging_ratio,
                           las_preempt_factor=s.las_preempt_factor)
 
 

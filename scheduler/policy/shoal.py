@@ -18,8 +18,9 @@ One cycle, in numbered steps:
     equals, and inside a priority level and band the job with the least remaining work goes
     first: expected GPU-seconds left (gpus * expected_duration_s) when known, else the GPU-seconds
     it has already received (least attained service first, as Tiresias does) - this is what brings
-    mean completion time close to SRTF. Aging: a job that has waited `aging_s` is ahead of every
-    job that has not, FIFO among them, so no feasible job waits behind later arrivals forever.
+    mean completion time close to SRTF. Aging: that score decays linearly to 0 over the job's
+    horizon aging_s + aging_ratio x its own length (_job_key), so no feasible job waits behind
+    later arrivals longer than its horizon, and a long job's bound grows with its length.
     Ties: submit time, then job id. The order is a k-way merge over per-team queues on a heap, and
     a team's band is recomputed after each start, so fair share holds inside one cycle too.
  5. Quota and budget. Per flavor the job may use (its required one, else smallest memory first):
@@ -139,11 +140,19 @@ def _infeasible_uncached(cy: Cycle, req: JobRequest) -> tuple[list[str], str | N
 
 # -- 4: order ---------------------------------------------------------------------------------
 
-def _job_key(req: JobRequest, now: float, s: PolicySettings) -> tuple[tuple, float]:
+def _job_key(req: JobRequest, now: float, s: PolicySettings) -> tuple[tuple, float, bool]:
+    """(sort key, GPU-seconds score, aged?). The score - remaining GPU-seconds when the duration is
+    known, else attained GPU-seconds - decays linearly to 0 over the job's aging horizon
+    aging_s + aging_ratio x (its duration, or attained GPU-s per GPU): a job that waited its
+    horizon ties with a brand-new job of no work and wins on submit time, so no job waits behind
+    later arrivals for longer than its horizon, and long jobs' horizons scale with their length
+    (bounded slowdown), instead of every job turning FIFO under sustained load."""
     score = req.gpus * req.expected_duration_s if req.expected_duration_s is not None else req.attained_gpu_s
-    aged = now - req.submitted_at >= s.aging_s
-    return ((-req.priority, 0 if aged else 1, req.submitted_at if aged else score, req.submitted_at, req.job_id),
-            score)
+    own = req.expected_duration_s if req.expected_duration_s is not None else req.attained_gpu_s / max(1, req.gpus)
+    horizon = s.aging_s + s.aging_ratio * own  # the longest it waits behind later arrivals
+    wait = max(0.0, now - req.submitted_at)
+    effective = score * max(0.0, 1.0 - wait / horizon) if horizon > 0 else 0.0
+    return (-req.priority, effective, req.submitted_at, req.job_id), score, wait >= horizon
 
 
 class _FairShare:
@@ -223,8 +232,8 @@ def plan(snap: Snapshot) -> tuple[Decision, tuple[tuple[str, tuple[int, ...], fl
         if why is not None:
             cy.pending[req.job_id] = why
             continue
-        key, score = _job_key(req, now, s)
-        job = Job(req, flavors, key, score, _demand_key(cy, req, flavors))
+        key, score, aged = _job_key(req, now, s)
+        job = Job(req, flavors, key, score, _demand_key(cy, req, flavors), aged)
         jobs.append(job)
         book.want(req.team, job.dkey, amount(c, flavors[0], req.gpus, req.memory_per_gpu_mib, req.shareable))
     book.build()
@@ -320,8 +329,7 @@ def _blocked(cy: Cycle, job: Job, allowed: list[tuple[str, str]], avoid: dict, f
     if s.backfill and cy.reservation is None:
         res = reserve(c, req.job_id, flavors, req.gpus, req.memory_per_gpu_mib, now, cy.ends, s.multi_node,
                       req.cpus, cy.cpu_ends)
-        aged = job.key[1] == 0
-        if res is not None and (res.at < INF or aged):
+        if res is not None and (res.at < INF or job.aged):
             cy.reservation = res
             where = explain.where([c.gpus_of(p) for p in res.parts])
             if res.at < INF:

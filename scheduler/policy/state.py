@@ -18,6 +18,7 @@ class Job:
     key: tuple
     score: float  # GPU-seconds: expected left, else attained
     dkey: str = ""  # the quota key its waiting demand claims
+    aged: bool = False  # waited past its aging horizon
 
 
 @dataclass

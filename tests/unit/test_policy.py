@@ -90,8 +90,15 @@ def test_least_attained_service_when_duration_unknown():
 
 
 def test_aging_bounds_the_wait_of_a_long_job():
-    old = job(1, dur=10 * 3600, t=NOW - 7200)  # waited 2 h > aging_s (1 h)
+    # horizon = aging_s (1 h) + aging_ratio (2) x 10 h = 21 h
+    old = job(1, dur=10 * 3600, t=NOW - 20 * 3600)
     d = schedule(snap([node("n1", gpus=1)], [old, job(2, dur=60, t=NOW - 5)]))
+    assert list(started(d)) == [2]  # not yet past its horizon: the short job goes first
+    old = job(1, dur=10 * 3600, t=NOW - 21 * 3600)
+    d = schedule(snap([node("n1", gpus=1)], [old, job(2, dur=60, t=NOW - 5)]))
+    assert list(started(d)) == [1]
+    # without durations: attained GPU-s per GPU sets the horizon; a fresh job (0 attained) ages in aging_s
+    d = schedule(snap([node("n1", gpus=1)], [job(1, attained=3600, t=NOW - 3 * 3600 - 1), job(2, t=NOW - 5)]))
     assert list(started(d)) == [1]
 
 
