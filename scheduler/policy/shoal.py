@@ -331,12 +331,12 @@ def _blocked(cy: Cycle, job: Job, allowed: list[tuple[str, str]], avoid: dict, f
                       req.cpus, cy.cpu_ends)
         if res is not None and (res.at < INF or job.aged):
             cy.reservation = res
-            where = explain.where([c.gpus_of(p) for p in res.parts])
+            where = explain.where([(c.units[o].name, ix) for o, ix in res.parts])  # names people know
             if res.at < INF:
                 cy.eta[req.job_id] = res.at
                 cy.pending[req.job_id] = f"reserved: starts at {explain.clock(res.at, now)} on {where}"
             else:
-                cy.pending[req.job_id] = (f"reserved: waited past the aging bound; holds {where} as they "
+                cy.pending[req.job_id] = (f"reserved: waited past its aging horizon; holds {where} as they "
                                           f"free up (running jobs have no expected end)")
             return
     if avoid and cy.reservation is not None:

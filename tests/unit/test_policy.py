@@ -271,6 +271,9 @@ def test_reservation_and_backfill():
     pend = [job(1, gpus=4, t=NOW - 50, dur=100), job(2, dur=300, t=NOW - 40), job(3, dur=3000, t=NOW - 30)]
     d = schedule(snap([node("n1", gpus=5)], pend, running, teams=[team("a", 8), team("b", 8)]))
     assert d.pending[1].startswith("reserved: starts at ~") and "on n1 GPUs 0,1,3,4" in d.pending[1]
+    named = [NodeView("id-7f3a", "node-3", n.gpus) for n in [node("n1", gpus=5)]]
+    r2 = [run(10 + i, "id-7f3a", (i,), team="b", end=NOW + 600) for i in range(3)]
+    assert "on node-3 GPUs" in schedule(snap(named, pend[:1], r2)).pending[1]  # the name, not the Ray id
     assert d.estimated_start[1] == NOW + 600
     assert list(started(d)) == [2]
     assert "would delay job 1's reservation" in d.pending[3]
@@ -281,7 +284,7 @@ def test_no_reservation_without_end_times_unless_aged():
     d = schedule(snap([node("n1", gpus=4)], [job(1, gpus=4), job(2)], running))
     assert list(started(d)) == [2] and "waiting for resources" in d.pending[1]
     d = schedule(snap([node("n1", gpus=4)], [job(1, gpus=4, t=NOW - 7200), job(2)], running))
-    assert d.to_start == () and "aging bound" in d.pending[1]
+    assert d.to_start == () and "aging horizon" in d.pending[1]
 
 
 def test_every_pending_job_has_a_reason():
