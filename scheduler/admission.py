@@ -98,8 +98,8 @@ def check_submission(spec: JobSpec, config: ClusterConfig, nodes: tuple[NodeView
         req = JobRequest(0, spec.team, spec.priority, 0.0, est.gpus, est.memory_per_gpu_mib, flavor,
                          spec.resources.cpus_per_gpu, shareable=spec.resources.shareable)
         cohorts = tuple(Cohort(n, c.parent) for n, c in sorted(config.cohorts.items()))
-        settings = PolicySettings(multi_node=config.scheduler.multi_node_gangs)
-        if (why := never_fits(req, nodes, quotas, cohorts, settings, config.scheduler.memory_headroom_mib)) is not None:
+        if (why := never_fits(req, nodes, quotas, cohorts, PolicySettings(),
+                              config.scheduler.memory_headroom_mib)) is not None:
             problems.append(f"resources: can never run here: {why}")
     if problems:
         raise SubmitError(problems)

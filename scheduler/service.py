@@ -46,8 +46,8 @@ def policy_settings(config: ClusterConfig) -> PolicySettings:
     return PolicySettings(share_max_utilization=s.share_max_utilization, min_runtime_s=s.min_runtime_s,
                           aging_s=s.aging_s, backfill=s.backfill, preemption=s.preemption,
                           over_budget=s.over_budget, fair_share_band=s.fair_share_band,
-                          fair_share_history_weight=s.fair_share_history_weight, multi_node=s.multi_node_gangs,
-                          max_preemptions_per_cycle=s.max_preemptions_per_cycle,
+                          fair_share_history_weight=s.fair_share_history_weight,
+                          max_preemptions_per_cycle=s.max_preemptions_per_cycle, aging_ratio=s.aging_ratio,
                           las_preempt_factor=s.las_preempt_factor)
 
 

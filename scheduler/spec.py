@@ -166,8 +166,8 @@ class SchedulerSettings(_Strict):
                                    "rank as equals (then shortest work first); 0 = strict fair share")
     fair_share_history_weight: float = Field(default=0.5, ge=0, le=1, description="weight of decayed usage in "
                                              "the fair share (the rest: GPUs held now)")
-    multi_node_gangs: bool = Field(default=False, description="let a gang span nodes (the Ray executor "
-                                   "launches single-node jobs only; the simulator may turn it on)")
+    aging_ratio: float = Field(default=2.0, ge=0, description="a job's wait bound is aging_s + this x its "
+                               "expected (or attained) run time")
     max_preemptions_per_cycle: int = Field(default=16, ge=0)
     las_preempt_factor: float = Field(default=0.0, ge=0, description="> 0: a waiting job may preempt a running "
                                       "one that attained this many times more GPU-seconds; 0 = off")

@@ -109,6 +109,18 @@ class Cluster:
         b = self.buckets.get(flavor, [])
         return next((c for c in range(len(b) - 1, -1, -1) if b[c]), 0)
 
+    def most_cpus(self, flavors: list[str], g: int, enough: float) -> float:
+        """The most free CPUs on a unit with >= g free GPUs (stops at the first with `enough`)."""
+        most = 0.0
+        for f in flavors:
+            b = self.buckets[f]
+            for c in range(g, len(b)):
+                for o in b[c]:
+                    most = max(most, self.cpus_free[self.units[o].node_id])
+                    if most >= enough:
+                        return most
+        return most
+
     @staticmethod
     def _fitting(u: Unit, m: int, avoid: set[int] | None) -> list[int]:
         """Indices of u's free GPUs with >= m MiB, least free first, minus `avoid`."""

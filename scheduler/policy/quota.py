@@ -51,11 +51,14 @@ def cohort_roots(cohorts: tuple[Cohort, ...]) -> dict[str, str]:
     return roots
 
 
-@dataclass
+@dataclass(frozen=True)
 class Check:
     ok: bool
     kind: str = ""  # NOMINAL or BORROW when ok
     reason: str = ""  # why not, when not ok
+
+
+_OK_NOMINAL, _OK_BORROW, _NO = Check(True, "nominal"), Check(True, "borrow"), Check(False)
 
 
 def _fmt(x: float) -> str:
@@ -132,11 +135,19 @@ class QuotaBook:
         """Waiting demand (before the pool is built): claims idle nominal first."""
         self.demand[(team, key)] += gpus
 
-    def _claim(self, team: str, key: str) -> float:
-        return max(0.0, min(self.nominal(team, key) - self.used[(team, key)], self.demand[(team, key)]))
-
     def _term(self, team: str, key: str) -> float:
-        return max(0.0, self.used[(team, key)] + self._claim(team, key) - self.guaranteed(team, key))
+        """This team's draw on its tree's pool: max(0, U + claim - guaranteed), with
+        claim = max(0, min(N - U, waiting demand))."""
+        k = (team, key)
+        u = self.used.get(k, 0.0)
+        claim = self.nominal(team, key) - u
+        d = self.demand.get(k, 0.0)
+        if d < claim:
+            claim = d
+        if claim < 0.0:
+            claim = 0.0
+        t = u + claim - self.guaranteed(team, key)
+        return t if t > 0.0 else 0.0
 
     def build(self) -> None:
         for team, tree in self.tree.items():
@@ -159,19 +170,19 @@ class QuotaBook:
         q = self.teams.get(team)
         if q is None:
             return Check(False, reason=f"team {team} has no quota")
-        used, n = self.used[(team, key)], self.nominal(team, key)
+        used, n = self.used.get((team, key), 0.0), self.nominal(team, key)
         if used + gpus <= n + EPS:
-            return Check(True, NOMINAL)
+            return _OK_NOMINAL
         tree = self.tree[team]
         q_borrow = q.borrowing_limit
         if not explain:
             over = used + gpus - n
             if tree is None or (q_borrow is not None and over > q_borrow + EPS):
-                return Check(False)
+                return _NO
             new = max(0.0, used + gpus - self.guaranteed(team, key))
             if self._pool[(tree, key)] - self._term(team, key) + new > self._cap[(tree, key)] + EPS:
-                return Check(False)
-            return Check(True, BORROW)
+                return _NO
+            return _OK_BORROW
         have = f"team {team} uses {_fmt(used)}/{_fmt(n)} {label}, job needs {_fmt(gpus)}"
         if tree is None:
             return Check(False, reason=f"waiting for quota: {have}; no cohort to borrow from")
@@ -190,17 +201,19 @@ class QuotaBook:
         tree = self.tree.get(team)
         old = self._term(team, key) if tree is not None else 0.0
         self.used[(team, key)] += used
-        self.demand[(team, key)] = max(0.0, self.demand[(team, key)] - demand)
+        if demand:
+            self.demand[(team, key)] = max(0.0, self.demand[(team, key)] - demand)
         if tree is not None:
             self._pool[(tree, key)] += self._term(team, key) - old
 
-    def commit(self, team: str, key: str, gpus: float, demand_met: float = 0.0) -> None:
-        """A start: the team now holds `gpus` more on `key`."""
-        self._change(team, key, gpus, demand_met)
-
-    def met(self, team: str, key: str, gpus: float) -> None:
-        """Waiting demand that a start satisfied: its claim goes."""
-        self._change(team, key, 0.0, gpus)
+    def commit(self, team: str, key: str, gpus: float, demand_key: str | None = None) -> None:
+        """A start: the team holds `gpus` more on `key`, and the waiting demand it claimed on
+        `demand_key` (default: the same key) is met."""
+        if demand_key is None or demand_key == key:
+            self._change(team, key, gpus, gpus)
+        else:
+            self._change(team, key, gpus, 0.0)
+            self._change(team, demand_key, 0.0, gpus)
 
     def borrowing(self, team: str, key: str) -> float:
         """GPUs this team holds above its nominal on `key` (reclaimable by lenders)."""

@@ -18,8 +18,9 @@ One cycle, in numbered steps:
     equals, and inside a priority level and band the job with the least remaining work goes
     first: expected GPU-seconds left (gpus * expected_duration_s) when known, else the GPU-seconds
     it has already received (least attained service first, as Tiresias does) - this is what brings
-    mean completion time close to SRTF. Aging: a job that has waited `aging_s` is ahead of every
-    job that has not, FIFO among them, so no feasible job waits behind later arrivals forever.
+    mean completion time close to SRTF. Aging: that score decays linearly to 0 over the job's
+    horizon aging_s + aging_ratio x its own length (_job_key), so no feasible job waits behind
+    later arrivals longer than its horizon, and a long job's bound grows with its length.
     Ties: submit time, then job id. The order is a k-way merge over per-team queues on a heap, and
     a team's band is recomputed after each start, so fair share holds inside one cycle too.
  5. Quota and budget. Per flavor the job may use (its required one, else smallest memory first):
@@ -29,11 +30,12 @@ One cycle, in numbered steps:
     least free memory first; else the fewest units when `multi_node`; shareable 1-GPU jobs first
     join a GPU shared only by shareable jobs under `share_max_utilization`.
  7. Blocked by resources: (a) if GPUs of jobs already stopping would hold it, it claims them and
-    waits; (b) preemption (preempt.py) - reclaim nominal quota from borrowers of the cohort tree,
+    waits; (b) preemption (rules.py decides who may be a victim, preempt.py picks) - reclaim nominal quota from borrowers of the cohort tree,
     lower priority of the same team, or (las_preempt_factor > 0) a same-priority job of a team
     in the same or a worse band that has attained factor times more GPU-seconds; victims must have
     run `min_runtime_s`; at most `max_preemptions_per_cycle`; (c) otherwise the first such job
     gets the reservation (reserve.py) and later jobs backfill only where they do not delay it.
+    A job blocked by its OWN team's quota may preempt lower-priority jobs of its team (rules.py).
  8. Explain: every job not started gets a reason; reserved jobs get an estimated start.
 """
 from __future__ import annotations
@@ -41,81 +43,38 @@ from __future__ import annotations
 import heapq
 import math
 from collections import defaultdict
-from dataclasses import dataclass, field
 
 from scheduler.policy import explain
 from scheduler.policy.cluster import Cluster, Part
-from scheduler.policy.preempt import choose, usable
-from scheduler.policy.quota import ANY, BORROW, NOMINAL, QuotaBook
-from scheduler.policy.reserve import INF, Reservation, reserve
+from scheduler.policy.quota import ANY, BORROW, NOMINAL, Check, QuotaBook
+from scheduler.policy.reserve import INF, reserve
+from scheduler.policy.rules import claim_stopping, preempt_for, quota_preempt
+from scheduler.policy.state import Cycle, Job, amount, flavor_of
 from scheduler.policy.types import (
-    Decision, JobRequest, NodeView, Placement, PolicySettings, Preempt, RunningJob, Snapshot, Start, TeamQuota,
+    Decision, JobRequest, NodeView, Placement, PolicySettings, Snapshot, Start, TeamQuota,
 )
-
-
-@dataclass
-class _Job:
-    req: JobRequest
-    flavors: list[str]  # feasible flavors, in preference order
-    key: tuple
-    score: float  # GPU-seconds: expected left, else attained
-    dkey: str = ""  # the quota key its waiting demand claims
-
-
-@dataclass
-class _Cycle:
-    snap: Snapshot
-    cluster: Cluster
-    book: QuotaBook
-    running: dict[int, RunningJob]
-    ends: dict[tuple[int, int], float] = field(default_factory=dict)  # (unit, gpu) -> expected free time
-    cpu_ends: dict[str, list[tuple[float, float]]] = field(default_factory=dict)  # node -> (end, CPUs)
-    held: dict[int, dict[int, tuple[int, ...]]] = field(default_factory=dict)  # unit -> gpu -> job ids
-    use: dict[str, dict[str, float]] = field(default_factory=lambda: defaultdict(lambda: defaultdict(float)))
-    starts: list[Start] = field(default_factory=list)
-    preempts: list[Preempt] = field(default_factory=list)
-    pending: dict[int, str] = field(default_factory=dict)
-    eta: dict[int, float] = field(default_factory=dict)
-    reservation: Reservation | None = None
-    stopping: dict[int, set[int]] = field(default_factory=dict)  # unit -> stopping job ids, unclaimed
-    victims_ok: dict[str, dict[int, dict[int, RunningJob]]] = field(default_factory=dict)  # flavor -> unit -> id -> job
-    flavor_of: dict[int, str] = field(default_factory=dict)  # running job -> its flavor
-    min_prio: dict[str, int] = field(default_factory=dict)  # team -> lowest priority among its preemptible jobs
-    reclaimed: dict[tuple[str, str], float] = field(default_factory=lambda: defaultdict(float))
-    attempts: int = 0
-    memo: dict = field(default_factory=dict)  # feasibility facts that depend on the request's shape only
-    fair: _FairShare | None = None
-
-
-def _amount(c: Cluster, flavor: str, g: int, m: int, shareable: bool) -> float:
-    if not shareable:
-        return float(g)
-    return g * min(1.0, m / max(1, c.flavors[flavor].memory_total_mib))
-
-
-def _flavor_of(c: Cluster, r: RunningJob) -> str:
-    o = c.by_gpu.get((r.node_id, r.gpu_indices[0])) if r.gpu_indices else None
-    return c.units[o].flavor if o is not None else (r.gpu_model or "?")
 
 
 # -- 1/2: index and feasibility ---------------------------------------------------------------
 
-def _index(snap: Snapshot) -> _Cycle:
+def _index(snap: Snapshot) -> Cycle:
     running = {r.job_id: r for r in snap.running}
     cluster = Cluster(snap, running)
-    cy = _Cycle(snap, cluster, QuotaBook(snap.quotas, snap.cohorts), running)
+    cy = Cycle(snap, cluster, QuotaBook(snap.quotas, snap.cohorts), running)
     s, now = snap.settings, snap.now
     for u in cluster.units:
         for i, g in u.gpus.items():
             if g.allocated_to:
                 cy.held.setdefault(u.order, {})[i] = g.allocated_to
     for r in snap.running:
-        flavor = cy.flavor_of[r.job_id] = _flavor_of(cluster, r)
+        flavor = cy.flavor_of[r.job_id] = flavor_of(cluster, r)
         gpus = sum(len(ix) for _, ix in r.placements())
-        amt = _amount(cluster, flavor, gpus, r.memory_per_gpu_mib, r.shareable) if flavor in cluster.flavors else gpus
+        amt = amount(cluster, flavor, gpus, r.memory_per_gpu_mib, r.shareable) if flavor in cluster.flavors else gpus
         if r.team in cy.book.teams:
             cy.book.hold(r.team, cy.book.key(r.team, flavor), amt)
         cy.use[r.team][flavor] += amt
+        if r.stopping and r.team in cy.book.teams:
+            cy.stopping_amt[(r.team, cy.book.key(r.team, flavor))] += amt
         end = r.expected_end_at if r.expected_end_at is not None else INF
         cy.cpu_ends.setdefault(r.node_id, []).append((end, float(r.cpus)))
         for node_id, ix in r.placements():
@@ -129,10 +88,11 @@ def _index(snap: Snapshot) -> _Cycle:
                 elif r.preemptible and now - r.started_at >= s.min_runtime_s:
                     cy.victims_ok.setdefault(flavor, {}).setdefault(o, {})[r.job_id] = r
                     cy.min_prio[r.team] = min(cy.min_prio.get(r.team, r.priority), r.priority)
+                    cy.victim_teams.setdefault(flavor, set()).add(r.team)
     return cy
 
 
-def _infeasible(cy: _Cycle, req: JobRequest) -> tuple[list[str], str | None]:
+def _infeasible(cy: Cycle, req: JobRequest) -> tuple[list[str], str | None]:
     """(feasible flavors in preference order, or [] with the reason why none is)."""
     key = (req.team, req.gpus, req.memory_per_gpu_mib, req.gpu_model, req.cpus_per_gpu, req.shareable)
     if key not in cy.memo:
@@ -140,7 +100,7 @@ def _infeasible(cy: _Cycle, req: JobRequest) -> tuple[list[str], str | None]:
     return cy.memo[key]
 
 
-def _one_unit(cy: _Cycle, f: str, g: int, cpus: int) -> bool:
+def _one_unit(cy: Cycle, f: str, g: int, cpus: int) -> bool:
     key = ("unit", f, g, cpus)
     if key not in cy.memo:
         c = cy.cluster
@@ -149,7 +109,7 @@ def _one_unit(cy: _Cycle, f: str, g: int, cpus: int) -> bool:
     return cy.memo[key]
 
 
-def _infeasible_uncached(cy: _Cycle, req: JobRequest) -> tuple[list[str], str | None]:
+def _infeasible_uncached(cy: Cycle, req: JobRequest) -> tuple[list[str], str | None]:
     c, s = cy.cluster, cy.snap.settings
     if req.team not in cy.book.teams:
         known = ", ".join(sorted(cy.book.teams)) or "none"
@@ -168,7 +128,7 @@ def _infeasible_uncached(cy: _Cycle, req: JobRequest) -> tuple[list[str], str | 
             why.append(f"largest {f} node has {fl.largest_unit} GPUs")
             continue
         most = cy.book.max_gpus(req.team, cy.book.key(req.team, f))
-        if _amount(c, f, req.gpus, req.memory_per_gpu_mib, req.shareable) > most + 1e-9:
+        if amount(c, f, req.gpus, req.memory_per_gpu_mib, req.shareable) > most + 1e-9:
             why.append(f"team {req.team} may hold at most {most:g} {f} GPUs with borrowing")
             continue
         ok.append(f)
@@ -180,15 +140,23 @@ def _infeasible_uncached(cy: _Cycle, req: JobRequest) -> tuple[list[str], str | 
 
 # -- 4: order ---------------------------------------------------------------------------------
 
-def _job_key(req: JobRequest, now: float, s: PolicySettings) -> tuple[tuple, float]:
+def _job_key(req: JobRequest, now: float, s: PolicySettings) -> tuple[tuple, float, bool]:
+    """(sort key, GPU-seconds score, aged?). The score - remaining GPU-seconds when the duration is
+    known, else attained GPU-seconds - decays linearly to 0 over the job's aging horizon
+    aging_s + aging_ratio x (its duration, or attained GPU-s per GPU): a job that waited its
+    horizon ties with a brand-new job of no work and wins on submit time, so no job waits behind
+    later arrivals for longer than its horizon, and long jobs' horizons scale with their length
+    (bounded slowdown), instead of every job turning FIFO under sustained load."""
     score = req.gpus * req.expected_duration_s if req.expected_duration_s is not None else req.attained_gpu_s
-    aged = now - req.submitted_at >= s.aging_s
-    return ((-req.priority, 0 if aged else 1, req.submitted_at if aged else score, req.submitted_at, req.job_id),
-            score)
+    own = req.expected_duration_s if req.expected_duration_s is not None else req.attained_gpu_s / max(1, req.gpus)
+    horizon = s.aging_s + s.aging_ratio * own  # the longest it waits behind later arrivals
+    wait = max(0.0, now - req.submitted_at)
+    effective = score * max(0.0, 1.0 - wait / horizon) if horizon > 0 else 0.0
+    return (-req.priority, effective, req.submitted_at, req.job_id), score, wait >= horizon
 
 
 class _FairShare:
-    def __init__(self, cy: _Cycle, teams: set[str]):
+    def __init__(self, cy: Cycle, teams: set[str]):
         s = cy.snap.settings
         self.cy, self.width = cy, s.fair_share_band
         q = {t.team: t for t in cy.snap.quotas}
@@ -221,9 +189,9 @@ class _FairShare:
         return self._get(team)[1]
 
 
-def _ordered(cy: _Cycle, jobs: list[_Job]):
+def _ordered(cy: Cycle, jobs: list[Job]):
     """Yield jobs in policy order; the team's band is re-read after each yielded job."""
-    queues: dict[str, list[_Job]] = defaultdict(list)
+    queues: dict[str, list[Job]] = defaultdict(list)
     for j in jobs:
         queues[j.req.team].append(j)
     fs = cy.fair = _FairShare(cy, set(queues) | {r.team for r in cy.snap.running})
@@ -243,7 +211,7 @@ def _ordered(cy: _Cycle, jobs: list[_Job]):
             heapq.heappush(heap, _entry(fs, team, q[pos[team]]))
 
 
-def _entry(fs: _FairShare, team: str, j: _Job) -> tuple:
+def _entry(fs: _FairShare, team: str, j: Job) -> tuple:
     return (j.key[0], fs.band(team), j.key[1:], fs.ratio(team), team)
 
 
@@ -264,10 +232,10 @@ def plan(snap: Snapshot) -> tuple[Decision, tuple[tuple[str, tuple[int, ...], fl
         if why is not None:
             cy.pending[req.job_id] = why
             continue
-        key, score = _job_key(req, now, s)
-        job = _Job(req, flavors, key, score, _demand_key(cy, req, flavors))
+        key, score, aged = _job_key(req, now, s)
+        job = Job(req, flavors, key, score, _demand_key(cy, req, flavors), aged)
         jobs.append(job)
-        book.want(req.team, job.dkey, _amount(c, flavors[0], req.gpus, req.memory_per_gpu_mib, req.shareable))
+        book.want(req.team, job.dkey, amount(c, flavors[0], req.gpus, req.memory_per_gpu_mib, req.shareable))
     book.build()
     for job, fs in _ordered(cy, jobs):
         _one(cy, job, fs)
@@ -276,14 +244,14 @@ def plan(snap: Snapshot) -> tuple[Decision, tuple[tuple[str, tuple[int, ...], fl
     return Decision(tuple(cy.starts), tuple(cy.preempts), cy.pending, cy.eta), held
 
 
-def _demand_key(cy: _Cycle, req: JobRequest, flavors: list[str]) -> str:
+def _demand_key(cy: Cycle, req: JobRequest, flavors: list[str]) -> str:
     book = cy.book
     if book.key(req.team, flavors[0]) == ANY or req.gpu_model:
         return book.key(req.team, flavors[0])
     return max(flavors, key=lambda f: book.nominal(req.team, f) - book.used[(req.team, f)])
 
 
-def _one(cy: _Cycle, job: _Job, fs: _FairShare) -> None:
+def _one(cy: Cycle, job: Job, fs: _FairShare) -> None:
     req, s, c, book, now = job.req, cy.snap.settings, cy.cluster, cy.book, cy.snap.now
     over = book.over_budget(req.team)
     if over and s.over_budget == "none":
@@ -291,20 +259,26 @@ def _one(cy: _Cycle, job: _Job, fs: _FairShare) -> None:
         return
     allowed: list[tuple[str, str]] = []  # (flavor, NOMINAL/BORROW)
     first_no = ""
+    seen: dict[tuple[str, float], Check] = {}  # flavor-agnostic quota: one check serves every flavor
     for f in job.flavors:
         k = book.key(req.team, f)
-        chk = book.check(req.team, k, _amount(c, f, req.gpus, req.memory_per_gpu_mib, req.shareable),
-                         "GPUs" if k == ANY else f"{f} GPUs", explain=not first_no)
-        if chk.ok and chk.kind == BORROW and over:
-            chk.ok, chk.reason = False, f"over budget: {over}; borrowing paused (within nominal only)"
+        amt = amount(c, f, req.gpus, req.memory_per_gpu_mib, req.shareable)
+        chk = seen.get((k, amt))
+        if chk is None:
+            chk = seen[(k, amt)] = book.check(req.team, k, amt, "GPUs" if k == ANY else f"{f} GPUs",
+                                              explain=not first_no)
+            if chk.ok and chk.kind == BORROW and over:
+                chk = seen[(k, amt)] = Check(False, reason=f"over budget: {over}; borrowing paused "
+                                                           "(within nominal only)")
         if chk.ok:
             allowed.append((f, chk.kind))
         elif not first_no:
             first_no = chk.reason
     if not allowed:
-        cy.pending[req.job_id] = first_no
+        cy.pending[req.job_id] = quota_preempt(cy, job) or first_no
         return
-    allowed.sort(key=lambda fk: fk[1] != NOMINAL)  # stable: nominal flavors first
+    if len(allowed) > 1:
+        allowed.sort(key=lambda fk: fk[1] != NOMINAL)  # stable: nominal flavors first
     end = now + req.expected_duration_s if req.expected_duration_s is not None else None
     avoid = cy.reservation.avoid_for(end) if cy.reservation else {}
     for f, kind in allowed:
@@ -315,12 +289,11 @@ def _one(cy: _Cycle, job: _Job, fs: _FairShare) -> None:
     _blocked(cy, job, allowed, avoid, fs)
 
 
-def _commit(cy: _Cycle, job: _Job, f: str, parts: list[Part], end: float | None) -> None:
+def _commit(cy: Cycle, job: Job, f: str, parts: list[Part], end: float | None) -> None:
     req, c, book = job.req, cy.cluster, cy.book
     c.take(parts, req.memory_per_gpu_mib, req.cpus_per_gpu, req.shareable)
-    amt = _amount(c, f, req.gpus, req.memory_per_gpu_mib, req.shareable)
-    book.commit(req.team, book.key(req.team, f), amt, 0.0)
-    book.met(req.team, job.dkey, amt)
+    amt = amount(c, f, req.gpus, req.memory_per_gpu_mib, req.shareable)
+    book.commit(req.team, book.key(req.team, f), amt, job.dkey)
     cy.use[req.team][f] += amt
     cy.fair.changed(req.team)
     for o, ix in parts:
@@ -336,18 +309,18 @@ def _commit(cy: _Cycle, job: _Job, f: str, parts: list[Part], end: float | None)
     cy.starts.append(Start(req.job_id, Placement(first[0], first[1], tuple(named) if len(named) > 1 else ())))
 
 
-def _blocked(cy: _Cycle, job: _Job, allowed: list[tuple[str, str]], avoid: dict, fs: _FairShare) -> None:
+def _blocked(cy: Cycle, job: Job, allowed: list[tuple[str, str]], avoid: dict, fs: _FairShare) -> None:
     req, s, c, now = job.req, cy.snap.settings, cy.cluster, cy.snap.now
     flavors = [f for f, _ in allowed]
     one_node = not s.multi_node
     # (a) GPUs of jobs already stopping (preempted earlier) hold it: claim them and wait.
-    waiting = _claim_stopping(cy, flavors, req, avoid)
+    waiting = claim_stopping(cy, flavors, req, avoid)
     if waiting:
         cy.pending[req.job_id] = f"waiting for preempted {explain.jobs(waiting)} to checkpoint and stop"
         return
     # (b) preemption.
     if s.preemption and len(cy.preempts) < s.max_preemptions_per_cycle and cy.attempts < s.max_preemptions_per_cycle:
-        why = _preempt_for(cy, job, allowed, avoid, fs)
+        why = preempt_for(cy, job, allowed, avoid, fs)
         if why:
             cy.pending[req.job_id] = why
             return
@@ -356,15 +329,14 @@ def _blocked(cy: _Cycle, job: _Job, allowed: list[tuple[str, str]], avoid: dict,
     if s.backfill and cy.reservation is None:
         res = reserve(c, req.job_id, flavors, req.gpus, req.memory_per_gpu_mib, now, cy.ends, s.multi_node,
                       req.cpus, cy.cpu_ends)
-        aged = job.key[1] == 0
-        if res is not None and (res.at < INF or aged):
+        if res is not None and (res.at < INF or job.aged):
             cy.reservation = res
-            where = explain.where([c.gpus_of(p) for p in res.parts])
+            where = explain.where([(c.units[o].name, ix) for o, ix in res.parts])  # names people know
             if res.at < INF:
                 cy.eta[req.job_id] = res.at
                 cy.pending[req.job_id] = f"reserved: starts at {explain.clock(res.at, now)} on {where}"
             else:
-                cy.pending[req.job_id] = (f"reserved: waited past the aging bound; holds {where} as they "
+                cy.pending[req.job_id] = (f"reserved: waited past its aging horizon; holds {where} as they "
                                           f"free up (running jobs have no expected end)")
             return
     if avoid and cy.reservation is not None:
@@ -377,8 +349,7 @@ def _blocked(cy: _Cycle, job: _Job, allowed: list[tuple[str, str]], avoid: dict,
                                        else "it would not end by then"))
             return
     best = max(c.max_free_on_unit(f) for f in flavors)
-    cpus = math.inf if best < req.gpus else max(
-        (c.cpus_free[c.units[o].node_id] for f in flavors for o in c.flavors[f].units if c.units[o].free), default=0.0)
+    cpus = math.inf if best < req.gpus else c.most_cpus(flavors, req.gpus, req.cpus)
     if cpus < req.cpus:
         cy.pending[req.job_id] = (f"waiting for resources: needs {req.cpus} CPUs on one node with its GPUs; "
                                   f"the most free CPUs on a node with free GPUs is {cpus:.0f}")
@@ -388,78 +359,6 @@ def _blocked(cy: _Cycle, job: _Job, allowed: list[tuple[str, str]], avoid: dict,
                               f"{free} free in all")
 
 
-def _claim_stopping(cy: _Cycle, flavors: list[str], req: JobRequest, avoid: dict) -> list[int]:
-    c = cy.cluster
-    for o, ids in cy.stopping.items():
-        u = c.units[o]
-        if not ids or u.flavor not in flavors:
-            continue
-        if usable(c, o, req.memory_per_gpu_mib, ids, cy.held.get(o, {}), avoid.get(o, set())) >= req.gpus:
-            claimed = sorted(ids)
-            cy.stopping[o] = set()
-            return claimed
-    return []
-
-
-def _preempt_for(cy: _Cycle, job: _Job, allowed: list[tuple[str, str]], avoid: dict, fs: _FairShare) -> str:
-    req, s, c, book, now = job.req, cy.snap.settings, cy.cluster, cy.book, cy.snap.now
-    nominal = {f for f, k in allowed if k == NOMINAL}
-    my_band = fs.band(req.team)
-
-    def borrowed(team: str, f: str) -> bool:
-        k = book.key(team, f)
-        return book.borrowing(team, k) - cy.reclaimed[(team, k)] > 1e-9
-
-    reclaim = bool(nominal) and any(t != req.team and book.same_tree(t, req.team) and borrowed(t, f)
-                                    for t in book.teams for f in nominal)
-    if not (reclaim or cy.min_prio.get(req.team, req.priority) < req.priority or s.las_preempt_factor > 0):
-        return ""
-
-    def why(r: RunningJob) -> str | None:
-        rf = cy.flavor_of[r.job_id]
-        if reclaim and rf in nominal and r.team != req.team and book.same_tree(r.team, req.team):
-            k = book.key(r.team, rf)
-            if book.borrowing(r.team, k) - cy.reclaimed[(r.team, k)] > 1e-9:
-                return f"team {r.team} borrows beyond its nominal quota; team {req.team} reclaims its own"
-        if r.team == req.team and r.priority < req.priority:
-            return f"priority {req.priority} job {req.job_id} of team {req.team} needs the GPUs"
-        if (s.las_preempt_factor > 0 and r.priority <= req.priority and fs.band(r.team) >= my_band
-                and r.attained_gpu_s > s.las_preempt_factor * max(job.score, s.min_runtime_s * req.gpus)
-                and (r.team == req.team or book.borrowing(r.team, book.key(r.team, rf)) > 1e-9)):
-            return (f"job {req.job_id} has less work left or attained ({job.score:.0f} GPU-s) than this job's "
-                    f"{r.attained_gpu_s:.0f} GPU-s")
-        return None
-
-    cands: dict[int, list[RunningJob]] = {}
-    reasons: dict[int, str] = {}
-    flavors = {f for f, _ in allowed}
-    for f in flavors:
-        for o, rs in cy.victims_ok.get(f, {}).items():
-            for r in rs.values():
-                w = why(r)
-                if w:
-                    cands.setdefault(o, []).append(r)
-                    reasons[r.job_id] = w
-    if not cands:
-        return ""
-    cy.attempts += 1
-    pick = choose(c, [f for f, _ in allowed], req.gpus, req.memory_per_gpu_mib, req.cpus_per_gpu, now,
-                  cands, cy.stopping, cy.held, avoid)
-    if pick is None or len(cy.preempts) + len(pick.victims) > s.max_preemptions_per_cycle:
-        return ""
-    for r in pick.victims:
-        cy.preempts.append(Preempt(r.job_id, reasons[r.job_id]))
-        rf = cy.flavor_of[r.job_id]
-        for units in cy.victims_ok.values():
-            for jobs in units.values():
-                jobs.pop(r.job_id, None)
-        k = book.key(r.team, rf)
-        cy.reclaimed[(r.team, k)] += _amount(c, rf, len(r.gpu_indices), r.memory_per_gpu_mib, r.shareable)
-    ids = [r.job_id for r in pick.victims]
-    return (f"preempting {explain.jobs(ids)} on {c.units[pick.unit].name} for it "
-            f"({reasons[ids[0]]}); starts when they checkpoint")
-
-
 def never_fits(req: JobRequest, nodes: tuple[NodeView, ...], quotas: tuple[TeamQuota, ...],
                cohorts=(), settings: PolicySettings | None = None, memory_headroom_mib: int = 0) -> str | None:
     """Why `req` can never start on this cluster even when it is empty, or None if it could.
@@ -467,6 +366,6 @@ def never_fits(req: JobRequest, nodes: tuple[NodeView, ...], quotas: tuple[TeamQ
     most GPUs the team may hold with borrowing."""
     snap = Snapshot(tuple(nodes), (), (), tuple(quotas), memory_headroom_mib, cohorts=tuple(cohorts),
                     settings=settings or PolicySettings())
-    cy = _Cycle(snap, Cluster(snap, {}), QuotaBook(snap.quotas, snap.cohorts), {})
+    cy = Cycle(snap, Cluster(snap, {}), QuotaBook(snap.quotas, snap.cohorts), {})
     _, why = _infeasible(cy, req)
     return None if why is None else why.removeprefix("infeasible: ")

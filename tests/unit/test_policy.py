@@ -90,8 +90,15 @@ def test_least_attained_service_when_duration_unknown():
 
 
 def test_aging_bounds_the_wait_of_a_long_job():
-    old = job(1, dur=10 * 3600, t=NOW - 7200)  # waited 2 h > aging_s (1 h)
+    # horizon = aging_s (1 h) + aging_ratio (2) x 10 h = 21 h
+    old = job(1, dur=10 * 3600, t=NOW - 20 * 3600)
     d = schedule(snap([node("n1", gpus=1)], [old, job(2, dur=60, t=NOW - 5)]))
+    assert list(started(d)) == [2]  # not yet past its horizon: the short job goes first
+    old = job(1, dur=10 * 3600, t=NOW - 21 * 3600)
+    d = schedule(snap([node("n1", gpus=1)], [old, job(2, dur=60, t=NOW - 5)]))
+    assert list(started(d)) == [1]
+    # without durations: attained GPU-s per GPU sets the horizon; a fresh job (0 attained) ages in aging_s
+    d = schedule(snap([node("n1", gpus=1)], [job(1, attained=3600, t=NOW - 3 * 3600 - 1), job(2, t=NOW - 5)]))
     assert list(started(d)) == [1]
 
 
@@ -264,6 +271,9 @@ def test_reservation_and_backfill():
     pend = [job(1, gpus=4, t=NOW - 50, dur=100), job(2, dur=300, t=NOW - 40), job(3, dur=3000, t=NOW - 30)]
     d = schedule(snap([node("n1", gpus=5)], pend, running, teams=[team("a", 8), team("b", 8)]))
     assert d.pending[1].startswith("reserved: starts at ~") and "on n1 GPUs 0,1,3,4" in d.pending[1]
+    named = [NodeView("id-7f3a", "node-3", n.gpus) for n in [node("n1", gpus=5)]]
+    r2 = [run(10 + i, "id-7f3a", (i,), team="b", end=NOW + 600) for i in range(3)]
+    assert "on node-3 GPUs" in schedule(snap(named, pend[:1], r2)).pending[1]  # the name, not the Ray id
     assert d.estimated_start[1] == NOW + 600
     assert list(started(d)) == [2]
     assert "would delay job 1's reservation" in d.pending[3]
@@ -274,7 +284,7 @@ def test_no_reservation_without_end_times_unless_aged():
     d = schedule(snap([node("n1", gpus=4)], [job(1, gpus=4), job(2)], running))
     assert list(started(d)) == [2] and "waiting for resources" in d.pending[1]
     d = schedule(snap([node("n1", gpus=4)], [job(1, gpus=4, t=NOW - 7200), job(2)], running))
-    assert d.to_start == () and "aging bound" in d.pending[1]
+    assert d.to_start == () and "aging horizon" in d.pending[1]
 
 
 def test_every_pending_job_has_a_reason():
@@ -282,3 +292,17 @@ def test_every_pending_job_has_a_reason():
     d = schedule(snap([node("n1", gpus=4), node("n2", gpus=2, model=A100)], pend))
     assert set(d.pending) | set(started(d)) == {j.job_id for j in pend}
     assert all(d.pending.values())
+
+
+def test_priority_preemption_frees_the_teams_own_quota():
+    teams = [team("a", 2)]
+    low = [run(10, "n1", (0, 1), team="a", prio=0, ckpt=NOW - 5), run(11, "n1", (2,), team="a", prio=3)]
+    d = schedule(snap([node("n1", gpus=4)], [job(1, gpus=2, prio=5)], low, teams=[team("a", 3)]))
+    assert [p.job_id for p in d.to_preempt] == [10] and "needs the quota" in d.to_preempt[0].reason
+    assert "preempting job 10 of lower priority" in d.pending[1]
+    stopping = [run(10, "n1", (0, 1), team="a", stopping=True), run(11, "n1", (2,), team="a", prio=3)]
+    d = schedule(snap([node("n1", gpus=4)], [job(1, gpus=2, prio=5)], stopping, teams=[team("a", 3)]))
+    assert d.to_preempt == () and "waiting for lower-priority jobs" in d.pending[1]
+    # equal priority: no preemption, the quota reason stays
+    d = schedule(snap([node("n1", gpus=4)], [job(1, gpus=2, prio=0)], low[:1], teams=teams))
+    assert d.to_preempt == () and d.pending[1].startswith("waiting for quota")

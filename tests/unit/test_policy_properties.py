@@ -69,7 +69,7 @@ def _gpus(snap):
     return {(n.node_id, g.index): (n, g) for n in snap.nodes for g in n.gpus}
 
 
-PROPS = settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+PROPS = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 
 @PROPS
@@ -144,9 +144,9 @@ def test_backfill_never_delays_the_reservation(snap):
     req = {j.job_id: j for j in snap.pending}
     for s in d.to_start:
         used = {(n, i) for n, ix in s.placement.all_parts() for i in ix}
-        if used & reserved:
+        if used & reserved:  # only a job that ends by the reserved start may use those GPUs
             dur = req[s.job_id].expected_duration_s
-            assert dur is not None and snap.now + dur <= at
+            assert (math.inf if dur is None else snap.now + dur) <= at
 
 
 @PROPS

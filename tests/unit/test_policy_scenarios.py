@@ -29,10 +29,11 @@ class World:
         self.service = Service(self.store, self.executor, inv, self.config, self.clock, tmp,
                                listeners=[FakeGpuLoad(self.reader)])
 
-    def submit(self, team: str, gpus: int = 1, duration: float = 10, mem: int = 10000, expected: float | None = None):
+    def submit(self, team: str, gpus: int = 1, duration: float = 10, mem: int = 10000, expected: float | None = None,
+               prio: int = 0):
         res = {"expected_duration_s": expected} if expected else {}
         return self.store.submit(spec={"name": "j", "duration": duration, "resources": res}, name="j", team=team,
-                                 user="u", priority=0, gpus=gpus, memory_per_gpu_mib=mem, now=self.clock.now())
+                                 user="u", priority=prio, gpus=gpus, memory_per_gpu_mib=mem, now=self.clock.now())
 
     def run(self, seconds: float, step: float = 1.0) -> None:
         for _ in range(int(seconds / step)):
@@ -108,4 +109,20 @@ def test_reservation_writes_estimated_start(tmp):
     w.run(100)
     rec = w.get(big)
     assert rec.state in (S.STARTING, S.RUNNING, S.SUCCEEDED) and rec.estimated_start_at is None
+    w.store.close()
+
+
+def test_higher_priority_preempts_lower_of_the_same_team(tmp):
+    w = World(tmp, {"a": TeamConfig(gpus=2)}, gpus=2, cohorts=(), min_runtime_s=3)
+    low = w.submit("a", gpus=2, duration=50)
+    w.run(1)
+    urgent = w.submit("a", gpus=2, duration=5, prio=10)
+    w.run(1)
+    assert w.get(low).state is S.RUNNING  # min_runtime_s not reached yet: no preemption
+    assert w.get(urgent).state is S.QUEUED
+    w.run(4)
+    assert w.get(urgent).state in (S.STARTING, S.RUNNING)
+    assert any("priority 10 job" in e.reason for e in w.store.events(low.id))
+    w.run(10)
+    assert w.get(urgent).state is S.SUCCEEDED and w.get(low).state in (S.STARTING, S.RUNNING)
     w.store.close()

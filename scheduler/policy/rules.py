@@ -1,0 +1,137 @@
+"""Preemption rules of the Shoal policy (who may be preempted for whom; preempt.choose picks
+among the allowed victims), and waiting for victims that are already stopping."""
+from __future__ import annotations
+
+from typing import Any
+
+from scheduler.policy import explain
+from scheduler.policy.preempt import choose, lost_work, usable
+from scheduler.policy.quota import NOMINAL
+from scheduler.policy.state import Cycle, Job, amount
+from scheduler.policy.types import JobRequest, Preempt, RunningJob
+
+
+def claim_stopping(cy: Cycle, flavors: list[str], req: JobRequest, avoid: dict) -> list[int]:
+    c = cy.cluster
+    for o, ids in cy.stopping.items():
+        u = c.units[o]
+        if not ids or u.flavor not in flavors:
+            continue
+        if usable(c, o, req.memory_per_gpu_mib, ids, cy.held.get(o, {}), avoid.get(o, set())) >= req.gpus:
+            claimed = sorted(ids)
+            cy.stopping[o] = set()
+            return claimed
+    return []
+
+
+def preempt_for(cy: Cycle, job: Job, allowed: list[tuple[str, str]], avoid: dict, fs: Any) -> str:
+    req, s, c, book, now = job.req, cy.snap.settings, cy.cluster, cy.book, cy.snap.now
+    nominal = {f for f, k in allowed if k == NOMINAL}
+    my_band = fs.band(req.team)
+
+    def borrowed(team: str, f: str) -> bool:
+        k = book.key(team, f)
+        return book.borrowing(team, k) - cy.reclaimed[(team, k)] > 1e-9
+
+    reclaim = any(t != req.team and book.same_tree(t, req.team) and borrowed(t, f)
+                  for f in nominal for t in sorted(cy.victim_teams.get(f, ())))
+    if not (reclaim or cy.min_prio.get(req.team, req.priority) < req.priority or s.las_preempt_factor > 0):
+        return ""
+
+    def why(r: RunningJob) -> str | None:
+        rf = cy.flavor_of[r.job_id]
+        if reclaim and rf in nominal and r.team != req.team and book.same_tree(r.team, req.team):
+            k = book.key(r.team, rf)
+            if book.borrowing(r.team, k) - cy.reclaimed[(r.team, k)] > 1e-9:
+                return f"team {r.team} borrows beyond its nominal quota; team {req.team} reclaims its own"
+        if r.team == req.team and r.priority < req.priority:
+            return f"priority {req.priority} job {req.job_id} of team {req.team} needs the GPUs"
+        if (s.las_preempt_factor > 0 and r.priority <= req.priority and fs.band(r.team) >= my_band
+                and r.attained_gpu_s > s.las_preempt_factor * max(job.score, s.min_runtime_s * req.gpus)
+                and (r.team == req.team or book.borrowing(r.team, book.key(r.team, rf)) > 1e-9)):
+            return (f"job {req.job_id} has less work left or attained ({job.score:.0f} GPU-s) than this job's "
+                    f"{r.attained_gpu_s:.0f} GPU-s")
+        return None
+
+    cands: dict[int, list[RunningJob]] = {}
+    reasons: dict[int, str] = {}
+    flavors = {f for f, _ in allowed}
+    for f in flavors:
+        for o, rs in cy.victims_ok.get(f, {}).items():
+            for r in rs.values():
+                w = why(r)
+                if w:
+                    cands.setdefault(o, []).append(r)
+                    reasons[r.job_id] = w
+    if not cands:
+        return ""
+    cy.attempts += 1
+    pick = choose(c, [f for f, _ in allowed], req.gpus, req.memory_per_gpu_mib, req.cpus_per_gpu, now,
+                  cands, cy.stopping, cy.held, avoid)
+    if pick is None or len(cy.preempts) + len(pick.victims) > s.max_preemptions_per_cycle:
+        return ""
+    for r in pick.victims:
+        cy.preempts.append(Preempt(r.job_id, reasons[r.job_id]))
+        rf = cy.flavor_of[r.job_id]
+        for units in cy.victims_ok.values():
+            for jobs in units.values():
+                jobs.pop(r.job_id, None)
+        k = book.key(r.team, rf)
+        cy.reclaimed[(r.team, k)] += amount(c, rf, len(r.gpu_indices), r.memory_per_gpu_mib, r.shareable)
+    ids = [r.job_id for r in pick.victims]
+    return (f"preempting {explain.jobs(ids)} on {c.units[pick.unit].name} for it "
+            f"({reasons[ids[0]]}); starts when they checkpoint")
+
+
+def quota_preempt(cy: Cycle, job: Job) -> str:
+    """A job blocked by its own team's quota may preempt lower-priority jobs of its team: enough
+    of them to bring the team back within nominal for it, and - if the GPUs are not free - the
+    ones on one node that make room (preempt.choose). Waits instead if jobs already stopping
+    free enough quota."""
+    req, s, c, book, now = job.req, cy.snap.settings, cy.cluster, cy.book, cy.snap.now
+    if (not s.preemption or cy.min_prio.get(req.team, req.priority) >= req.priority
+            or len(cy.preempts) >= s.max_preemptions_per_cycle or cy.attempts >= s.max_preemptions_per_cycle):
+        return ""
+    for f in job.flavors:
+        k = book.key(req.team, f)
+        amt = amount(c, f, req.gpus, req.memory_per_gpu_mib, req.shareable)
+        deficit = book.used.get((req.team, k), 0.0) + amt - book.nominal(req.team, k) - cy.reclaimed[(req.team, k)]
+        if amt > book.nominal(req.team, k) + 1e-9:
+            continue
+        if deficit <= cy.stopping_amt[(req.team, k)] + 1e-9:
+            return "waiting for lower-priority jobs of its team to checkpoint and stop"
+        deficit -= cy.stopping_amt[(req.team, k)]
+        mine = {r.job_id: r for units in cy.victims_ok.values() for jobs in units.values() for r in jobs.values()
+                if r.team == req.team and r.priority < req.priority and book.key(r.team, cy.flavor_of[r.job_id]) == k}
+        if not mine:
+            continue
+        cy.attempts += 1
+        chosen: list[RunningJob] = []
+        if c.fit(f, req.gpus, req.memory_per_gpu_mib, req.cpus_per_gpu, req.shareable, s.multi_node, {}) is None:
+            cands: dict[int, list[RunningJob]] = {}
+            for o, jobs in cy.victims_ok.get(f, {}).items():
+                cands[o] = [r for r in jobs.values() if r.job_id in mine]
+            pick = choose(c, [f], req.gpus, req.memory_per_gpu_mib, req.cpus_per_gpu, now, cands, cy.stopping,
+                          cy.held, {})
+            if pick is None:
+                continue
+            chosen = list(pick.victims)
+        freed = sum(amount(c, cy.flavor_of[r.job_id], len(r.gpu_indices), r.memory_per_gpu_mib, r.shareable)
+                    for r in chosen)
+        for r in sorted(mine.values(), key=lambda r: (r.priority, lost_work(r, now), r.job_id)):
+            if freed >= deficit - 1e-9:
+                break
+            if r not in chosen:
+                chosen.append(r)
+                freed += amount(c, cy.flavor_of[r.job_id], len(r.gpu_indices), r.memory_per_gpu_mib, r.shareable)
+        if freed < deficit - 1e-9 or len(cy.preempts) + len(chosen) > s.max_preemptions_per_cycle:
+            continue
+        why = f"priority {req.priority} job {req.job_id} of team {req.team} needs the quota"
+        for r in chosen:
+            cy.preempts.append(Preempt(r.job_id, why))
+            for units in cy.victims_ok.values():
+                for jobs in units.values():
+                    jobs.pop(r.job_id, None)
+        cy.reclaimed[(req.team, k)] += freed
+        return f"preempting {explain.jobs([r.job_id for r in chosen])} of lower priority for it; starts when they checkpoint"
+    return ""

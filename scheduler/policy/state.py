@@ -1,0 +1,59 @@
+"""The working state of one policy cycle (shared by shoal.py and rules.py)."""
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import dataclass, field
+from typing import Any
+
+from scheduler.policy.cluster import Cluster
+from scheduler.policy.quota import QuotaBook
+from scheduler.policy.reserve import Reservation
+from scheduler.policy.types import JobRequest, Preempt, RunningJob, Snapshot, Start
+
+
+@dataclass
+class Job:
+    req: JobRequest
+    flavors: list[str]  # feasible flavors, in preference order
+    key: tuple
+    score: float  # GPU-seconds: expected left, else attained
+    dkey: str = ""  # the quota key its waiting demand claims
+    aged: bool = False  # waited past its aging horizon
+
+
+@dataclass
+class Cycle:
+    snap: Snapshot
+    cluster: Cluster
+    book: QuotaBook
+    running: dict[int, RunningJob]
+    ends: dict[tuple[int, int], float] = field(default_factory=dict)  # (unit, gpu) -> expected free time
+    cpu_ends: dict[str, list[tuple[float, float]]] = field(default_factory=dict)  # node -> (end, CPUs)
+    held: dict[int, dict[int, tuple[int, ...]]] = field(default_factory=dict)  # unit -> gpu -> job ids
+    use: dict[str, dict[str, float]] = field(default_factory=lambda: defaultdict(lambda: defaultdict(float)))
+    starts: list[Start] = field(default_factory=list)
+    preempts: list[Preempt] = field(default_factory=list)
+    pending: dict[int, str] = field(default_factory=dict)
+    eta: dict[int, float] = field(default_factory=dict)
+    reservation: Reservation | None = None
+    stopping: dict[int, set[int]] = field(default_factory=dict)  # unit -> stopping job ids, unclaimed
+    victims_ok: dict[str, dict[int, dict[int, RunningJob]]] = field(default_factory=dict)  # flavor -> unit -> id -> job
+    flavor_of: dict[int, str] = field(default_factory=dict)  # running job -> its flavor
+    min_prio: dict[str, int] = field(default_factory=dict)  # team -> lowest priority among its preemptible jobs
+    victim_teams: dict[str, set[str]] = field(default_factory=dict)  # flavor -> teams with preemptible jobs
+    stopping_amt: dict[tuple[str, str], float] = field(default_factory=lambda: defaultdict(float))  # quota freeing up
+    reclaimed: dict[tuple[str, str], float] = field(default_factory=lambda: defaultdict(float))
+    attempts: int = 0
+    memo: dict = field(default_factory=dict)  # feasibility facts that depend on the request's shape only
+    fair: Any = None  # the cycle's fair-share view (shoal._FairShare)
+
+
+def amount(c: Cluster, flavor: str, g: int, m: int, shareable: bool) -> float:
+    if not shareable:
+        return float(g)
+    return g * min(1.0, m / max(1, c.flavors[flavor].memory_total_mib))
+
+
+def flavor_of(c: Cluster, r: RunningJob) -> str:
+    o = c.by_gpu.get((r.node_id, r.gpu_indices[0])) if r.gpu_indices else None
+    return c.units[o].flavor if o is not None else (r.gpu_model or "?")
