@@ -176,22 +176,21 @@ def orphan_gpus(store, total_gpus: int, settle_s: float = 15.0) -> tuple[int, in
     """GPUs Ray holds with every job terminal (after letting the last runners end), plus GPUs the
     store still assigns to jobs that are not active; and alive runner actors."""
     import ray
-    from ray.util.state import list_actors
 
     from scheduler.lifecycle import ACTIVE
 
     deadline = time.monotonic() + settle_s
     while True:
         held = total_gpus - int(ray.available_resources().get("GPU", 0))
-        runners = [a for a in list_actors(filters=[("state", "=", "ALIVE")], limit=10000)
-                   if (a.name or "").startswith("shoal-job-")]
+        runners = [a["name"] for a in ray.util.list_named_actors(all_namespaces=True)
+                   if a["name"].startswith("shoal-job-")]
         if (held == 0 and not runners) or time.monotonic() > deadline:
             break
         time.sleep(0.5)
     details = [f"Ray holds {held} GPU(s)"] if held else []
     stale = [j for j in store.jobs() if j.state not in ACTIVE and j.placement]
     details += [f"job {j.id} {j.state.value} keeps placement {j.placement}" for j in stale]
-    details += [f"runner {a.name} still alive" for a in runners]
+    details += [f"runner {name} still alive" for name in runners]
     return held + sum(len(j.placement.get("gpu_indices", ())) for j in stale), len(runners), details
 
 
