@@ -142,17 +142,22 @@ def write_config(path: Path, gpus: int) -> Path:
     return path
 
 
-def ledger_check(home: Path, ids: list[int]) -> tuple[int, int, list[str]]:
-    """(jobs run twice concurrently or per attempt, jobs whose work completed twice, details)."""
+def ledger_check(homes: Path | list[Path], ids: list[int]) -> tuple[int, int, list[str]]:
+    """(jobs run twice concurrently or per attempt, jobs whose work completed twice, details).
+    `homes`: the SHOAL_HOME of every scheduler replica that may have launched the jobs."""
     double, twice, details = 0, 0, []
+    homes = [homes] if isinstance(homes, Path) else homes
     for jid in ids:
-        path = home / "jobs" / str(jid) / "probe-ledger.jsonl"
-        if not path.exists():
-            continue
+        lines = []
+        for home in homes:
+            path = home / "jobs" / str(jid) / "probe-ledger.jsonl"
+            if path.exists():
+                lines += path.read_text().splitlines()
+        lines.sort(key=lambda line: json.loads(line)["t"])
         spans: dict[tuple[int, int], list] = {}  # (attempt, n-th start) -> [start, end]
         starts = Counter()
         ends = 0
-        for line in path.read_text().splitlines():
+        for line in lines:
             e = json.loads(line)
             a = e["attempt"]
             if e["event"] == "start":
@@ -264,8 +269,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seed", type=int, default=7)
     ap.add_argument("--gpus", type=int, default=8)
     ap.add_argument("--steps", type=int, default=10, help="probe steps per job (0.1 s each)")
-    ap.add_argument("--timeout", type=float, default=1200, help="seconds for the whole run")
+    ap.add_argument("--timeout", type=float, default=3600,
+                    help="seconds for the whole run; jobs not terminal by then count as lost")
     args = ap.parse_args(argv)
+    # Ray's driver swallows SIGINT in places; both signals end the run through its clean-up.
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: sys.exit(130))
     r = run_chaos(args.jobs, args.kills, args.seed, args.gpus, args.steps, args.timeout)
     print(f"jobs {r.jobs}, kills {r.kills}, states {r.states}, wall {r.wall_s:.0f} s, "
           f"restart to API up {min(r.restarts_s or [0]):.1f}-{max(r.restarts_s or [0]):.1f} s")
