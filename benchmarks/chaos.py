@@ -178,24 +178,28 @@ def ledger_check(homes: Path | list[Path], ids: list[int]) -> tuple[int, int, li
 
 
 def orphan_gpus(store, total_gpus: int, settle_s: float = 15.0) -> tuple[int, int, list[str]]:
-    """GPUs Ray holds with every job terminal (after letting the last runners end), plus GPUs the
-    store still assigns to jobs that are not active; and alive runner actors."""
+    """GPUs Ray holds beyond those of the jobs the store says are active (after letting the last
+    finished runners end), plus GPUs the store still assigns to jobs that are not active; and
+    runner actors alive for an attempt that is not active."""
     import ray
 
     from scheduler.lifecycle import ACTIVE
 
     deadline = time.monotonic() + settle_s
     while True:
-        held = total_gpus - int(ray.available_resources().get("GPU", 0))
+        active = {(j.id, j.attempt): len((j.placement or {}).get("gpu_indices", ())) for j in store.active_jobs()}
+        held = total_gpus - int(ray.available_resources().get("GPU", 0)) - sum(active.values())
         runners = [a["name"] for a in ray.util.list_named_actors(all_namespaces=True)
-                   if a["name"].startswith("shoal-job-")]
-        if (held == 0 and not runners) or time.monotonic() > deadline:
+                   if a["name"].startswith("shoal-job-")
+                   and tuple(int(x) for x in a["name"][len("shoal-job-"):].split("-a")) not in active]
+        if (held <= 0 and not runners) or time.monotonic() > deadline:
             break
         time.sleep(0.5)
-    details = [f"Ray holds {held} GPU(s)"] if held else []
+    held = max(held, 0)
+    details = [f"Ray holds {held} GPU(s) beyond the active jobs' {sum(active.values())}"] if held else []
     stale = [j for j in store.jobs() if j.state not in ACTIVE and j.placement]
     details += [f"job {j.id} {j.state.value} keeps placement {j.placement}" for j in stale]
-    details += [f"runner {name} still alive" for name in runners]
+    details += [f"runner {name} alive for an attempt that is not active" for name in runners]
     return held + sum(len(j.placement.get("gpu_indices", ())) for j in stale), len(runners), details
 
 

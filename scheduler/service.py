@@ -74,7 +74,7 @@ class Service:
         self._stopping = False
         self._backlog: list[Outcome] = []  # outcomes polled but not yet recorded (store errors)
         self._reconcile = False  # a cycle failed half-way: reconcile store and executor first
-        self._known_nodes: dict[str, str] = {}  # node id -> name, recorded in the store
+        self._scanned_at = float("-inf")  # last full scan for rows with an unknown state
 
     # -- paths --------------------------------------------------------------------------------
     def job_dir(self, job_id: int) -> Path:
@@ -123,7 +123,10 @@ class Service:
             while self._backlog:
                 self._ingest_outcome(self._backlog[0])
                 self._backlog.pop(0)
-            for job_id, problem in self.store.quarantine_corrupt(self.clock.now()):
+            scan = self.clock.now() - self._scanned_at >= 10.0  # a full-table scan: every 10 s
+            if scan:
+                self._scanned_at = self.clock.now()
+            for job_id, problem in self.store.quarantine_corrupt(self.clock.now(), scan=scan):
                 log.error("job %s failed for good: corrupted row: %s", job_id, problem)
             if self._reconcile:  # the last cycle failed half-way (e.g. the database was unreachable)
                 self.recover()

@@ -291,13 +291,15 @@ class Store:
                 self._corrupt[row.id] = e.problem
         return out
 
-    def quarantine_corrupt(self, now: float) -> list[tuple[int, str]]:
-        """Every corrupted job row seen by a read, or with a state Shoal does not know, becomes
-        FAILED with the problem as its reason (the bad JSON values are replaced; the event keeps
-        what the state was). Returns [(job id, problem)]."""
+    def quarantine_corrupt(self, now: float, scan: bool = True) -> list[tuple[int, str]]:
+        """Every corrupted job row seen by a read, or (`scan`) with a state Shoal does not know,
+        becomes FAILED with the problem as its reason (the bad JSON values are replaced; the
+        event keeps what the state was). Returns [(job id, problem)]."""
         valid = [st.value for st in JobState]
-        with self._session() as s:
-            bad_state = s.execute(select(JobRow.id, JobRow.state).where(JobRow.state.not_in(valid))).all()
+        bad_state = []
+        if scan:
+            with self._session() as s:
+                bad_state = s.execute(select(JobRow.id, JobRow.state).where(JobRow.state.not_in(valid))).all()
         found = dict(self._corrupt)
         found.update({jid: f"state {st!r} is not a job state" for jid, st in bad_state})
         done = []

@@ -8,6 +8,7 @@ On PostgreSQL the upgrade holds an advisory lock, so replicas starting together 
 """
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 from alembic import command
@@ -18,6 +19,7 @@ from sqlalchemy import inspect, text
 from sqlalchemy.engine import Connection, Engine
 
 MIGRATIONS = Path(__file__).resolve().parent / "migrations"
+logging.getLogger("alembic").setLevel(logging.WARNING)  # its INFO lines would fill shoal.log
 _PG_LOCK = 0x5A0A1  # advisory lock key for migrations (any constant shared by all replicas)
 
 
