@@ -44,6 +44,7 @@ def test_leader_killed_follower_takes_over_within_15s(tmp_path, pg_database, tin
             assert time.monotonic() - killed_at < 30, b.log()[-3000:]
             time.sleep(0.2)
         takeover_s = time.monotonic() - killed_at
+        print(f"takeover after {takeover_s:.1f} s")
         assert takeover_s <= 15, takeover_s
         assert store.lease().token == 2
         while not all(store.get(i).state.terminal for i in ids):

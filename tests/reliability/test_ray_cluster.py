@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import time
 
 import pytest
@@ -40,7 +41,11 @@ def cluster():
     from ray.cluster_utils import Cluster
 
     private_ray_tmpdir()
-    c = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "num_gpus": 0, "include_dashboard": True})
+    with socket.socket() as sock:  # Ray Train needs the dashboard; 8265 may be another cluster's
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    c = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "num_gpus": 0, "include_dashboard": True,
+                                                      "dashboard_port": port})
     workers = [c.add_node(num_cpus=2, num_gpus=2) for _ in range(2)]
     c.wait_for_nodes()
     ray.init(address=c.address, namespace="shoal-test", log_to_driver=False)
