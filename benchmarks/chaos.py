@@ -142,17 +142,22 @@ def write_config(path: Path, gpus: int) -> Path:
     return path
 
 
-def ledger_check(home: Path, ids: list[int]) -> tuple[int, int, list[str]]:
-    """(jobs run twice concurrently or per attempt, jobs whose work completed twice, details)."""
+def ledger_check(homes: Path | list[Path], ids: list[int]) -> tuple[int, int, list[str]]:
+    """(jobs run twice concurrently or per attempt, jobs whose work completed twice, details).
+    `homes`: the SHOAL_HOME of every scheduler replica that may have launched the jobs."""
     double, twice, details = 0, 0, []
+    homes = [homes] if isinstance(homes, Path) else homes
     for jid in ids:
-        path = home / "jobs" / str(jid) / "probe-ledger.jsonl"
-        if not path.exists():
-            continue
+        lines = []
+        for home in homes:
+            path = home / "jobs" / str(jid) / "probe-ledger.jsonl"
+            if path.exists():
+                lines += path.read_text().splitlines()
+        lines.sort(key=lambda line: json.loads(line)["t"])
         spans: dict[tuple[int, int], list] = {}  # (attempt, n-th start) -> [start, end]
         starts = Counter()
         ends = 0
-        for line in path.read_text().splitlines():
+        for line in lines:
             e = json.loads(line)
             a = e["attempt"]
             if e["event"] == "start":
@@ -173,25 +178,28 @@ def ledger_check(home: Path, ids: list[int]) -> tuple[int, int, list[str]]:
 
 
 def orphan_gpus(store, total_gpus: int, settle_s: float = 15.0) -> tuple[int, int, list[str]]:
-    """GPUs Ray holds with every job terminal (after letting the last runners end), plus GPUs the
-    store still assigns to jobs that are not active; and alive runner actors."""
+    """GPUs Ray holds beyond those of the jobs the store says are active (after letting the last
+    finished runners end), plus GPUs the store still assigns to jobs that are not active; and
+    runner actors alive for an attempt that is not active."""
     import ray
-    from ray.util.state import list_actors
 
     from scheduler.lifecycle import ACTIVE
 
     deadline = time.monotonic() + settle_s
     while True:
-        held = total_gpus - int(ray.available_resources().get("GPU", 0))
-        runners = [a for a in list_actors(filters=[("state", "=", "ALIVE")], limit=10000)
-                   if (a.name or "").startswith("shoal-job-")]
-        if (held == 0 and not runners) or time.monotonic() > deadline:
+        active = {(j.id, j.attempt): len((j.placement or {}).get("gpu_indices", ())) for j in store.active_jobs()}
+        held = total_gpus - int(ray.available_resources().get("GPU", 0)) - sum(active.values())
+        runners = [a["name"] for a in ray.util.list_named_actors(all_namespaces=True)
+                   if a["name"].startswith("shoal-job-")
+                   and tuple(int(x) for x in a["name"][len("shoal-job-"):].split("-a")) not in active]
+        if (held <= 0 and not runners) or time.monotonic() > deadline:
             break
         time.sleep(0.5)
-    details = [f"Ray holds {held} GPU(s)"] if held else []
+    held = max(held, 0)
+    details = [f"Ray holds {held} GPU(s) beyond the active jobs' {sum(active.values())}"] if held else []
     stale = [j for j in store.jobs() if j.state not in ACTIVE and j.placement]
     details += [f"job {j.id} {j.state.value} keeps placement {j.placement}" for j in stale]
-    details += [f"runner {a.name} still alive" for a in runners]
+    details += [f"runner {name} alive for an attempt that is not active" for name in runners]
     return held + sum(len(j.placement.get("gpu_indices", ())) for j in stale), len(runners), details
 
 
@@ -265,8 +273,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seed", type=int, default=7)
     ap.add_argument("--gpus", type=int, default=8)
     ap.add_argument("--steps", type=int, default=10, help="probe steps per job (0.1 s each)")
-    ap.add_argument("--timeout", type=float, default=1200, help="seconds for the whole run")
+    ap.add_argument("--timeout", type=float, default=3600,
+                    help="seconds for the whole run; jobs not terminal by then count as lost")
     args = ap.parse_args(argv)
+    # Ray's driver swallows SIGINT in places; both signals end the run through its clean-up.
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: sys.exit(130))
     r = run_chaos(args.jobs, args.kills, args.seed, args.gpus, args.steps, args.timeout)
     print(f"jobs {r.jobs}, kills {r.kills}, states {r.states}, wall {r.wall_s:.0f} s, "
           f"restart to API up {min(r.restarts_s or [0]):.1f}-{max(r.restarts_s or [0]):.1f} s")

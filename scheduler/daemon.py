@@ -103,7 +103,7 @@ class Daemon:
         from scheduler.inventory import Inventory, NodeInfo
         from scheduler.ha import LeaderElector, default_replica_id
         from scheduler.ray_executor import RayExecutor, RayNodes
-        from scheduler.service import Service
+        from scheduler.service import Service, check_launchable
         from scheduler.store import Store
 
         self.home.mkdir(parents=True, exist_ok=True)
@@ -152,7 +152,7 @@ class Daemon:
         )
         registry, cycle_hist = build_registry(collector)
         self.service = Service(self.store, executor, inventory, self.config, WallClock(), self.home,
-                               listeners=listeners, on_cycle=cycle_hist.observe)
+                               listeners=listeners, on_cycle=cycle_hist.observe, preflight=check_launchable)
         if self.elector.try_acquire():  # else a follower: serves the API, takes over in run()
             self.service.recover()
         app = create_app(self.service, registry)

@@ -62,7 +62,8 @@ class JobListener(Protocol):
 class Service:
     def __init__(self, store: Store, executor: Executor, inventory: Inventory, config: ClusterConfig,
                  clock: Clock, home: Path, listeners: list[JobListener] | None = None,
-                 on_cycle=None, policy: Callable[[Snapshot], Decision] = schedule):
+                 on_cycle=None, policy: Callable[[Snapshot], Decision] = schedule,
+                 preflight: Callable[[JobRecord], str | None] | None = None):
         self.store = store
         self.executor = executor
         self.inventory = inventory
@@ -72,13 +73,14 @@ class Service:
         self.listeners = listeners or []
         self.on_cycle = on_cycle  # called with the cycle's duration in seconds (metrics)
         self.policy = policy  # any pure Snapshot -> Decision (the simulator swaps baselines in)
+        self.preflight = preflight  # job -> why it can never launch (None: fine); see check_launchable
         self._killing: set[tuple[int, int]] = set()
         self._stopping = False
         self.usage_refresh_s = 10.0
         self._usage_cache: tuple[float, tuple[dict[str, float], dict[str, float]]] | None = None
         self._backlog: list[Outcome] = []  # outcomes polled but not yet recorded (store errors)
         self._reconcile = False  # a cycle failed half-way: reconcile store and executor first
-        self._known_nodes: dict[str, str] = {}  # node id -> name, recorded in the store
+        self._scanned_at = float("-inf")  # last full scan for rows with an unknown state
 
     # -- paths --------------------------------------------------------------------------------
     def job_dir(self, job_id: int) -> Path:
@@ -127,6 +129,11 @@ class Service:
             while self._backlog:
                 self._ingest_outcome(self._backlog[0])
                 self._backlog.pop(0)
+            scan = self.clock.now() - self._scanned_at >= 10.0  # a full-table scan: every 10 s
+            if scan:
+                self._scanned_at = self.clock.now()
+            for job_id, problem in self.store.quarantine_corrupt(self.clock.now(), scan=scan):
+                log.error("job %s failed for good: corrupted row: %s", job_id, problem)
             if self._reconcile:  # the last cycle failed half-way (e.g. the database was unreachable)
                 self.recover()
                 self._reconcile = False
@@ -194,7 +201,11 @@ class Service:
             self._log(job.id, f"[shoal] attempt {o.attempt} failed:\n{o.error}")
             max_retries = int(job.spec.get("max_retries", 1))
             cause = (o.error or "unknown error").strip().splitlines()[-1][:500]
-            if job.retries < max_retries:
+            if "[Errno 28]" in (o.error or "") or "No space left on device" in (o.error or ""):
+                # A full disk fails the next attempt too: fail now, say what to do.
+                self._move(job, src, S.FAILED, f"failed: disk full (ENOSPC) while writing checkpoints or the output "
+                           f"({cause}); free space, then resubmit", failure_reason=o.error, placement=None)
+            elif job.retries < max_retries:
                 self._move(job, src, S.QUEUED, f"attempt {o.attempt} failed ({cause}); retry "
                            f"{job.retries + 1}/{max_retries} resumes from the last checkpoint",
                            retries=job.retries + 1, placement=None)
@@ -329,6 +340,10 @@ class Service:
             self._launch(admitted)
 
     def _launch(self, job: JobRecord) -> None:
+        problem = self.preflight(job) if self.preflight else None
+        if problem:  # can never run (bad stored spec, inputs gone): fail for good, keep going
+            self._move(job, S.ADMITTED, S.FAILED, f"cannot launch: {problem}", failure_reason=problem, placement=None)
+            return
         try:
             self.executor.launch(self._launch_request(job))
         except Exception as e:  # noqa: BLE001 - a launch error must not stop the loop
@@ -474,3 +489,25 @@ def find_node(nodes, ref: str):
     if by:
         raise KeyError(f"node {ref!r} is ambiguous: it matches {len(by)} nodes; use the node id. Known: {known}")
     raise KeyError(f"node {ref!r} is not known to Shoal (by id, id prefix of 6+ characters, or name). Known: {known}")
+
+
+def check_launchable(job: JobRecord) -> str | None:
+    """Why a job's stored spec can never launch, or None: a spec written by a newer Shoal, a spec
+    that no longer validates (a corrupted or hand-edited row), a model or dataset that disappeared
+    after submit. (The daemon's preflight; the in-memory tests use specs that are not JobSpecs.)"""
+    from pydantic import ValidationError
+
+    from scheduler.spec import JobSpec, format_validation_error
+
+    version = job.spec.get("api_version", "shoal/v1")
+    if version != "shoal/v1":
+        return (f"api_version: the spec is {version!r}, newer than this Shoal (it reads 'shoal/v1'); run it with "
+                "a Shoal that knows that version")
+    try:
+        spec = JobSpec.model_validate(job.spec)
+    except ValidationError as e:
+        return "stored spec no longer validates (corrupted row?): " + "; ".join(format_validation_error(e, ""))
+    for field, path in spec.path_fields().items():
+        if field != "output" and path and not Path(path).exists():
+            return f"{field}: {path} no longer exists (it did at submit); restore it or resubmit"
+    return None

@@ -1,7 +1,7 @@
 """Durable state. SQLAlchemy on SQLite (embedded default, WAL) or PostgreSQL (`postgresql+psycopg://`);
 schema migrations by alembic (scheduler/store/migrations)."""
-from scheduler.store.db import Conflict, EventRecord, Fenced, JobRecord, Lease, NodeRecord, Store, UnknownJob
+from scheduler.store.db import Conflict, CorruptRow, EventRecord, Fenced, JobRecord, Lease, NodeRecord, Store, UnknownJob
 from scheduler.store.migrate import SchemaTooNew, SchemaUnknown
 
-__all__ = ["Conflict", "EventRecord", "Fenced", "JobRecord", "Lease", "NodeRecord", "SchemaTooNew",
+__all__ = ["Conflict", "CorruptRow", "EventRecord", "Fenced", "JobRecord", "Lease", "NodeRecord", "SchemaTooNew",
            "SchemaUnknown", "Store", "UnknownJob"]

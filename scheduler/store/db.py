@@ -3,6 +3,8 @@ state and append their event in the same transaction, so history and state never
 two writers (API thread, service loop) cannot both move the same job."""
 from __future__ import annotations
 
+import json
+import logging
 from dataclasses import dataclass, fields
 from typing import Any, Iterable
 
@@ -17,6 +19,25 @@ from scheduler.store import migrate as migrations
 from scheduler.store.schema import EventRow, JobRow, LeaseRow, NodeRow, UsageRow
 
 LEADER = "leader"  # the lease row the scheduler replicas contend for
+CORRUPT = "__shoal_corrupt__"  # what a JSON column that does not parse reads as
+log = logging.getLogger("shoal.store")
+
+
+class CorruptRow(ValueError):
+    """A job row Shoal cannot read (a state it does not know, JSON that does not parse)."""
+
+    def __init__(self, job_id: int, problem: str):
+        super().__init__(f"job {job_id}: corrupted row: {problem}")
+        self.job_id, self.problem = job_id, problem
+
+
+def _json_loads(text: str):
+    """JSON columns: a value that does not parse (SQLite stores text) is reported, not raised, so
+    one bad row cannot make every query fail."""
+    try:
+        return json.loads(text)
+    except ValueError as e:
+        return {CORRUPT: f"invalid JSON ({e})"}
 
 
 class UnknownJob(KeyError):
@@ -90,7 +111,15 @@ class JobRecord:
     @classmethod
     def of(cls, row: JobRow) -> JobRecord:
         values = {f.name: getattr(row, f.name) for f in fields(cls)}
-        values["state"] = JobState(row.state)
+        try:
+            values["state"] = JobState(row.state)
+        except ValueError:
+            raise CorruptRow(row.id, f"state {row.state!r} is not a job state") from None
+        for name in ("spec", "placement", "progress", "result"):
+            if isinstance(values[name], dict) and CORRUPT in values[name]:
+                raise CorruptRow(row.id, f"{name}: {values[name][CORRUPT]}")
+        if not isinstance(values["spec"], dict):
+            raise CorruptRow(row.id, f"spec: a JSON object was expected, not {type(values['spec']).__name__}")
         return cls(**values)
 
 
@@ -118,12 +147,12 @@ def make_engine(url: str) -> Engine:
         # An in-memory database ("sqlite://", used by the simulator) exists per connection:
         # keep exactly one, shared by all threads.
         memory = url in ("sqlite://", "sqlite:///:memory:")
-        engine = create_engine(url, connect_args={"check_same_thread": False},
+        engine = create_engine(url, connect_args={"check_same_thread": False}, json_deserializer=_json_loads,
                                **({"poolclass": StaticPool} if memory else {}))
         event.listen(engine, "connect", _sqlite_pragmas)
         return engine
     # pre-ping: a connection the server dropped (restart, proxy) is replaced, not handed out
-    return create_engine(url, pool_pre_ping=True, pool_recycle=300)
+    return create_engine(url, pool_pre_ping=True, pool_recycle=300, json_deserializer=_json_loads)
 
 
 _MUTABLE = {
@@ -144,6 +173,7 @@ class Store:
         self.engine = make_engine(url)
         self._session = sessionmaker(self.engine, expire_on_commit=False)
         self.fence_token: int | None = None
+        self._corrupt: dict[int, str] = {}  # rows a read skipped; quarantine_corrupt() fails them
         if migrate:
             migrations.upgrade(self.engine, url)
 
@@ -258,7 +288,51 @@ class Store:
         if limit is not None:
             q = q.limit(limit)
         with self._session() as s:
-            return [JobRecord.of(r) for r in s.scalars(q)]
+            return self._records(s.scalars(q))
+
+    def _records(self, rows) -> list[JobRecord]:
+        out = []
+        for row in rows:
+            try:
+                out.append(JobRecord.of(row))
+            except CorruptRow as e:  # skipped here, failed for good by quarantine_corrupt()
+                if row.id not in self._corrupt:
+                    log.error("%s", e)
+                self._corrupt[row.id] = e.problem
+        return out
+
+    def quarantine_corrupt(self, now: float, scan: bool = True) -> list[tuple[int, str]]:
+        """Every corrupted job row seen by a read, or (`scan`) with a state Shoal does not know,
+        becomes FAILED with the problem as its reason (the bad JSON values are replaced; the
+        event keeps what the state was). Returns [(job id, problem)]."""
+        valid = [st.value for st in JobState]
+        bad_state = []
+        if scan:
+            with self._session() as s:
+                bad_state = s.execute(select(JobRow.id, JobRow.state).where(JobRow.state.not_in(valid))).all()
+        found = dict(self._corrupt)
+        found.update({jid: f"state {st!r} is not a job state" for jid, st in bad_state})
+        done = []
+        for jid, problem in sorted(found.items()):
+            with self._session.begin() as s:
+                raw = s.execute(select(JobRow.state).where(JobRow.id == jid)).scalar()
+                if raw is None:
+                    continue
+                fix = {"state": JobState.FAILED.value, "failure_reason": f"corrupted row: {problem}",
+                       "placement": None, "finished_at": now, "updated_at": now}
+                for name in ("spec", "progress", "result"):
+                    col = getattr(JobRow, name)
+                    val = s.execute(select(col).where(JobRow.id == jid)).scalar()
+                    if (isinstance(val, dict) and CORRUPT in val) or (name == "spec" and not isinstance(val, dict)):
+                        fix[name] = {} if name == "spec" else None
+                s.execute(update(JobRow).where(JobRow.id == jid).values(**fix))
+                s.add(EventRow(job_id=jid, ts=now, from_state=str(raw)[:16], to_state=JobState.FAILED.value,
+                               attempt=0, reason=f"corrupted row: {problem}; failed for good"))
+                s.flush()
+                self._check_fence(s)
+            self._corrupt.pop(jid, None)
+            done.append((jid, problem))
+        return done
 
     def active_jobs(self) -> list[JobRecord]:
         return self.jobs(states=ACTIVE)

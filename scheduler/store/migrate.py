@@ -8,14 +8,17 @@ On PostgreSQL the upgrade holds an advisory lock, so replicas starting together 
 """
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
-from alembic import command
-from alembic.config import Config
-from alembic.runtime.migration import MigrationContext
-from alembic.script import ScriptDirectory
-from sqlalchemy import inspect, text
-from sqlalchemy.engine import Connection, Engine
+logging.getLogger("alembic").setLevel(logging.WARNING)  # its INFO lines (some at import) would fill shoal.log
+
+from alembic import command  # noqa: E402
+from alembic.config import Config  # noqa: E402
+from alembic.runtime.migration import MigrationContext  # noqa: E402
+from alembic.script import ScriptDirectory  # noqa: E402
+from sqlalchemy import inspect, text  # noqa: E402
+from sqlalchemy.engine import Connection, Engine  # noqa: E402
 
 MIGRATIONS = Path(__file__).resolve().parent / "migrations"
 _PG_LOCK = 0x5A0A1  # advisory lock key for migrations (any constant shared by all replicas)

@@ -32,8 +32,9 @@ class ShoalServer:
             raise AssertionError(f"shoal {' '.join(args)} exited {proc.returncode}\n{proc.stdout}\n{proc.stderr}")
         return proc
 
-    def up(self) -> Client:
-        args = ["up", "--port", "0"] + (["--config", str(self.config_path)] if self.config_path else [])
+    def up(self, *extra: str) -> Client:
+        """`shoal up` (plus `extra` arguments, e.g. "--ray-address", ADDR)."""
+        args = ["up", "--port", "0"] + (["--config", str(self.config_path)] if self.config_path else []) + list(extra)
         self.cli(*args)
         return self.client()
 
@@ -42,6 +43,9 @@ class ShoalServer:
 
     def down(self) -> None:
         self.cli("down", check=False)
+
+    def pid(self) -> int:
+        return json.loads((self.home / "daemon.json").read_text())["pid"]
 
     def log(self) -> str:
         p = self.home / "shoal.log"
