@@ -3,12 +3,13 @@ import threading
 import pytest
 
 from scheduler.lifecycle import IllegalTransition, JobState as S
-from scheduler.store import Conflict, Store, UnknownJob
+from scheduler.store import Conflict, MemoryStore, Store, UnknownJob
 
 
-@pytest.fixture
-def store(tmp_path):
-    s = Store(f"sqlite:///{tmp_path / 'shoal.db'}")
+@pytest.fixture(params=["sqlite", "memory"])
+def store(tmp_path, request):
+    """Every store test runs against both implementations of the Store interface."""
+    s = Store(f"sqlite:///{tmp_path / 'shoal.db'}") if request.param == "sqlite" else MemoryStore()
     yield s
     s.close()
 
@@ -91,3 +92,28 @@ def test_in_memory_store_is_one_database_for_all_threads():
     t.start()
     t.join()
     assert seen == [S.QUEUED]
+
+
+def test_queries_filter_and_order_by_id(store):
+    a, b, c = submit(store), submit(store, team="b"), submit(store)
+    store.transition(a.id, S.QUEUED, S.ADMITTED, reason="placed", now=1, attempt=1)
+    store.transition(a.id, S.ADMITTED, S.QUEUED, reason="lost", now=2, placement=None)  # re-enters QUEUED last
+    store.request_cancel(c.id)
+    assert [j.id for j in store.jobs(states=[S.QUEUED])] == [a.id, b.id, c.id]
+    assert [j.id for j in store.jobs(states=[S.QUEUED], team="b")] == [b.id]
+    assert [j.id for j in store.jobs(states=[S.QUEUED, S.ADMITTED], cancel_requested=True)] == [c.id]
+    assert [j.id for j in store.jobs(states=[S.QUEUED], cancel_requested=False)] == [a.id, b.id]
+    assert [j.id for j in store.jobs(limit=2)] == [a.id, b.id]
+    store.transition(c.id, S.QUEUED, S.CANCELLED, reason="bye", now=3)
+    assert store.jobs(states=[S.QUEUED, S.ADMITTED], cancel_requested=True) == []
+    assert [j.id for j in store.jobs(cancel_requested=True)] == [c.id]
+    assert store.active_jobs() == []
+    assert store.count_by_state_team() == {("QUEUED", "a"): 1, ("QUEUED", "b"): 1, ("CANCELLED", "a"): 1}
+
+
+def test_returned_records_do_not_alias_caller_dicts(store):
+    placement = {"node_id": "n", "gpu_indices": [0]}
+    job = submit(store)
+    store.transition(job.id, S.QUEUED, S.ADMITTED, reason="placed", now=1, attempt=1, placement=placement)
+    placement["gpu_indices"].append(1)
+    assert store.get(job.id).placement == {"node_id": "n", "gpu_indices": [0]}
