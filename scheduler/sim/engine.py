@@ -150,6 +150,7 @@ class RunResult:
     timeline: Timeline
     team_satisfaction: dict[str, float | None]
     alloc_while_waiting: float | None  # time-weighted allocation ratio while the queue is non-empty
+    alloc_integral: float  # ∫ allocation ratio dt over the run (seconds)
     total_gpus: int
     cost_usd: float
     cost_by_team: dict[str, float]
@@ -223,7 +224,7 @@ class Simulation:
         nominal = {t: c.gpus for t, c in self.sc.cluster.teams.items()}
         sat_num = {t: 0.0 for t in teams}
         sat_den = {t: 0.0 for t in teams}
-        alloc_wait = wait_time = 0.0
+        alloc_wait = wait_time = alloc_all = 0.0
         last_tick = -math.inf
         index: dict[int, SimJob] = {}
         while True:
@@ -238,6 +239,7 @@ class Simulation:
             # integrate the state that held over [now, t)
             dt = t - now
             if dt > 0:
+                alloc_all += dt * ex.allocated_gpus() / self.total_gpus
                 if store.queued:
                     wait_time += dt
                     alloc_wait += dt * ex.allocated_gpus() / self.total_gpus
@@ -282,7 +284,7 @@ class Simulation:
         rows = self._rows(index)
         sat = {t: (sat_num[t] / sat_den[t] if sat_den[t] > 0 else None) for t in teams}
         return RunResult(
-            self.policy_name, rows, rejected, tl, sat, (alloc_wait / wait_time) if wait_time > 0 else None,
+            self.policy_name, rows, rejected, tl, sat, (alloc_wait / wait_time) if wait_time > 0 else None, alloc_all,
             self.total_gpus, ex.cost_usd, dict(ex.cost_by_team), time.perf_counter() - wall0, self.ticks,
             n + ex.outcomes, self.start_s,
         )
