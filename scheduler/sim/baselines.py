@@ -241,11 +241,20 @@ def tiresias_queue(attained_gpu_s: float, thresholds: tuple[float, ...] = TIRESI
     return sum(1 for t in thresholds if attained_gpu_s >= t)
 
 
-def tiresias(snap: Snapshot) -> Decision:
-    # Within a queue: running jobs (by when they were submitted) ahead of pending ones.
-    return _preemptive(snap,
-                       lambda r: (tiresias_queue(r.attained_gpu_s), 0, r.submitted_at),
-                       lambda p: (tiresias_queue(p.attained_gpu_s), 1, p.submitted_at), "tiresias")
+def make_tiresias(thresholds: tuple[float, ...] = TIRESIAS_THRESHOLDS_GPU_S) -> Callable[[Snapshot], Decision]:
+    """Tiresias with the given queue thresholds (GPU-seconds, ascending)."""
+    th = tuple(sorted(thresholds))
+
+    def tiresias(snap: Snapshot) -> Decision:
+        # Within a queue: running jobs (by when they were submitted) ahead of pending ones.
+        return _preemptive(snap,
+                           lambda r: (tiresias_queue(r.attained_gpu_s, th), 0, r.submitted_at),
+                           lambda p: (tiresias_queue(p.attained_gpu_s, th), 1, p.submitted_at), "tiresias")
+
+    return tiresias
+
+
+tiresias = make_tiresias()
 
 
 def drf(snap: Snapshot) -> Decision:

@@ -6,7 +6,8 @@ Time jumps from event to event; the service ticks at each of:
   - job arrivals (every job submitted at or before the new time is submitted first, then one
     tick: jobs arriving in the same second are scheduled together);
   - attempt ends and checkpoint-and-stop completions reported by the executor;
-  - a periodic tick every `tick_s` (default 60 s) while jobs wait, because some decisions
+  - a periodic tick every `tick_s` (default 60 s, on a fixed grid from the first submit) while
+    jobs wait, because some decisions
     depend on time alone (a preemptive policy's priorities change as jobs attain service; a
     minimum runtime expires; aging);
 and ticks again at the same instant (at most `MAX_TICKS_PER_INSTANT` times) while the executor
@@ -225,14 +226,15 @@ class Simulation:
         sat_num = {t: 0.0 for t in teams}
         sat_den = {t: 0.0 for t in teams}
         alloc_wait = wait_time = alloc_all = 0.0
-        last_tick = -math.inf
         index: dict[int, SimJob] = {}
         while True:
             now = clock.now()
             t_arr = arrivals[i].submit_s if i < n else math.inf
             t_ex = ex.next_event_time()
             t_ex = math.inf if t_ex is None else t_ex
-            t_tick = max(last_tick + tick_s, now) if store.queued else math.inf
+            # periodic ticks on a fixed grid (start + k * tick_s) while jobs wait
+            t_tick = (self.start_s + (math.floor((now - self.start_s) / tick_s + 1e-9) + 1) * tick_s
+                      if store.queued else math.inf)
             t = min(t_arr, t_ex, t_tick)
             if t == math.inf:
                 break
@@ -268,7 +270,6 @@ class Simulation:
                 t_next = ex.next_event_time()
                 if t_next is None or t_next > now + 1e-6:
                     break
-            last_tick = now
             if now >= next_sample:
                 tl.t.append(now - self.start_s)
                 tl.allocated.append(ex.allocated_gpus() / self.total_gpus)
