@@ -53,8 +53,9 @@ def _with_attained(view: RunningJob, attained_gpu_s: float) -> RunningJob:
     """`dataclasses.replace(view, attained_gpu_s=...)` without re-running the frozen dataclass's
     __init__ (several times faster; every other field was set by a real __init__)."""
     new = object.__new__(RunningJob)
-    new.__dict__.update(view.__dict__)
-    new.__dict__["attained_gpu_s"] = attained_gpu_s
+    d = new.__dict__
+    d.update(view.__dict__)
+    d["attained_gpu_s"] = attained_gpu_s
     return new
 
 

@@ -237,8 +237,9 @@ def srtf(snap: Snapshot) -> Decision:
 
 
 def tiresias_queue(attained_gpu_s: float, thresholds: tuple[float, ...] = TIRESIAS_THRESHOLDS_GPU_S) -> int:
-    """Queue index (0 = highest priority) for a job's attained GPU-seconds."""
-    return sum(1 for t in thresholds if attained_gpu_s >= t)
+    """Queue index (0 = highest priority) for a job's attained GPU-seconds (a microsecond of
+    tolerance, so a job is demoted at the instant computed for its crossing despite rounding)."""
+    return sum(1 for t in thresholds if attained_gpu_s >= t - 1e-6)
 
 
 def make_tiresias(thresholds: tuple[float, ...] = TIRESIAS_THRESHOLDS_GPU_S) -> Callable[[Snapshot], Decision]:
@@ -251,10 +252,27 @@ def make_tiresias(thresholds: tuple[float, ...] = TIRESIAS_THRESHOLDS_GPU_S) -> 
                            lambda r: (tiresias_queue(r.attained_gpu_s, th), 0, r.submitted_at),
                            lambda p: (tiresias_queue(p.attained_gpu_s, th), 1, p.submitted_at), "tiresias")
 
+    def next_wakeup(snap: Snapshot, decision: Decision) -> float | None:
+        """When a running job next crosses a queue threshold (its priority drops), so the
+        simulator ticks exactly then; None when no running job will cross one."""
+        stopping = {p.job_id for p in decision.to_preempt}
+        pending = {p.job_id: p for p in snap.pending}
+        times = []
+        for attained, gpus in [(r.attained_gpu_s, len(r.gpu_indices)) for r in snap.running
+                               if r.job_id not in stopping] + \
+                [(pending[s.job_id].attained_gpu_s, len(s.placement.gpu_indices)) for s in decision.to_start]:
+            nxt = next((t for t in th if t - 1e-6 > attained), None)
+            if nxt is not None and gpus:
+                times.append(snap.now + (nxt - attained) / gpus)
+        return min(times, default=None)
+
+    tiresias.next_wakeup = next_wakeup
     return tiresias
 
 
 tiresias = make_tiresias()
+
+
 
 
 def drf(snap: Snapshot) -> Decision:
@@ -296,6 +314,17 @@ def drf(snap: Snapshot) -> Decision:
         if pos[team] < len(queues[team]):
             heapq.heappush(heap, (share(team), team))
     return Decision(to_start=tuple(starts), pending=pending)
+
+
+def _never(snap: Snapshot, decision: Decision) -> None:
+    """Decisions that change only when jobs arrive or end: no time-driven wake-up needed."""
+    return None
+
+
+# SRTF: as time passes only running jobs' remaining time shrinks, which never creates a new
+# start or preemption; FIFO, SJF and DRF do not look at the clock at all.
+for _f in (fifo, sjf, srtf, drf):
+    _f.next_wakeup = _never
 
 
 BASELINES: dict[str, Callable[[Snapshot], Decision]] = {

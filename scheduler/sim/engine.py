@@ -6,10 +6,12 @@ Time jumps from event to event; the service ticks at each of:
   - job arrivals (every job submitted at or before the new time is submitted first, then one
     tick: jobs arriving in the same second are scheduled together);
   - attempt ends and checkpoint-and-stop completions reported by the executor;
-  - a periodic tick every `tick_s` (default 60 s, on a fixed grid from the first submit) while
-    jobs wait, because some decisions
-    depend on time alone (a preemptive policy's priorities change as jobs attain service; a
-    minimum runtime expires; aging);
+  - time-driven wake-ups while jobs wait, because some decisions depend on time alone (a
+    preemptive policy's priorities change as jobs attain service; a minimum runtime expires;
+    aging). A policy function may carry `next_wakeup(snapshot, decision) -> time | None` saying
+    exactly when (the baselines do: Tiresias at the next queue-threshold crossing, the others
+    never); for a policy without it (Shoal's, today) the service ticks every `tick_s` (default
+    60 s, on a fixed grid from the first submit);
 and ticks again at the same instant (at most `MAX_TICKS_PER_INSTANT` times) while the executor
 has outcomes due, so a preemption's freed GPUs are used at once when `stop_s` is 0.
 
@@ -194,9 +196,22 @@ class Simulation:
         self.load = ReaderLoad(readers, self.inventory.dirty)
         self.held = self.load.held  # team -> GPUs held now
         self._home = Path(tempfile.gettempdir()) / "shoal-sim"  # never written: job_logs=False
+        self._hint = getattr(policy, "next_wakeup", None)
+        self.wake: float | None = None  # the policy's next time-driven decision (hinting policies)
         self.service = Service(self.store, self.executor, self.inventory, cfg, self.clock, self._home,
-                               listeners=[self.load], policy=policy, job_logs=False)
+                               listeners=[self.load], policy=self._observe(policy), job_logs=False)
         self.ticks = 0
+
+    def _observe(self, policy: Callable[[Snapshot], Decision]) -> Callable[[Snapshot], Decision]:
+        if self._hint is None:
+            return policy
+
+        def observed(snap: Snapshot) -> Decision:
+            decision = policy(snap)
+            self.wake = self._hint(snap, decision)
+            return decision
+
+        return observed
 
     # -- admission ------------------------------------------------------------------------------
     def _admit(self, job: SimJob, cache: dict, nodes, quotas) -> str | None:
@@ -232,9 +247,12 @@ class Simulation:
             t_arr = arrivals[i].submit_s if i < n else math.inf
             t_ex = ex.next_event_time()
             t_ex = math.inf if t_ex is None else t_ex
-            # periodic ticks on a fixed grid (start + k * tick_s) while jobs wait
-            t_tick = (self.start_s + (math.floor((now - self.start_s) / tick_s + 1e-9) + 1) * tick_s
-                      if store.queued else math.inf)
+            if not store.queued:
+                t_tick = math.inf
+            elif self._hint is not None:  # the policy says when time alone changes its decision
+                t_tick = self.wake if self.wake is not None and self.wake > now else math.inf
+            else:  # periodic ticks on a fixed grid (start + k * tick_s) while jobs wait
+                t_tick = self.start_s + (math.floor((now - self.start_s) / tick_s + 1e-9) + 1) * tick_s
             t = min(t_arr, t_ex, t_tick)
             if t == math.inf:
                 break

@@ -40,8 +40,10 @@ def test_tiresias_two_queues():
     still Q0 and running jobs keep their place: B waits. t=20: A reaches 20 -> Q1; C arrives;
     B (Q0) preempts A and runs 20-40. t=40: B reaches 20 -> Q1; C (Q0) preempts B, runs 40-50
     (JCT 30). t=50: A and B are both Q1 and pending; A was submitted first: A runs its remaining
-    80 s 50-130 (JCT 130); B its remaining 10 s 130-140 (JCT 130)."""
-    r = run(cluster(), ABC, make_tiresias((20.0,)))
+    80 s 50-130 (JCT 130); B its remaining 10 s 130-140 (JCT 130).
+    The t=40 demotion is no arrival or end: the simulator ticks then because Tiresias says when
+    its next threshold crossing is (no periodic tick: tick_s is 1000 here)."""
+    r = run(cluster(tick_s=1000), ABC, make_tiresias((20.0,)))
     assert jct_by_index(r) == {0: 130, 1: 130, 2: 30}
 
 
