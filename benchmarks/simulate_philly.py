@@ -58,13 +58,14 @@ def main() -> None:
     sc = load_sim_cluster(ROOT / "examples/sim/philly-50x8.yaml")
     prep = prepare(trace, sc, args.jobs)
     names = args.policies.split(",")
-    results = run_policies(prep, sc, names)
-    by = {}
-    print(f"\nquality setting: first {args.jobs} jobs on {sc.total_gpus} GPUs")
-    for r in results:
+    by, results = {}, []
+    print(f"\nquality setting: first {args.jobs} jobs on {sc.total_gpus} GPUs", flush=True)
+    for name in names:  # one at a time, printed as each finishes
+        (r,) = run_policies(prep, sc, [name])
+        results.append(r)
         s = summarize(r)
         by[r.policy] = s
-        print(fmt(s))
+        print(fmt(s), flush=True)
     if args.out:
         write_all(args.out / "quality", results, prep, sc, {"trace": str(TRACE), "jobs": args.jobs})
 
