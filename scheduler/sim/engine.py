@@ -24,8 +24,8 @@ from __future__ import annotations
 import math
 import tempfile
 import time
-from pathlib import Path
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Callable
 
 from monitoring.gpu import FakeGpuReader
@@ -175,7 +175,6 @@ class Simulation:
         self.samples = samples
         cfg = cluster.cluster
         nodes, readers, price = [], {}, {}
-        k = 0
         for gi, group in enumerate(cfg.nodes):
             model = cfg.gpu_models[group.gpu_model]
             for n in range(group.count):
@@ -184,7 +183,6 @@ class Simulation:
                 readers[node_id] = FakeGpuReader(group.gpus_per_node, group.gpu_model,
                                                  memory_mib=int(model.memory_gib * 1024), host=node_id)
                 price[node_id] = model.price_per_hour / 3600.0
-                k += 1
         self.total_gpus = cluster.total_gpus
         self.clock = FakeClock(start=jobs[0].submit_s if jobs else 0.0)
         self.start_s = self.clock.now()

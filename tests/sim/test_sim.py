@@ -11,14 +11,13 @@ import pytest
 from scheduler.policy import schedule
 from scheduler.sim.baselines import fifo, srtf
 from scheduler.sim.config import parse_sim_cluster
-from scheduler.sim.engine import Simulation
 from scheduler.sim.executor import SimExecutor
 from scheduler.sim.metrics import jain, makespan_bound, percentile, summarize
 from scheduler.sim.runner import prepare
 from scheduler.sim.traces import Trace, TraceJob
 from scheduler.sim.workload import WorkloadConfig, make_jobs, memory_per_gpu_mib
 from scheduler.spec import SpecError
-from tests.sim.conftest import cluster, jct_by_index, run, trace
+from tests.sim.conftest import cluster, run, trace
 
 REPO = Path(__file__).resolve().parents[2]
 
