@@ -5,6 +5,7 @@ groups) plus one optional `simulation:` section for what only a simulation needs
     simulation:
       team_map: {"6214e9": research, "*": other}   # trace group (virtual cluster / queue) -> team;
                                                     # "*" catches every other group
+      map_by: group                                 # or user: team_map keys are the trace's users
       seed: 0                                       # workload draws (model, method, estimates)
       tick_s: 60                                    # periodic service tick while jobs wait
       restart_overhead_s: 30                        # a resumed attempt reloads model + checkpoint
@@ -32,7 +33,8 @@ from scheduler.spec import ClusterConfig, SpecError, _parse_yaml, format_validat
 class SimSettings(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    team_map: dict[str, str] = Field(default={}, description="trace group -> team; '*' = any other group")
+    team_map: dict[str, str] = Field(default={}, description="trace group (or user) -> team; '*' = any other")
+    map_by: Literal["group", "user"] = Field(default="group", description="which trace column team_map keys name")
     seed: int = Field(default=0, ge=0)
     tick_s: float = Field(default=60.0, gt=0, description="service tick period while the queue is not empty")
     restart_overhead_s: float = Field(default=30.0, ge=0)
@@ -58,7 +60,10 @@ class SimCluster:
     sim: SimSettings
     source: str
 
-    def team_of(self, group: str) -> str | None:
+    def team_of(self, job) -> str | None:
+        """The team of a TraceJob: team_map[its group (or user, with map_by: user)], else the
+        '*' entry; without a team_map the key itself when it is a team."""
+        group = job.user if self.sim.map_by == "user" else job.group
         m = self.sim.team_map
         if not m:
             return group if group in self.cluster.teams else None

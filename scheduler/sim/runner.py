@@ -55,10 +55,11 @@ class Prepared:
 
 def prepare(trace: Trace, sc: SimCluster, limit: int | None) -> Prepared:
     tjobs = trace.first(limit).jobs
-    unmapped = sorted({j.group for j in tjobs if sc.team_of(j.group) is None})
+    key = (lambda j: j.user) if sc.sim.map_by == "user" else (lambda j: j.group)
+    unmapped = sorted({key(j) for j in tjobs if sc.team_of(j) is None})
     if unmapped:
         shown = ", ".join(unmapped[:10]) + (" ..." if len(unmapped) > 10 else "")
-        raise SimError(f"{sc.source}: simulation.team_map: trace group(s) {shown} map to no team; "
+        raise SimError(f"{sc.source}: simulation.team_map: trace {sc.sim.map_by}(s) {shown} map to no team; "
                        "add them to team_map (or a '*' entry)")
     folded = 0
     if sc.sim.oversize == "fold":
@@ -71,7 +72,7 @@ def prepare(trace: Trace, sc: SimCluster, limit: int | None) -> Prepared:
             else:
                 out.append(j)
         tjobs = out
-    jobs = make_jobs(tjobs, sc.sim.workload, lambda tj: sc.team_of(tj.group), sc.sim.seed)
+    jobs = make_jobs(tjobs, sc.sim.workload, sc.team_of, sc.sim.seed)
     return Prepared(jobs, folded, len(tjobs), trace.skipped)
 
 

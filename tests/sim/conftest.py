@@ -30,7 +30,7 @@ def trace(*rows: tuple) -> list[TraceJob]:
 
 
 def run(sc: SimCluster, rows, policy, name: str = "p", oracle: bool = False) -> RunResult:
-    jobs = make_jobs(rows, sc.sim.workload, lambda tj: sc.team_of(tj.group), sc.sim.seed)
+    jobs = make_jobs(rows, sc.sim.workload, sc.team_of, sc.sim.seed)
     return Simulation(sc, jobs, policy, name, oracle=oracle).run()
 
 

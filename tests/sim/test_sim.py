@@ -142,6 +142,9 @@ def test_unmapped_trace_groups_are_an_error_and_oversize_fold_keeps_gpu_time():
     sc = cluster(nodes=1, gpus=8, teams={"x": 8}, oversize="fold", team_map={"*": "x"})
     prep = prepare(Trace("t", trace((0, 100, 16, "a"))), sc, None)
     assert prep.folded == 1 and (prep.jobs[0].gpus, prep.jobs[0].duration_s) == (8, 200)
+    sc = cluster(nodes=1, gpus=8, teams={"x": 8, "y": 8}, team_map={"ann": "x", "*": "y"}, map_by="user")
+    rows = [TraceJob(0, 10, 1, "vc1", "ann", 2), TraceJob(1, 10, 1, "vc1", "bob", 3)]
+    assert [j.team for j in prepare(Trace("t", rows), sc, None).jobs] == ["x", "y"]
 
 
 def test_requeued_job_reports_remaining_time(tmp_path):
