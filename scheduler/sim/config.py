@@ -7,7 +7,8 @@ groups) plus one optional `simulation:` section for what only a simulation needs
                                                     # "*" catches every other group
       map_by: group                                 # or user: team_map keys are the trace's users
       seed: 0                                       # workload draws (model, method, estimates)
-      tick_s: 60                                    # periodic service tick while jobs wait
+      tick_s: 60                                    # periodic service tick while jobs wait (policies
+      tick_max_s: 600                               # without next_wakeup), backing off to this
       restart_overhead_s: 30                        # a resumed attempt reloads model + checkpoint
       startup_s: 0                                  # every attempt: time before the first step
       stop_s: 0                                     # checkpoint-and-stop time after a preemption
@@ -37,6 +38,7 @@ class SimSettings(BaseModel):
     map_by: Literal["group", "user"] = Field(default="group", description="which trace column team_map keys name")
     seed: int = Field(default=0, ge=0)
     tick_s: float = Field(default=60.0, gt=0, description="service tick period while the queue is not empty")
+    tick_max_s: float = Field(default=600.0, gt=0, description="the tick period backs off up to this while nothing changes")
     restart_overhead_s: float = Field(default=30.0, ge=0)
     startup_s: float = Field(default=0.0, ge=0)
     stop_s: float = Field(default=0.0, ge=0)

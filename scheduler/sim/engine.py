@@ -10,8 +10,11 @@ Time jumps from event to event; the service ticks at each of:
     preemptive policy's priorities change as jobs attain service; a minimum runtime expires;
     aging). A policy function may carry `next_wakeup(snapshot, decision) -> time | None` saying
     exactly when (the baselines do: Tiresias at the next queue-threshold crossing, the others
-    never); for a policy without it (Shoal's, today) the service ticks every `tick_s` (default
-    60 s, on a fixed grid from the first submit);
+    never). A policy without it (Shoal's, today) gets periodic ticks while jobs wait: `tick_s`
+    (default 60 s) after the last tick, doubling after each periodic tick that changed nothing,
+    up to `tick_max_s` (default 600 s), and back to `tick_s` after any arrival or end. (A
+    time-independent policy loses nothing by this; a time-dependent one may act up to
+    `tick_max_s` late in a quiet spell: give it `next_wakeup` to be exact.)
 and ticks again at the same instant (at most `MAX_TICKS_PER_INSTANT` times) while the executor
 has outcomes due, so a preemption's freed GPUs are used at once when `stop_s` is 0.
 
@@ -52,6 +55,7 @@ class SimStore(MemoryStore):
         super().__init__("memory://sim")
         self.queued_gpus: dict[str, int] = {}
         self.queued = 0
+        self.transitions = 0  # state changes so far (a tick that made none changed nothing)
 
     def submit(self, **kw):
         rec = super().submit(**kw)
@@ -62,6 +66,7 @@ class SimStore(MemoryStore):
     def transition(self, job_id, src, dst, **kw):
         before = self.get(job_id).state
         rec = super().transition(job_id, src, dst, **kw)
+        self.transitions += 1
         if before is S.QUEUED and dst is not S.QUEUED:
             self.queued_gpus[rec.team] -= rec.gpus
             self.queued -= 1
@@ -229,7 +234,9 @@ class Simulation:
         rejected: list[dict] = []
         arrivals = self.jobs
         n, i = len(arrivals), 0
-        tick_s = self.sc.sim.tick_s
+        tick_s = period = self.sc.sim.tick_s
+        tick_max_s = max(tick_s, self.sc.sim.tick_max_s)
+        last_tick = self.start_s
         span = (arrivals[-1].submit_s - arrivals[0].submit_s) if arrivals else 0.0
         sample_every = max(60.0, span / self.samples) if span else 60.0
         next_sample = self.start_s
@@ -249,9 +256,10 @@ class Simulation:
                 t_tick = math.inf
             elif self._hint is not None:  # the policy says when time alone changes its decision
                 t_tick = self.wake if self.wake is not None and self.wake > now else math.inf
-            else:  # periodic ticks on a fixed grid (start + k * tick_s) while jobs wait
-                t_tick = self.start_s + (math.floor((now - self.start_s) / tick_s + 1e-9) + 1) * tick_s
+            else:  # periodic ticks while jobs wait, backing off while they change nothing
+                t_tick = max(last_tick + period, now)
             t = min(t_arr, t_ex, t_tick)
+            periodic = t < t_arr and t < t_ex
             if t == math.inf:
                 break
             # integrate the state that held over [now, t)
@@ -280,12 +288,15 @@ class Simulation:
                                    user=job.user, priority=job.priority, gpus=job.gpus,
                                    memory_per_gpu_mib=job.memory_per_gpu_mib, now=now)
                 index[rec.id] = job
+            changes = store.transitions
             for _ in range(MAX_TICKS_PER_INSTANT):
                 svc.tick()
                 self.ticks += 1
                 t_next = ex.next_event_time()
                 if t_next is None or t_next > now + 1e-6:
                     break
+            last_tick = now
+            period = min(2 * period, tick_max_s) if periodic and store.transitions == changes else tick_s
             if now >= next_sample:
                 tl.t.append(now - self.start_s)
                 tl.allocated.append(ex.allocated_gpus() / self.total_gpus)

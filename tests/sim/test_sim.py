@@ -17,7 +17,7 @@ from scheduler.sim.runner import prepare
 from scheduler.sim.traces import Trace, TraceJob
 from scheduler.sim.workload import WorkloadConfig, make_jobs, memory_per_gpu_mib
 from scheduler.spec import SpecError
-from tests.sim.conftest import cluster, run, trace
+from tests.sim.conftest import cluster, jct_by_index, run, trace
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -207,3 +207,16 @@ def test_shoal_simulate_cli(tmp_path):
     assert "tiresias" in (out / "report.html").read_text()
     unknown = subprocess.run(cmd[:-6] + ["--policy", "lottery"], capture_output=True, text=True, env=env, cwd=REPO)
     assert unknown.returncode == 2 and "unknown policy 'lottery'" in unknown.stderr
+
+
+def test_policy_without_wakeup_hint_gets_backed_off_periodic_ticks():
+    """A policy with no `next_wakeup` (like Shoal's today) is ticked while jobs wait: 60 s after
+    the last tick, doubling while ticks change nothing, capped at tick_max_s (600 s). One GPU,
+    A runs 0-10,000 s, B waits: ticks at 0 (A), 1 (B), then 61, 181, 421, 901, 1501, ... every
+    600 s, 10,000 (A ends, B starts), 10,010 (B ends): 3 + 4 + 15 + ... far fewer than the
+    166 a fixed 60 s period would need; the schedule is the same as with the hinting FIFO."""
+    sc = cluster(tick_s=60, tick_max_s=600)
+    rows = trace((0, 10_000, 1, "x"), (1, 10, 1, "x"))
+    plain = run(sc, rows, lambda snap: fifo(snap))
+    assert jct_by_index(plain) == jct_by_index(run(sc, rows, fifo)) == {0: 10_000, 1: 10_009}
+    assert plain.ticks == 2 + 4 + len(range(1501, 10_000, 600)) + 2
