@@ -41,6 +41,26 @@ def _resources(spec: dict) -> dict:
     return spec.get("resources", {}) or {}
 
 
+def remaining_s(spec: dict, gpus: int, attained_gpu_s: float) -> float | None:
+    """Expected remaining run time: the spec's `resources.expected_duration_s` (total run time on
+    its GPUs) minus the work finished attempts already did (their GPU-seconds over the job's GPU
+    count); never below 0. None when the spec gives no estimate."""
+    expected = _resources(spec).get("expected_duration_s")
+    if not expected:
+        return None
+    return max(0.0, float(expected) - attained_gpu_s / max(1, gpus))
+
+
+def _with_attained(view: RunningJob, attained_gpu_s: float) -> RunningJob:
+    """`dataclasses.replace(view, attained_gpu_s=...)` without re-running the frozen dataclass's
+    __init__ (several times faster; every other field was set by a real __init__)."""
+    new = object.__new__(RunningJob)
+    d = new.__dict__
+    d.update(view.__dict__)
+    d["attained_gpu_s"] = attained_gpu_s
+    return new
+
+
 def policy_settings(config: ClusterConfig) -> PolicySettings:
     s = config.scheduler
     return PolicySettings(share_max_utilization=s.share_max_utilization, min_runtime_s=s.min_runtime_s,
@@ -63,7 +83,7 @@ class Service:
     def __init__(self, store: Store, executor: Executor, inventory: Inventory, config: ClusterConfig,
                  clock: Clock, home: Path, listeners: list[JobListener] | None = None,
                  on_cycle=None, policy: Callable[[Snapshot], Decision] = schedule,
-                 preflight: Callable[[JobRecord], str | None] | None = None):
+                 preflight: Callable[[JobRecord], str | None] | None = None, job_logs: bool = True):
         self.store = store
         self.executor = executor
         self.inventory = inventory
@@ -74,6 +94,7 @@ class Service:
         self.on_cycle = on_cycle  # called with the cycle's duration in seconds (metrics)
         self.policy = policy  # any pure Snapshot -> Decision (the simulator swaps baselines in)
         self.preflight = preflight  # job -> why it can never launch (None: fine); see check_launchable
+        self.job_logs = job_logs  # per-job train.log lines; the simulator turns them off (speed)
         self._killing: set[tuple[int, int]] = set()
         self._stopping = False
         self.usage_refresh_s = 10.0
@@ -81,6 +102,8 @@ class Service:
         self._backlog: list[Outcome] = []  # outcomes polled but not yet recorded (store errors)
         self._reconcile = False  # a cycle failed half-way: reconcile store and executor first
         self._scanned_at = float("-inf")  # last full scan for rows with an unknown state
+        self._running_cache: dict = {}  # job id -> view fields (running_views)
+        self._pending_cache: dict = {}  # job id -> JobRequest (pending_views)
 
     # -- paths --------------------------------------------------------------------------------
     def job_dir(self, job_id: int) -> Path:
@@ -90,6 +113,8 @@ class Service:
         return self.job_dir(job_id) / "train.log"
 
     def _log(self, job_id: int, *lines: str) -> None:
+        if not self.job_logs:
+            return
         path = self.log_path(job_id)
         path.parent.mkdir(parents=True, exist_ok=True)
         with path.open("a") as f:
@@ -250,42 +275,66 @@ class Service:
         )
 
     def running_views(self, active: list[JobRecord]) -> list[RunningJob]:
+        """One view per placed job. A job's fields are computed once per attempt state (cached by
+        job id) and only its attained GPU-seconds, which grow with the clock, each cycle."""
         now = self.clock.now()
         views = []
+        cache: dict[int, tuple[tuple, RunningJob, int, float]] = {}
         for j in active:
             if not j.placement:
                 continue
-            gpus = tuple(j.placement["gpu_indices"])
-            started = j.attempt_started_at if j.attempt_started_at is not None else now
-            res = _resources(j.spec)
-            expected = res.get("expected_duration_s")
-            views.append(RunningJob(
-                j.id, j.team, j.priority, j.placement["node_id"], gpus, j.memory_per_gpu_mib,
-                cpus=_cpus_per_gpu(j.spec) * len(gpus), submitted_at=j.submitted_at, started_at=started,
-                last_checkpoint_at=j.last_checkpoint_at,
-                expected_end_at=(started + float(expected)) if expected else None,
-                attained_gpu_s=j.attained_gpu_s + len(gpus) * max(0.0, now - started),
-                shareable=bool(res.get("shareable", False)), gpu_model=j.placement.get("gpu_model"),
-                preemptible=j.state in (S.STARTING, S.RUNNING), stopping=j.state is S.PREEMPTING,
-            ))
+            key = (j.attempt, j.state, j.attempt_started_at, j.last_checkpoint_at, j.attained_gpu_s)
+            hit = self._running_cache.get(j.id)
+            if hit is None or hit[0] != key:
+                hit = (key, *self._running_view(j, now))
+            cache[j.id] = hit
+            _, view, ngpus, started = hit
+            views.append(_with_attained(view, j.attained_gpu_s + ngpus * max(0.0, now - started)))
+        self._running_cache = cache
         return views
 
+    def _running_view(self, j: JobRecord, now: float) -> tuple[RunningJob, int, float]:
+        gpus = tuple(j.placement["gpu_indices"])
+        started = j.attempt_started_at if j.attempt_started_at is not None else now
+        res = _resources(j.spec)
+        remaining = remaining_s(j.spec, len(gpus) or j.gpus, j.attained_gpu_s)  # at this attempt's start
+        view = RunningJob(
+            j.id, j.team, j.priority, j.placement["node_id"], gpus, j.memory_per_gpu_mib,
+            cpus=_cpus_per_gpu(j.spec) * len(gpus), submitted_at=j.submitted_at, started_at=started,
+            last_checkpoint_at=j.last_checkpoint_at,
+            expected_end_at=(started + remaining) if remaining is not None else None,
+            attained_gpu_s=j.attained_gpu_s,
+            shareable=bool(res.get("shareable", False)), gpu_model=j.placement.get("gpu_model"),
+            preemptible=j.state in (S.STARTING, S.RUNNING), stopping=j.state is S.PREEMPTING,
+        )
+        return view, len(gpus), started
+
     def pending_views(self, queued: list[JobRecord]) -> tuple[JobRequest, ...]:
+        """One request per queued job, cached by job id while its attempt and attained service
+        (the only fields of a queued job that change) stay the same."""
         out = []
+        cache: dict[int, tuple[tuple, JobRequest]] = {}
         for j in queued:
-            res = _resources(j.spec)
-            expected = res.get("expected_duration_s")
-            out.append(JobRequest(
-                j.id, j.team, j.priority, j.submitted_at, j.gpus, j.memory_per_gpu_mib, res.get("gpu_model"),
-                _cpus_per_gpu(j.spec), shareable=bool(res.get("shareable", False)),
-                expected_duration_s=float(expected) if expected else None, attained_gpu_s=j.attained_gpu_s,
-                user=j.user,
-            ))
+            key = (j.attempt, j.attained_gpu_s)
+            hit = self._pending_cache.get(j.id)
+            if hit is None or hit[0] != key:
+                res = _resources(j.spec)
+                remaining = remaining_s(j.spec, j.gpus, j.attained_gpu_s)
+                hit = (key, JobRequest(
+                    j.id, j.team, j.priority, j.submitted_at, j.gpus, j.memory_per_gpu_mib, res.get("gpu_model"),
+                    _cpus_per_gpu(j.spec), shareable=bool(res.get("shareable", False)),
+                    expected_duration_s=remaining, attained_gpu_s=j.attained_gpu_s,
+                    user=j.user,
+                ))
+            cache[j.id] = hit
+            out.append(hit[1])
+        self._pending_cache = cache
         return tuple(out)
 
-    def snapshot(self) -> tuple[Snapshot, dict[int, JobRecord]]:
+    def snapshot(self, queued: list[JobRecord] | None = None) -> tuple[Snapshot, dict[int, JobRecord]]:
         running = self.running_views(self.store.active_jobs())
-        queued = self.store.jobs(states=[S.QUEUED], cancel_requested=False)
+        if queued is None:
+            queued = self.store.jobs(states=[S.QUEUED], cancel_requested=False)
         snap = Snapshot(
             self._overlay_drains(self.inventory.node_views(running)), tuple(running), self.pending_views(queued),
             self.quotas(),
@@ -296,7 +345,10 @@ class Service:
         return snap, {j.id: j for j in queued}
 
     def _schedule(self) -> None:
-        snap, queued = self.snapshot()
+        waiting = self.store.jobs(states=[S.QUEUED], cancel_requested=False)
+        if not waiting:
+            return  # nothing waits: no decision to make (policies start or preempt only for waiting jobs)
+        snap, queued = self.snapshot(waiting)
         decision = self.policy(snap)
         for pre in decision.to_preempt:
             self._preempt(pre.job_id, pre.reason)
@@ -315,7 +367,8 @@ class Service:
 
     def _launch_request(self, job: JobRecord) -> LaunchRequest:
         d = self.job_dir(job.id)
-        d.mkdir(parents=True, exist_ok=True)
+        if self.job_logs:
+            d.mkdir(parents=True, exist_ok=True)
         return LaunchRequest(
             job_id=job.id, attempt=job.attempt, spec=job.spec, node_id=job.placement["node_id"],
             gpu_indices=tuple(job.placement["gpu_indices"]), memory_per_gpu_mib=job.memory_per_gpu_mib,

@@ -150,6 +150,17 @@ class LocalCluster(_Strict):
     reader: Literal["fake", "nvml"] = "fake"
 
 
+class NodeGroup(_Strict):
+    """`count` identical nodes (for the simulator and for describing a multi-node cluster)."""
+
+    count: int = Field(ge=1, le=100_000, description="number of identical nodes")
+    gpus_per_node: int = Field(ge=1, le=64)
+    gpu_model: str = Field(min_length=1, description="a key of gpu_models")
+    cpus: int | None = Field(default=None, ge=1, description="CPUs per node offered to jobs; None = not limited")
+    name: str | None = Field(default=None, pattern=r"^[a-z0-9]([a-z0-9-]*[a-z0-9])?$",
+                             description="node name prefix; default: the group's position")
+
+
 class SchedulerSettings(_Strict):
     interval_s: float = Field(default=0.5, gt=0, le=60)
     memory_headroom_mib: int = Field(default=1024, ge=0)
@@ -181,6 +192,7 @@ class ClusterConfig(_Strict):
     teams: dict[str, TeamConfig] = {"default": TeamConfig(gpus=8)}
     cohorts: dict[str, CohortConfig] = {}
     scheduler: SchedulerSettings = SchedulerSettings()
+    nodes: list[NodeGroup] = Field(default=[], description="node groups (the simulator's cluster)")
 
     @model_validator(mode="after")
     def _known_model(self) -> ClusterConfig:
@@ -189,6 +201,15 @@ class ClusterConfig(_Strict):
                 f"local.gpu_model {self.local.gpu_model!r} is not in gpu_models "
                 f"({', '.join(sorted(self.gpu_models))}); add it there with its memory_gib"
             )
+        for i, group in enumerate(self.nodes):
+            if group.gpu_model not in self.gpu_models:
+                raise ValueError(
+                    f"nodes.{i}.gpu_model {group.gpu_model!r} is not in gpu_models "
+                    f"({', '.join(sorted(self.gpu_models))}); add it there with its memory_gib"
+                )
+        names = [g.name for g in self.nodes if g.name]
+        if len(names) != len(set(names)):
+            raise ValueError(f"nodes: node group names must be unique (got {', '.join(names)})")
         return self
 
 

@@ -1,7 +1,9 @@
 """Durable state. SQLAlchemy on SQLite (embedded default, WAL) or PostgreSQL (`postgresql+psycopg://`);
-schema migrations by alembic (scheduler/store/migrations)."""
+schema migrations by alembic (scheduler/store/migrations). `MemoryStore` is the same interface in
+memory, for the simulator."""
 from scheduler.store.db import Conflict, CorruptRow, EventRecord, Fenced, JobRecord, Lease, NodeRecord, Store, UnknownJob
+from scheduler.store.memory import MemoryStore
 from scheduler.store.migrate import SchemaTooNew, SchemaUnknown
 
-__all__ = ["Conflict", "CorruptRow", "EventRecord", "Fenced", "JobRecord", "Lease", "NodeRecord", "SchemaTooNew",
-           "SchemaUnknown", "Store", "UnknownJob"]
+__all__ = ["Conflict", "CorruptRow", "EventRecord", "Fenced", "JobRecord", "Lease", "MemoryStore", "NodeRecord",
+           "SchemaTooNew", "SchemaUnknown", "Store", "UnknownJob"]

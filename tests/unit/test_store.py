@@ -3,13 +3,22 @@ import threading
 import pytest
 
 from scheduler.lifecycle import IllegalTransition, JobState as S
-from scheduler.store import Conflict, Store, UnknownJob
-from tests.reliability.db import db_url, pg_database  # noqa: F401 - fixtures: every test on SQLite and PostgreSQL
+from scheduler.store import Conflict, MemoryStore, Store, UnknownJob
+from tests.reliability.db import db_url, pg_database, reset_pg, sqlalchemy_url  # noqa: F401 - fixtures
 
 
-@pytest.fixture
-def store(db_url):
-    s = Store(db_url)
+@pytest.fixture(params=["sqlite", "postgresql", "memory"])
+def store(request, tmp_path):
+    """Every store test runs against the SQL store on SQLite and on PostgreSQL, and against the
+    in-memory implementation of the same interface (the simulator's)."""
+    if request.param == "memory":
+        s = MemoryStore()
+    elif request.param == "sqlite":
+        s = Store(f"sqlite:///{tmp_path / 'shoal.db'}")
+    else:
+        name = request.getfixturevalue("pg_database")
+        reset_pg(name)
+        s = Store(sqlalchemy_url(name))
     yield s
     s.close()
 
@@ -92,3 +101,28 @@ def test_in_memory_store_is_one_database_for_all_threads():
     t.start()
     t.join()
     assert seen == [S.QUEUED]
+
+
+def test_queries_filter_and_order_by_id(store):
+    a, b, c = submit(store), submit(store, team="b"), submit(store)
+    store.transition(a.id, S.QUEUED, S.ADMITTED, reason="placed", now=1, attempt=1)
+    store.transition(a.id, S.ADMITTED, S.QUEUED, reason="lost", now=2, placement=None)  # re-enters QUEUED last
+    store.request_cancel(c.id)
+    assert [j.id for j in store.jobs(states=[S.QUEUED])] == [a.id, b.id, c.id]
+    assert [j.id for j in store.jobs(states=[S.QUEUED], team="b")] == [b.id]
+    assert [j.id for j in store.jobs(states=[S.QUEUED, S.ADMITTED], cancel_requested=True)] == [c.id]
+    assert [j.id for j in store.jobs(states=[S.QUEUED], cancel_requested=False)] == [a.id, b.id]
+    assert [j.id for j in store.jobs(limit=2)] == [a.id, b.id]
+    store.transition(c.id, S.QUEUED, S.CANCELLED, reason="bye", now=3)
+    assert store.jobs(states=[S.QUEUED, S.ADMITTED], cancel_requested=True) == []
+    assert [j.id for j in store.jobs(cancel_requested=True)] == [c.id]
+    assert store.active_jobs() == []
+    assert store.count_by_state_team() == {("QUEUED", "a"): 1, ("QUEUED", "b"): 1, ("CANCELLED", "a"): 1}
+
+
+def test_returned_records_do_not_alias_caller_dicts(store):
+    placement = {"node_id": "n", "gpu_indices": [0]}
+    job = submit(store)
+    store.transition(job.id, S.QUEUED, S.ADMITTED, reason="placed", now=1, attempt=1, placement=placement)
+    placement["gpu_indices"].append(1)
+    assert store.get(job.id).placement == {"node_id": "n", "gpu_indices": [0]}

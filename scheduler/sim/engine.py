@@ -1,0 +1,348 @@
+"""The discrete-event loop. It drives the production `scheduler.service.Service` (the same tick:
+ingest progress and outcomes, cancels, snapshot -> policy -> commit starts and preemptions) with
+a FakeClock, an in-memory store, one FakeGpuReader per simulated node and the SimExecutor.
+
+Time jumps from event to event; the service ticks at each of:
+  - job arrivals (every job submitted at or before the new time is submitted first, then one
+    tick: jobs arriving in the same second are scheduled together);
+  - attempt ends and checkpoint-and-stop completions reported by the executor;
+  - time-driven wake-ups while jobs wait, because some decisions depend on time alone (a
+    preemptive policy's priorities change as jobs attain service; a minimum runtime expires;
+    aging). A policy function may carry `next_wakeup(snapshot, decision) -> time | None` saying
+    exactly when (the baselines do: Tiresias at the next queue-threshold crossing, the others
+    never). A policy without it (Shoal's, today) gets periodic ticks while jobs wait: `tick_s`
+    (default 60 s) after the last tick, doubling after each periodic tick that changed nothing,
+    up to `tick_max_s` (default 600 s), and back to `tick_s` after any arrival or end. (A
+    time-independent policy loses nothing by this; a time-dependent one may act up to
+    `tick_max_s` late in a quiet spell: give it `next_wakeup` to be exact.)
+and ticks again at the same instant (at most `MAX_TICKS_PER_INSTANT` times) while the executor
+has outcomes due, so a preemption's freed GPUs are used at once when `stop_s` is 0.
+
+Jobs that can never run on the cluster (production's `never_fits`: wider than any node, more
+than the team's nominal quota, memory larger than any GPU) are refused at submit as the API
+would, and counted in the result.
+"""
+from __future__ import annotations
+
+import math
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+from monitoring.gpu import FakeGpuReader
+from scheduler.clock import FakeClock
+from scheduler.inventory import Inventory, NodeInfo
+from scheduler.lifecycle import JobState
+from scheduler.policy import Decision, JobRequest, Snapshot, never_fits
+from scheduler.service import Service
+from scheduler.sim.config import SimCluster
+from scheduler.sim.executor import SimExecutor
+from scheduler.sim.workload import SimJob
+from scheduler.store.memory import MemoryStore
+
+S = JobState
+MAX_TICKS_PER_INSTANT = 5
+SHARED_UTIL_PCT = 40.0  # what NVML shows for a shareable (small) job's GPU
+EXCLUSIVE_UTIL_PCT = 90.0
+
+
+class SimStore(MemoryStore):
+    """MemoryStore that also keeps per-team GPUs waiting in the queue (for quota satisfaction)."""
+
+    def __init__(self) -> None:
+        super().__init__("memory://sim")
+        self.queued_gpus: dict[str, int] = {}
+        self.queued = 0
+        self.transitions = 0  # state changes so far (a tick that made none changed nothing)
+
+    def submit(self, **kw):
+        rec = super().submit(**kw)
+        self.queued_gpus[rec.team] = self.queued_gpus.get(rec.team, 0) + rec.gpus
+        self.queued += 1
+        return rec
+
+    def transition(self, job_id, src, dst, **kw):
+        before = self.get(job_id).state
+        rec = super().transition(job_id, src, dst, **kw)
+        self.transitions += 1
+        if before is S.QUEUED and dst is not S.QUEUED:
+            self.queued_gpus[rec.team] -= rec.gpus
+            self.queued -= 1
+        elif dst is S.QUEUED and before is not S.QUEUED:
+            self.queued_gpus[rec.team] = self.queued_gpus.get(rec.team, 0) + rec.gpus
+            self.queued += 1
+        return rec
+
+
+class CachingInventory(Inventory):
+    """Inventory whose node views are rebuilt only for nodes marked dirty (a job was placed there
+    or released from there: `ReaderLoad` marks them). The fake readers change only then, and so
+    do the running jobs on the node, so the views are exactly what `Inventory` would build, and a
+    cycle costs O(changed nodes), not O(GPUs)."""
+
+    def __init__(self, nodes: list[NodeInfo], readers: dict[str, FakeGpuReader]):
+        super().__init__(lambda: nodes, readers)
+        self._node_list = nodes
+        self._cache: dict[str, object] = {}
+        self.dirty: set[str] = {n.node_id for n in nodes}
+        self._names = {n.node_id: n.name for n in nodes}
+        self._models = {nid: r.read()[0].model for nid, r in readers.items()}
+
+    def node_views(self, running):
+        if self.dirty:
+            by_node: dict[str, list] = {}
+            for job in running:
+                if job.node_id in self.dirty:
+                    by_node.setdefault(job.node_id, []).append(job)
+            for node in self._node_list:
+                if node.node_id in self.dirty:
+                    one = Inventory(lambda: [node], {node.node_id: self.readers[node.node_id]})
+                    self._cache[node.node_id] = one.node_views(by_node.get(node.node_id, []))[0]
+            self.dirty.clear()
+        return tuple(self._cache[n.node_id] for n in self._node_list)
+
+    def gpu_model(self, node_id, gpu_indices):
+        return self._models.get(node_id)
+
+    def node_name(self, node_id):
+        return self._names.get(node_id, node_id)
+
+
+class ReaderLoad:
+    """Listener: a placed job shows up on its node's fake GPUs (its memory estimate; utilization
+    40 % for a shareable job, 90 % otherwise), as NVML would show it; released, it disappears.
+    Also keeps the GPUs each team holds (quota satisfaction)."""
+
+    def __init__(self, readers: dict[str, FakeGpuReader], dirty: set[str]):
+        self.readers = readers
+        self.dirty = dirty  # the inventory's set of nodes to rebuild
+        self.held: dict[str, int] = {}
+        self._where: dict[int, tuple[str, int]] = {}  # the store clears placement before `released`
+
+    def placed(self, job) -> None:
+        node, gpus = job.placement["node_id"], tuple(job.placement["gpu_indices"])
+        r = self.readers[node]
+        self.dirty.add(node)
+        r.detach_job(job.id)
+        shared = bool((job.spec.get("resources") or {}).get("shareable"))
+        r.attach_job(job.id, gpus, job.memory_per_gpu_mib,
+                     utilization_pct=SHARED_UTIL_PCT if shared else EXCLUSIVE_UTIL_PCT)
+        if job.id not in self._where:
+            self.held[job.team] = self.held.get(job.team, 0) + len(gpus)
+        self._where[job.id] = (node, len(gpus))
+
+    def released(self, job) -> None:
+        where = self._where.pop(job.id, None)
+        if where is None:
+            return
+        self.readers[where[0]].detach_job(job.id)
+        self.dirty.add(where[0])
+        self.held[job.team] -= where[1]
+
+
+@dataclass
+class Timeline:
+    t: list[float] = field(default_factory=list)
+    allocated: list[float] = field(default_factory=list)  # fraction of GPUs with a tenant
+    useful: list[float] = field(default_factory=list)  # exclusive-GPU equivalents of work / GPUs
+    queue: list[int] = field(default_factory=list)  # jobs waiting
+
+
+@dataclass
+class RunResult:
+    policy: str
+    jobs: list[dict]  # one row per submitted job
+    rejected: list[dict]
+    timeline: Timeline
+    team_satisfaction: dict[str, float | None]
+    alloc_while_waiting: float | None  # time-weighted allocation ratio while the queue is non-empty
+    alloc_integral: float  # ∫ allocation ratio dt over the run (seconds)
+    total_gpus: int
+    cost_usd: float
+    cost_by_team: dict[str, float]
+    wall_s: float
+    ticks: int
+    events: int
+    start_s: float
+
+
+class Simulation:
+    def __init__(self, cluster: SimCluster, jobs: list[SimJob], policy: Callable[[Snapshot], Decision],
+                 policy_name: str, *, oracle: bool = False, progress: Callable[[float], None] | None = None,
+                 samples: int = 2000):
+        self.sc = cluster
+        self.jobs = jobs
+        self.policy_name = policy_name
+        self.oracle = oracle
+        self.progress = progress
+        self.samples = samples
+        cfg = cluster.cluster
+        nodes, readers, price = [], {}, {}
+        for gi, group in enumerate(cfg.nodes):
+            model = cfg.gpu_models[group.gpu_model]
+            for n in range(group.count):
+                node_id = f"{group.name or f'g{gi}'}-{n}"
+                nodes.append(NodeInfo(node_id, node_id, cpus=group.cpus))
+                readers[node_id] = FakeGpuReader(group.gpus_per_node, group.gpu_model,
+                                                 memory_mib=int(model.memory_gib * 1024), host=node_id)
+                price[node_id] = model.price_per_hour / 3600.0
+        self.total_gpus = cluster.total_gpus
+        self.clock = FakeClock(start=jobs[0].submit_s if jobs else 0.0)
+        self.start_s = self.clock.now()
+        self.store = SimStore()
+        s = cluster.sim
+        self.executor = SimExecutor(self.clock, share_throughput=list(s.share_throughput), startup_s=s.startup_s,
+                                    restart_overhead_s=s.restart_overhead_s, stop_s=s.stop_s, gpu_price=price)
+        self.inventory = CachingInventory(nodes, readers)
+        self.load = ReaderLoad(readers, self.inventory.dirty)
+        self.held = self.load.held  # team -> GPUs held now
+        self._home = Path(tempfile.gettempdir()) / "shoal-sim"  # never written: job_logs=False
+        self._hint = getattr(policy, "next_wakeup", None)
+        self.wake: float | None = None  # the policy's next time-driven decision (hinting policies)
+        self.service = Service(self.store, self.executor, self.inventory, cfg, self.clock, self._home,
+                               listeners=[self.load], policy=self._observe(policy), job_logs=False)
+        self.ticks = 0
+
+    def _observe(self, policy: Callable[[Snapshot], Decision]) -> Callable[[Snapshot], Decision]:
+        if self._hint is None:
+            return policy
+
+        def observed(snap: Snapshot) -> Decision:
+            decision = policy(snap)
+            self.wake = self._hint(snap, decision)
+            return decision
+
+        return observed
+
+    # -- admission ------------------------------------------------------------------------------
+    def _admit(self, job: SimJob, cache: dict, nodes, quotas) -> str | None:
+        key = (job.team, job.gpus, job.memory_per_gpu_mib)
+        if key not in cache:
+            req = JobRequest(0, job.team, 0, 0.0, job.gpus, job.memory_per_gpu_mib,
+                             cpus_per_gpu=job.spec["resources"]["cpus_per_gpu"])
+            cache[key] = never_fits(req, nodes, quotas)
+        return cache[key]
+
+    def run(self) -> RunResult:
+        wall0 = time.perf_counter()
+        clock, store, ex, svc = self.clock, self.store, self.executor, self.service
+        nodes = self.inventory.node_views(())
+        quotas = svc.quotas()
+        cache: dict = {}
+        rejected: list[dict] = []
+        arrivals = self.jobs
+        n, i = len(arrivals), 0
+        tick_s = period = self.sc.sim.tick_s
+        tick_max_s = max(tick_s, self.sc.sim.tick_max_s)
+        last_tick = self.start_s
+        span = (arrivals[-1].submit_s - arrivals[0].submit_s) if arrivals else 0.0
+        sample_every = max(60.0, span / self.samples) if span else 60.0
+        next_sample = self.start_s
+        tl = Timeline()
+        teams = sorted(self.sc.cluster.teams)
+        nominal = {t: c.gpus for t, c in self.sc.cluster.teams.items()}
+        sat_num = {t: 0.0 for t in teams}
+        sat_den = {t: 0.0 for t in teams}
+        alloc_wait = wait_time = alloc_all = 0.0
+        index: dict[int, SimJob] = {}
+        while True:
+            now = clock.now()
+            t_arr = arrivals[i].submit_s if i < n else math.inf
+            t_ex = ex.next_event_time()
+            t_ex = math.inf if t_ex is None else t_ex
+            if not store.queued:
+                t_tick = math.inf
+            elif self._hint is not None:  # the policy says when time alone changes its decision
+                t_tick = self.wake if self.wake is not None and self.wake > now else math.inf
+            else:  # periodic ticks while jobs wait, backing off while they change nothing
+                t_tick = max(last_tick + period, now)
+            t = min(t_arr, t_ex, t_tick)
+            periodic = t < t_arr and t < t_ex
+            if t == math.inf:
+                break
+            # integrate the state that held over [now, t)
+            dt = t - now
+            if dt > 0:
+                alloc_all += dt * ex.allocated_gpus() / self.total_gpus
+                if store.queued:
+                    wait_time += dt
+                    alloc_wait += dt * ex.allocated_gpus() / self.total_gpus
+                for team in teams:
+                    h, q = self.held.get(team, 0), store.queued_gpus.get(team, 0)
+                    if h + q > 0 and nominal[team] > 0:
+                        sat_den[team] += dt
+                        sat_num[team] += dt * min(1.0, h / min(nominal[team], h + q))
+                clock.advance(dt)
+            now = t
+            while i < n and arrivals[i].submit_s <= now:
+                job = arrivals[i]
+                i += 1
+                why = self._admit(job, cache, nodes, quotas)
+                if why is not None:
+                    rejected.append({"index": job.index, "team": job.team, "gpus": job.gpus,
+                                     "duration_s": job.duration_s, "reason": why})
+                    continue
+                rec = store.submit(spec=job.spec_for(self.oracle), name=job.spec["name"], team=job.team,
+                                   user=job.user, priority=job.priority, gpus=job.gpus,
+                                   memory_per_gpu_mib=job.memory_per_gpu_mib, now=now)
+                index[rec.id] = job
+            changes = store.transitions
+            for _ in range(MAX_TICKS_PER_INSTANT):
+                svc.tick()
+                self.ticks += 1
+                t_next = ex.next_event_time()
+                if t_next is None or t_next > now + 1e-6:
+                    break
+            last_tick = now
+            period = min(2 * period, tick_max_s) if periodic and store.transitions == changes else tick_s
+            if now >= next_sample:
+                tl.t.append(now - self.start_s)
+                tl.allocated.append(ex.allocated_gpus() / self.total_gpus)
+                tl.useful.append(ex.useful_gpus() / self.total_gpus)
+                tl.queue.append(store.queued)
+                next_sample = now + sample_every
+                if self.progress:
+                    self.progress(i / n if n else 1.0)
+            if i >= n and store.queued and not ex.runs:
+                break  # nothing runs or will arrive and the tick started nothing: the rest never start
+        if self.progress:
+            self.progress(1.0)
+        rows = self._rows(index)
+        sat = {t: (sat_num[t] / sat_den[t] if sat_den[t] > 0 else None) for t in teams}
+        return RunResult(
+            self.policy_name, rows, rejected, tl, sat, (alloc_wait / wait_time) if wait_time > 0 else None, alloc_all,
+            self.total_gpus, ex.cost_usd, dict(ex.cost_by_team), time.perf_counter() - wall0, self.ticks,
+            n + ex.outcomes, self.start_s,
+        )
+
+    def _rows(self, index: dict[int, SimJob]) -> list[dict]:
+        rows = []
+        for rec in self.store.jobs():
+            job = index[rec.id]
+            queued = 0.0
+            since = None
+            preemptions = 0
+            for ev in self.store.events(rec.id):
+                if ev.to_state == "QUEUED":
+                    since = ev.ts
+                elif since is not None:
+                    queued += ev.ts - since
+                    since = None
+                if ev.to_state == "PREEMPTING":
+                    preemptions += 1
+            rows.append({
+                "job_id": rec.id, "index": job.index, "team": rec.team, "user": rec.user, "gpus": rec.gpus,
+                "class": job.job_class, "shareable": job.shareable, "memory_per_gpu_mib": rec.memory_per_gpu_mib,
+                "duration_s": job.duration_s, "estimate_s": job.estimate_s,
+                "submit_s": rec.submitted_at - self.start_s,
+                "start_s": (rec.started_at - self.start_s) if rec.started_at is not None else None,
+                "end_s": (rec.finished_at - self.start_s) if rec.finished_at is not None else None,
+                "state": rec.state.value, "attempts": rec.attempt, "preemptions": preemptions,
+                "queued_s": queued if since is None else None,
+                "jct_s": (rec.finished_at - rec.submitted_at) if rec.finished_at is not None else None,
+            })
+        return rows
+
+

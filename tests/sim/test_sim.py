@@ -1,0 +1,222 @@
+"""The simulator end to end: determinism, the Shoal policy in the harness, metrics, the cluster
+file, the workload model, GPU sharing, and `shoal simulate` through the CLI."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from scheduler.policy import schedule
+from scheduler.sim.baselines import fifo, srtf
+from scheduler.sim.config import parse_sim_cluster
+from scheduler.sim.executor import SimExecutor
+from scheduler.sim.metrics import jain, makespan_bound, percentile, summarize
+from scheduler.sim.runner import prepare
+from scheduler.sim.traces import Trace, TraceJob
+from scheduler.sim.workload import WorkloadConfig, make_jobs, memory_per_gpu_mib
+from scheduler.spec import SpecError
+from tests.sim.conftest import cluster, jct_by_index, run, trace
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def random_trace(n=120, seed=3):
+    import random
+    rng = random.Random(seed)
+    rows, t = [], 0.0
+    for _ in range(n):
+        t += rng.expovariate(1 / 40)
+        rows.append((round(t), round(rng.lognormvariate(5, 1.2)) + 1, rng.choice([1, 1, 1, 2, 4, 8]),
+                     rng.choice(["x", "y"])))
+    return trace(*rows)
+
+
+def test_same_seed_same_output_different_seed_different_workload():
+    sc = cluster(nodes=2, gpus=8, teams={"x": 16, "y": 16}, tick_s=60, restart_overhead_s=30,
+                 workload={"estimate_sigma": 0.5})
+    rows = random_trace()
+    a = run(sc, rows, srtf, oracle=True)
+    b = run(sc, rows, srtf, oracle=True)
+    strip = lambda r: [{k: v for k, v in j.items()} for j in r.jobs]  # noqa: E731
+    assert strip(a) == strip(b) and a.timeline == b.timeline
+    assert summarize(a) | {"sim_wall_s": 0, "sim_events_per_s": 0} == summarize(b) | {"sim_wall_s": 0, "sim_events_per_s": 0}
+    other = make_jobs(rows, sc.sim.workload, lambda tj: tj.group, seed=1)
+    same = make_jobs(rows, sc.sim.workload, lambda tj: tj.group, seed=0)
+    assert [j.estimate_s for j in same] == [j.estimate_s for j in make_jobs(rows, sc.sim.workload, lambda tj: tj.group, 0)]
+    assert [j.estimate_s for j in other] != [j.estimate_s for j in same]
+
+
+def test_shoal_policy_runs_in_the_harness_and_every_job_finishes():
+    """Whatever scheduler.policy.schedule is, the same service loop runs it: every admitted job
+    ends SUCCEEDED, no GPU holds two exclusive jobs, and JCT >= run time."""
+    sc = cluster(nodes=2, gpus=8, teams={"x": 16, "y": 16}, tick_s=60)
+    r = run(sc, random_trace(80), schedule, "shoal")
+    assert {j["state"] for j in r.jobs} == {"SUCCEEDED"}
+    assert all(j["jct_s"] >= j["duration_s"] - 1e-6 for j in r.jobs)
+    s = summarize(r)
+    assert s["jobs_completed"] == 80 and s["makespan_s"] >= s["makespan_lower_bound_s"] - 1e-6
+
+
+def test_jobs_that_can_never_fit_are_refused_like_the_api_does():
+    sc = cluster(nodes=1, gpus=2, teams={"x": 2})
+    r = run(sc, trace((0, 10, 1, "x"), (1, 10, 4, "x")), fifo)
+    assert [j["index"] for j in r.jobs] == [0]
+    assert r.rejected[0]["index"] == 1 and "needs 4 GPUs" in r.rejected[0]["reason"]
+    assert summarize(r)["jobs_rejected"] == 1
+
+
+def test_metrics_by_hand():
+    assert percentile([5, 1, 3, 2, 4], 50) == 3 and percentile([1, 2, 3, 4], 99) == 4 and percentile([], 50) is None
+    assert jain([1, 1, 1]) == 1.0 and jain([1, 0]) == 0.5
+    jobs = [{"gpus": 2, "duration_s": 100, "submit_s": 0}, {"gpus": 1, "duration_s": 10, "submit_s": 50}]
+    assert makespan_bound(jobs, total_gpus=1) == 210  # work bound (2*100 + 10) / 1 GPU
+    assert makespan_bound(jobs, total_gpus=8) == 100  # arrival + duration bound
+    r = run(cluster(), trace((0, 100, 1, "x"), (10, 30, 1, "x")), fifo)
+    s = summarize(r)
+    # FIFO on one GPU: 0-100, 100-130. Cost: 130 GPU-s at $3.6/h = $0.13.
+    assert (s["jct_avg_s"], s["queue_delay_avg_s"], s["makespan_s"], s["makespan_lower_bound_s"]) == (110, 45, 130, 130)
+    assert s["cost_usd"] == pytest.approx(0.13) and s["cost_per_completed_job_usd"] == pytest.approx(0.065)
+    assert s["allocation_avg"] == pytest.approx(1.0) and s["allocation_while_queue_nonempty"] == pytest.approx(1.0)
+    assert s["utilization_avg"] == pytest.approx(1.0)
+    # Team x (nominal 8, on a 1-GPU cluster) holds 1 GPU throughout; it wants 1 during 0-10 and
+    # 100-130 (satisfied) and 2 during 10-100 (1 of min(8, 2): 0.5): (10 + 45 + 30) / 130.
+    assert s["quota_satisfaction"]["x"] == pytest.approx(85 / 130) and s["quota_satisfaction"]["y"] is None
+    assert s["jain_fairness_teams"] == 1.0  # one team with demand
+
+
+def test_shared_gpu_slowdown_model():
+    """Two tenants on one GPU with share_throughput [1, 1.5]: each runs at 0.75."""
+    from scheduler.clock import FakeClock
+    from scheduler.executor import LaunchRequest
+
+    clock = FakeClock(0.0)
+    ex = SimExecutor(clock, share_throughput=[1.0, 1.5])
+    spec = lambda d: {"sim": {"duration_s": d}}  # noqa: E731
+    ex.launch(LaunchRequest(1, 1, spec(30), "n", (0,), 1, "", ""))
+    clock.advance(10)  # job 1 alone: 10 s of work
+    ex.launch(LaunchRequest(2, 1, spec(15), "n", (0,), 1, "", ""))
+    # now both at 0.75: job 2 needs 15/0.75 = 20 s -> ends at 30; job 1 did 10 + 15 = 25 by then
+    assert ex.next_event_time() == pytest.approx(30.0)
+    clock.advance(20)
+    assert [o.job_id for o in ex.poll()] == [2]
+    assert ex.next_event_time() == pytest.approx(35.0)  # job 1 alone again: 5 s left at full speed
+
+
+def test_workload_memory_and_classes():
+    # 8B LoRA, batch 2, 1024 tokens: (8.03e9 x 2 B x 1.05 + 34*1024*2*4096*32 B + 2^30 B) / 2^20 = 25,810 MiB
+    assert memory_per_gpu_mib("llama-3-8b", "lora", 1, 2, 1024) == 25_810
+    assert memory_per_gpu_mib("llama-3-8b", "full", 8, 1, 1024) < memory_per_gpu_mib("llama-3-8b", "full", 4, 1, 1024)
+    cfg = WorkloadConfig(classes=[{"name": "only-1", "weight": 1, "gpus": [1], "model": "qwen2.5-0.5b"}])
+    with pytest.raises(ValueError, match="no job class covers 2-GPU jobs"):
+        make_jobs([TraceJob(0, 1, 2, "x", "x", 7)], cfg, lambda tj: "x", 0)
+
+
+def test_cluster_file_errors_name_the_line(tmp_path):
+    text = """gpu_models: {"H100 80GB": {memory_gib: 80}}
+nodes:
+  - {count: 0, gpus_per_node: 8, gpu_model: "H100 80GB"}
+teams: {a: {gpus: 8}}
+simulation:
+  tick_s: -1
+"""
+    with pytest.raises(SpecError) as e:
+        parse_sim_cluster(text, "c.yaml")
+    assert any(p.startswith("c.yaml:3: nodes.0.count:") for p in e.value.problems), e.value.problems
+    assert any(p.startswith("c.yaml:6: simulation.tick_s:") for p in e.value.problems), e.value.problems
+    with pytest.raises(SpecError, match="nodes.0.gpu_model 'A100' is not in gpu_models"):
+        parse_sim_cluster('nodes: [{count: 1, gpus_per_node: 8, gpu_model: A100}]', "c.yaml")
+    with pytest.raises(SpecError, match="needs at least one node group"):
+        parse_sim_cluster("teams: {a: {gpus: 1}}", "c.yaml")
+    with pytest.raises(SpecError, match="team\\(s\\) zz not in teams"):
+        parse_sim_cluster('nodes: [{count: 1, gpus_per_node: 8, gpu_model: "H100 80GB"}]\n'
+                          'simulation: {team_map: {"*": zz}}', "c.yaml")
+
+
+def test_unmapped_trace_groups_are_an_error_and_oversize_fold_keeps_gpu_time():
+    sc = cluster(nodes=1, gpus=8, teams={"x": 8})
+    tr = Trace("t", trace((0, 10, 1, "x"), (1, 10, 1, "q")))
+    with pytest.raises(ValueError, match="trace group\\(s\\) q map to no team"):
+        prepare(tr, sc, None)
+    sc = cluster(nodes=1, gpus=8, teams={"x": 8}, oversize="fold", team_map={"*": "x"})
+    prep = prepare(Trace("t", trace((0, 100, 16, "a"))), sc, None)
+    assert prep.folded == 1 and (prep.jobs[0].gpus, prep.jobs[0].duration_s) == (8, 200)
+    sc = cluster(nodes=1, gpus=8, teams={"x": 8, "y": 8}, team_map={"ann": "x", "*": "y"}, map_by="user")
+    rows = [TraceJob(0, 10, 1, "vc1", "ann", 2), TraceJob(1, 10, 1, "vc1", "bob", 3)]
+    assert [j.team for j in prepare(Trace("t", rows), sc, None).jobs] == ["x", "y"]
+
+
+def test_requeued_job_reports_remaining_time(tmp_path):
+    """Service.pending_views: after an attempt ran, expected_duration_s is what is left
+    (expected - attained GPU-s / GPUs), not the spec's total; running_views' expected end too."""
+    from scheduler.clock import FakeClock
+    from scheduler.executor import InMemoryExecutor
+    from scheduler.inventory import Inventory, NodeInfo
+    from monitoring.gpu import FakeGpuReader
+    from scheduler.lifecycle import JobState as S
+    from scheduler.service import Service
+    from scheduler.spec import ClusterConfig, TeamConfig
+    from scheduler.store import MemoryStore
+
+    clock, store, reader = FakeClock(0.0), MemoryStore(), FakeGpuReader(2)
+    svc = Service(store, InMemoryExecutor(clock, lambda s: 1000), Inventory(lambda: [NodeInfo("n", "n")], {"n": reader}),
+                  ClusterConfig(teams={"a": TeamConfig(gpus=2)}), clock, tmp_path)
+    job = store.submit(spec={"resources": {"expected_duration_s": 100}}, name="j", team="a", user="u", priority=0,
+                       gpus=2, memory_per_gpu_mib=1, now=0.0)
+    assert svc.pending_views([store.get(job.id)])[0].expected_duration_s == 100
+    svc.tick()
+    clock.advance(30)
+    (running,) = svc.snapshot()[0].running
+    assert running.expected_end_at == 100 and running.attained_gpu_s == 60
+    svc._preempt(job.id, "test")
+    svc.tick()  # ingest: requeued, attained 2 GPUs x 30 s, and started again at once
+    rec = store.get(job.id)
+    assert rec.attained_gpu_s == 60 and rec.attempt == 2
+    assert svc.running_views([rec])[0].expected_end_at == 30 + 70
+    queued = store.transition(job.id, rec.state, S.QUEUED, reason="x", now=30, placement=None)
+    assert svc.pending_views([queued])[0].expected_duration_s == 70  # 100 - 60 GPU-s / 2 GPUs
+
+
+def test_shoal_simulate_cli(tmp_path):
+    tr = tmp_path / "t.csv"
+    tr.write_text("timestamp,duration,num_gpus,gpu_time,cluster\n" + "".join(
+        f"2017-10-09 07:{m:02d}:00,{60 * (m % 5 + 1)}.0,{1 + m % 2},{60 * (m % 5 + 1) * (1 + m % 2)}.0,vc{m % 3}\n"
+        for m in range(30)) + "bad,1,1,1,vc0\n")
+    cl = tmp_path / "c.yaml"
+    cl.write_text('gpu_models: {"H100 80GB": {memory_gib: 80, price_per_hour: 2.0}}\n'
+                  'nodes: [{count: 1, gpus_per_node: 4, gpu_model: "H100 80GB"}]\n'
+                  'teams: {a: {gpus: 2, cohort: c}, b: {gpus: 2, cohort: c}}\ncohorts: {c: {}}\n'
+                  'simulation: {team_map: {vc0: a, "*": b}}\n')
+    env = {**os.environ, "COLUMNS": "200"}
+    cmd = [sys.executable, "-m", "scheduler.cli", "simulate", "--trace", str(tr), "--cluster", str(cl),
+           "--policy", "shoal,fifo,tiresias", "--jobs", "20", "--out", str(tmp_path / "out")]
+    bad = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=REPO, timeout=300)
+    assert bad.returncode == 2 and f"{tr}:32: timestamp:" in bad.stderr and "--skip-bad-rows" in bad.stderr
+    p = subprocess.run(cmd + ["--skip-bad-rows"], capture_output=True, text=True, env=env, cwd=REPO, timeout=300)
+    assert p.returncode == 0, p.stderr
+    assert "1 bad trace row(s) left out" in p.stderr
+    out = tmp_path / "out"
+    summary = json.loads((out / "summary.json").read_text())
+    assert [s["policy"] for s in summary["policies"]] == ["shoal", "fifo", "tiresias"]
+    assert all(s["jobs_completed"] == 20 for s in summary["policies"])
+    for f in ["summary.csv", "jobs-shoal.csv", "timeline-fifo.csv", "jct_cdf.png", "utilization.png", "queue.png",
+              "report.html", "skipped-rows.txt"]:
+        assert (out / f).stat().st_size > 0, f
+    assert (out / "jct_cdf.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "tiresias" in (out / "report.html").read_text()
+    unknown = subprocess.run(cmd[:-6] + ["--policy", "lottery"], capture_output=True, text=True, env=env, cwd=REPO)
+    assert unknown.returncode == 2 and "unknown policy 'lottery'" in unknown.stderr
+
+
+def test_policy_without_wakeup_hint_gets_backed_off_periodic_ticks():
+    """A policy with no `next_wakeup` (like Shoal's today) is ticked while jobs wait: 60 s after
+    the last tick, doubling while ticks change nothing, capped at tick_max_s (600 s). One GPU,
+    A runs 0-10,000 s, B waits: ticks at 0 (A), 1 (B), then 61, 181, 421, 901, 1501, ... every
+    600 s, 10,000 (A ends, B starts), 10,010 (B ends): 3 + 4 + 15 + ... far fewer than the
+    166 a fixed 60 s period would need; the schedule is the same as with the hinting FIFO."""
+    sc = cluster(tick_s=60, tick_max_s=600)
+    rows = trace((0, 10_000, 1, "x"), (1, 10, 1, "x"))
+    plain = run(sc, rows, lambda snap: fifo(snap))
+    assert jct_by_index(plain) == jct_by_index(run(sc, rows, fifo)) == {0: 10_000, 1: 10_009}
+    assert plain.ticks == 2 + 4 + len(range(1501, 10_000, 600)) + 2
