@@ -38,15 +38,20 @@ class FakeGpuLoad:
     """Makes a fake GPU look busy while a Shoal job holds it: a process with the job's estimated
     memory and 90 % utilization, as NVML would show on real hardware."""
 
-    def __init__(self, reader: FakeGpuReader):
+    def __init__(self, reader: FakeGpuReader, on_change=None):
         self.reader = reader
+        self.on_change = on_change  # e.g. the node agent's poll, so readings show the change at once
 
     def placed(self, job) -> None:
         self.reader.detach_job(job.id)
         self.reader.attach_job(job.id, tuple(job.placement["gpu_indices"]), job.memory_per_gpu_mib)
+        if self.on_change:
+            self.on_change()
 
     def released(self, job) -> None:
         self.reader.detach_job(job.id)
+        if self.on_change:
+            self.on_change()
 
 
 def _check_port(host: str, port: int) -> None:
@@ -79,7 +84,8 @@ class Daemon:
         import ray
         import uvicorn
 
-        from monitoring.metrics import ShoalCollector, build_registry
+        from monitoring.agent import NodeAgent
+        from monitoring.metrics import ShoalMetrics
         from scheduler.api import create_app
         from scheduler.inventory import Inventory, NodeInfo
         from scheduler.ray_executor import RayExecutor
@@ -103,19 +109,19 @@ class Daemon:
             return [NodeInfo(node_id, hostname, alive=True, cpus=cpus)]
 
         self.store = Store(self.db_url)
-        inventory = Inventory(nodes, {node_id: self.reader})
-        listeners = [FakeGpuLoad(self.reader)] if isinstance(self.reader, FakeGpuReader) else []
+        # The node agent polls the GPUs (SHOAL_AGENT_INTERVAL_S, default 1 s) and is the
+        # inventory's reader for this node; its health series join /metrics.
+        metrics = ShoalMetrics()
+        self.agent = NodeAgent(self.reader, interval_s=float(os.environ.get("SHOAL_AGENT_INTERVAL_S", "1")),
+                               hostname=hostname, registry=metrics.registry).start()
+        inventory = Inventory(nodes, {node_id: self.agent})
+        listeners = [FakeGpuLoad(self.reader, self.agent.poll)] if isinstance(self.reader, FakeGpuReader) else []
         executor = RayExecutor(backend="gloo" if local.reader == "fake" else "nccl")
-        collector = ShoalCollector(
-            job_counts=self.store.count_by_state_team,
-            gpu_readings=lambda: {node_id: (hostname, self.reader.read())},
-            running_jobs=self.store.active_jobs,
-        )
-        registry, cycle_hist = build_registry(collector)
         self.service = Service(self.store, executor, inventory, self.config, WallClock(), self.home,
-                               listeners=listeners, on_cycle=cycle_hist.observe)
+                               listeners=[*listeners, metrics.events], on_cycle=metrics.cycle.observe)
+        metrics.attach(self.service)
         self.service.recover()
-        app = create_app(self.service, registry)
+        app = create_app(self.service, metrics.registry)
         self.server = uvicorn.Server(uvicorn.Config(app, host=self.host, port=self.port, log_level="warning"))
         self.api_thread = threading.Thread(target=self.server.run, name="shoal-api", daemon=True)
         self.api_thread.start()
@@ -151,7 +157,9 @@ class Daemon:
             ray.shutdown()
             if hasattr(self, "store"):
                 self.store.close()
-            if hasattr(self, "reader"):
+            if hasattr(self, "agent"):
+                self.agent.close()  # closes the reader too
+            elif hasattr(self, "reader"):
                 self.reader.close()
             (self.home / "daemon.json").unlink(missing_ok=True)
             log.info("stopped")
