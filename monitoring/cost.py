@@ -22,7 +22,7 @@ from __future__ import annotations
 from collections import defaultdict
 from typing import Callable, Mapping
 
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from monitoring.exposition import counter, gauge
 from prometheus_client.registry import Collector
 
 from scheduler.accounting import UsageRecord, cost_usd, gpu_seconds
@@ -103,9 +103,9 @@ class CostCollector(Collector):
     def collect(self):
         now = self._now()
         nodes = self._node_gpus()
-        hourly = GaugeMetricFamily("node_gpu_hourly_cost", "Hourly cost per GPU on this node (USD), "
-                                   "OpenCost's metric", labels=["node", "instance_type"])
-        count = GaugeMetricFamily("node_gpu_count", "GPUs on this node", labels=["node", "instance_type"])
+        hourly = gauge("node_gpu_hourly_cost", "Hourly cost per GPU on this node (USD), "
+                                   "OpenCost's metric", ["node", "instance_type"])
+        count = gauge("node_gpu_count", "GPUs on this node", ["node", "instance_type"])
         for node, (flavor, n) in sorted(nodes.items()):
             if flavor in self._prices:
                 hourly.add_metric([node, flavor], self._prices[flavor])
@@ -120,13 +120,13 @@ class CostCollector(Collector):
         cost, gpu_s = self._totals(now)
         self._last, self._last_nodes = now, dict(nodes)
 
-        cap = CounterMetricFamily("shoal_gpu_capacity_cost_usd", "Cost of the node's GPUs, used or not (USD), "
-                                  "since this exporter started", labels=["node", "flavor"])
+        cap = counter("shoal_gpu_capacity_cost_usd", "Cost of the node's GPUs, used or not (USD), "
+                                  "since this exporter started", ["node", "flavor"])
         for (node, flavor), v in sorted(self._capacity.items()):
             cap.add_metric([node, flavor], v)
-        spend_c = CounterMetricFamily("shoal_team_gpu_cost_usd", "GPU spend charged to the team (USD), lifetime",
+        spend_c = counter("shoal_team_gpu_cost_usd", "GPU spend charged to the team (USD), lifetime",
                                       labels=["team", "flavor"])
-        gs = CounterMetricFamily("shoal_team_gpu_seconds", "Charged GPU-seconds, lifetime",
+        gs = counter("shoal_team_gpu_seconds", "Charged GPU-seconds, lifetime",
                                  labels=["team", "flavor"])
         teams = {t for t, _ in cost} | set(self._budgets)
         flavors_of = defaultdict(set)
@@ -137,20 +137,20 @@ class CostCollector(Collector):
                 spend_c.add_metric([t, f], cost.get((t, f), 0.0))
                 gs.add_metric([t, f], gpu_s.get((t, f), 0.0))
         yield from (cap, spend_c, gs)
-        job = GaugeMetricFamily("shoal_job_cost_usd", "Spend of a job holding GPUs, all its attempts so far (USD)",
-                                labels=["job_id", "team"])
+        job = gauge("shoal_job_cost_usd", "Spend of a job holding GPUs, all its attempts so far (USD)",
+                                ["job_id", "team"])
         for (jid, team), c in sorted(self._open_jobs.items()):
             job.add_metric([str(jid), team], c + self._job_closed.get((jid, team), [0.0])[0])
         yield job
 
         if self._spend is not None:
             spent = self._spend()
-            budget = GaugeMetricFamily("shoal_team_budget_usd", "Team budget per period (USD)",
+            budget = gauge("shoal_team_budget_usd", "Team budget per period (USD)",
                                        labels=["team", "period"])
-            spend_g = GaugeMetricFamily("shoal_team_spend_usd", "Spend in the current budget period (USD)",
+            spend_g = gauge("shoal_team_spend_usd", "Spend in the current budget period (USD)",
                                         labels=["team", "period"])
-            left = GaugeMetricFamily("shoal_team_budget_remaining_usd", "Budget left this period (USD); "
-                                     "negative = over budget", labels=["team", "period"])
+            left = gauge("shoal_team_budget_remaining_usd", "Budget left this period (USD); "
+                                     "negative = over budget", ["team", "period"])
             for t in sorted(set(self._budgets) | set(spent)):
                 s = spent.get(t, 0.0)
                 spend_g.add_metric([t, self._period], s)

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from typing import Iterable, Mapping
 
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from monitoring.exposition import counter, gauge, label_string
 
 from monitoring.gpu import GpuReading
 
@@ -45,6 +45,8 @@ _FIELDS = [
     ("DCGM_FI_DEV_ROW_REMAP_FAILURE", "Whether remapping of rows has failed.", "row_remap_failure"),
 ]
 
+_label_cache: dict[tuple[str, ...], str] = {}  # label values -> rendered label string
+
 Holders = Mapping[tuple[str, int], list[tuple[int, str]]]  # (node_id, gpu index) -> [(job_id, team)]
 
 
@@ -58,22 +60,27 @@ def holder_labels(holders: Holders, node_id: str, index: int) -> tuple[str, str]
 def gpu_families(readings: Mapping[str, tuple[str, list[GpuReading]]], holders: Holders) -> Iterable:
     """DCGM_FI_DEV_* families plus Shoal's per-GPU XID counter and health gauge.
     `readings`: node_id -> (hostname, that node's readings)."""
-    fams = {name: GaugeMetricFamily(name, help_, labels=DCGM_LABELS) for name, help_, _ in _FIELDS}
-    xids = CounterMetricFamily("shoal_gpu_xid_errors", "XID events seen on the GPU since its reader started",
+    fams = {name: gauge(name, help_, DCGM_LABELS) for name, help_, _ in _FIELDS}
+    xids = counter("shoal_gpu_xid_errors", "XID events seen on the GPU since its reader started",
                                labels=["node", "gpu", "uuid", "model"])
-    healthy = GaugeMetricFamily("shoal_gpu_healthy", "1 if the GPU is healthy (no critical XID, no uncorrected "
-                                "ECC error, no failed row remap), else 0", labels=["node", "gpu", "uuid", "model"])
-    procs = GaugeMetricFamily("shoal_gpu_foreign_memory_bytes", "GPU memory held by processes Shoal does not "
+    healthy = gauge("shoal_gpu_healthy", "1 if the GPU is healthy (no critical XID, no uncorrected "
+                                "ECC error, no failed row remap), else 0", ["node", "gpu", "uuid", "model"])
+    procs = gauge("shoal_gpu_foreign_memory_bytes", "GPU memory held by processes Shoal does not "
                               "own (known only where NVML reports per-process memory)",
                               labels=["node", "gpu", "model"])
     for node_id, (host, node_readings) in readings.items():
         for r in node_readings:
             jid, team = holder_labels(holders, node_id, r.index)
             lv = [str(r.index), r.uuid, f"nvidia{r.index}", r.model, host, "", "", jid, team]
+            ls = _label_cache.get(tuple(lv))  # once per GPU, shared by its fields
+            if ls is None:
+                if len(_label_cache) > 100_000:  # bounded: GPUs x holder combinations seen lately
+                    _label_cache.clear()
+                ls = _label_cache[tuple(lv)] = label_string(DCGM_LABELS, lv)
             for name, _, attr in _FIELDS:
                 v = getattr(r, attr)
                 if v is not None:
-                    fams[name].add_metric(lv, float(v))
+                    fams[name].add_rendered(ls, lv, v)
             for m in r.mig_devices:  # MIG instances: memory per instance, as dcgm-exporter does
                 mlv = [str(r.index), m.uuid, f"nvidia{r.index}", r.model, host, m.profile,
                        str(m.gpu_instance_id), "", ""]

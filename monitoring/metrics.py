@@ -17,7 +17,7 @@ from collections import defaultdict
 from typing import Callable, Iterable, Mapping
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
-from prometheus_client.core import GaugeMetricFamily
+from monitoring.exposition import counter, gauge
 from prometheus_client.registry import Collector
 
 from monitoring.dcgm import Holders, gpu_families
@@ -55,16 +55,19 @@ class ShoalCollector(Collector):
     def __init__(self, *, job_counts: Callable[[], dict[tuple[str, str], int]],
                  gpu_readings: Callable[[], Readings], running_jobs: Callable[[], Iterable],
                  queued_jobs: Callable[[], Iterable] | None = None, config=None,
-                 now: Callable[[], float] = time.time):
+                 now: Callable[[], float] = time.time, gpu_series: bool = True):
         self._job_counts = job_counts
         self._gpu_readings = gpu_readings
         self._running_jobs = running_jobs  # JobRecords holding GPUs
         self._queued_jobs = queued_jobs
         self._config = config
         self._now = now
+        # Per-GPU DCGM series from the scheduler (with job labels). A large cluster may leave
+        # them to the node agents (15 series per GPU: 120k for 1,000 8-GPU nodes).
+        self._gpu_series = gpu_series
 
     @classmethod
-    def for_service(cls, service) -> ShoalCollector:
+    def for_service(cls, service, gpu_series: bool = True) -> ShoalCollector:
         from scheduler.lifecycle import JobState as S
 
         inv = service.inventory
@@ -75,7 +78,7 @@ class ShoalCollector(Collector):
         return cls(job_counts=service.store.count_by_state_team, gpu_readings=readings,
                    running_jobs=service.store.active_jobs,
                    queued_jobs=lambda: service.store.jobs(states=[S.QUEUED]),
-                   config=service.config, now=service.clock.now)
+                   config=service.config, now=service.clock.now, gpu_series=gpu_series)
 
     def describe(self):
         return []  # no store reads at registration time
@@ -85,7 +88,8 @@ class ShoalCollector(Collector):
         readings = self._gpu_readings()
         holders = _holders(running)
         yield from self._jobs(running)
-        yield from gpu_families(readings, holders)
+        if self._gpu_series:
+            yield from gpu_families(readings, holders)
         yield from self._allocation(readings, holders)
         yield from self._attribution(running, readings)
         if self._queued_jobs is not None:
@@ -95,7 +99,7 @@ class ShoalCollector(Collector):
 
     # -- jobs ---------------------------------------------------------------------------------
     def _jobs(self, running: list):
-        jobs = GaugeMetricFamily("shoal_jobs", "Jobs by state and team", labels=["state", "team"])
+        jobs = gauge("shoal_jobs", "Jobs by state and team", ["state", "team"])
         counts = self._job_counts()
         teams = sorted({team for _, team in counts})
         for state in JobState:  # every state present, zeros included, so rates and sums are stable
@@ -104,14 +108,14 @@ class ShoalCollector(Collector):
         yield jobs
         lab = ["job_id", "team"]
         fams = {
-            "loss": GaugeMetricFamily("shoal_job_train_loss", "Latest training loss", labels=lab),
-            "eval_loss": GaugeMetricFamily("shoal_job_eval_loss", "Latest evaluation loss", labels=lab),
-            "tokens_per_s": GaugeMetricFamily("shoal_job_tokens_per_second", "Training throughput, tokens/s",
+            "loss": gauge("shoal_job_train_loss", "Latest training loss", lab),
+            "eval_loss": gauge("shoal_job_eval_loss", "Latest evaluation loss", lab),
+            "tokens_per_s": gauge("shoal_job_tokens_per_second", "Training throughput, tokens/s",
                                               labels=lab),
-            "step": GaugeMetricFamily("shoal_job_step", "Optimizer steps done", labels=lab),
-            "total_steps": GaugeMetricFamily("shoal_job_steps", "Optimizer steps planned", labels=lab),
-            "mfu": GaugeMetricFamily("shoal_job_mfu_ratio", "Model FLOPs utilization (0..1) as the trainer "
-                                     "reports it", labels=lab),
+            "step": gauge("shoal_job_step", "Optimizer steps done", lab),
+            "total_steps": gauge("shoal_job_steps", "Optimizer steps planned", lab),
+            "mfu": gauge("shoal_job_mfu_ratio", "Model FLOPs utilization (0..1) as the trainer "
+                                     "reports it", lab),
         }
         for job in running:
             p = job.progress or {}
@@ -122,11 +126,11 @@ class ShoalCollector(Collector):
 
     def _queue(self, queued: list):
         now = self._now()
-        length = GaugeMetricFamily("shoal_queue_jobs", "Jobs waiting in the queue", labels=["team"])
-        pending = GaugeMetricFamily("shoal_queue_pending_jobs", "Queued jobs by pending-reason category "
-                                    "('none': not looked at yet)", labels=["team", "reason"])
-        oldest = GaugeMetricFamily("shoal_queue_oldest_wait_seconds", "How long the longest-waiting queued job "
-                                   "of the team has waited (since it last entered the queue)", labels=["team"])
+        length = gauge("shoal_queue_jobs", "Jobs waiting in the queue", ["team"])
+        pending = gauge("shoal_queue_pending_jobs", "Queued jobs by pending-reason category "
+                                    "('none': not looked at yet)", ["team", "reason"])
+        oldest = gauge("shoal_queue_oldest_wait_seconds", "How long the longest-waiting queued job "
+                                   "of the team has waited (since it last entered the queue)", ["team"])
         by_team: dict[str, int] = defaultdict(int)
         by_reason: dict[tuple[str, str], int] = defaultdict(int)
         wait: dict[str, float] = {}
@@ -144,11 +148,11 @@ class ShoalCollector(Collector):
     # -- GPUs ---------------------------------------------------------------------------------
     def _allocation(self, readings: Readings, holders: Holders):
         lab = ["node", "flavor"]
-        gpus = GaugeMetricFamily("shoal_gpus", "GPUs by state: free, allocated (held by Shoal jobs), unhealthy",
+        gpus = gauge("shoal_gpus", "GPUs by state: free, allocated (held by Shoal jobs), unhealthy",
                                  labels=lab + ["state"])
-        shared = GaugeMetricFamily("shoal_gpus_shared", "Allocated GPUs held by two or more jobs", labels=lab)
-        idle = GaugeMetricFamily("shoal_gpus_allocated_idle", f"Allocated GPUs below {IDLE_UTILIZATION_PCT:g} % "
-                                 "utilization", labels=lab)
+        shared = gauge("shoal_gpus_shared", "Allocated GPUs held by two or more jobs", lab)
+        idle = gauge("shoal_gpus_allocated_idle", f"Allocated GPUs below {IDLE_UTILIZATION_PCT:g} % "
+                                 "utilization", lab)
         for node_id, (host, rs) in readings.items():
             counts: dict[tuple[str, str], int] = defaultdict(int)
             flavors = sorted({r.model for r in rs})
@@ -172,13 +176,13 @@ class ShoalCollector(Collector):
         job ids (the fake; NVML with a pid map) those are used; otherwise a GPU's used memory is
         split among its holders by their reservations and they share its utilization."""
         lab = ["job_id", "team"]
-        mem = GaugeMetricFamily("shoal_job_gpu_memory_used_bytes", "GPU memory the job uses, all its GPUs",
-                                labels=lab)
-        res = GaugeMetricFamily("shoal_job_gpu_memory_reserved_bytes", "GPU memory Shoal reserved for the job, "
-                                "all its GPUs", labels=lab)
-        util = GaugeMetricFamily("shoal_job_gpu_utilization_ratio", "Mean utilization (0..1) of the job's GPUs "
-                                 "(its own SM share where known)", labels=lab)
-        gpus = GaugeMetricFamily("shoal_job_gpus", "GPUs the job holds", labels=lab + ["node", "flavor"])
+        mem = gauge("shoal_job_gpu_memory_used_bytes", "GPU memory the job uses, all its GPUs",
+                                lab)
+        res = gauge("shoal_job_gpu_memory_reserved_bytes", "GPU memory Shoal reserved for the job, "
+                                "all its GPUs", lab)
+        util = gauge("shoal_job_gpu_utilization_ratio", "Mean utilization (0..1) of the job's GPUs "
+                                 "(its own SM share where known)", lab)
+        gpus = gauge("shoal_job_gpus", "GPUs the job holds", lab + ["node", "flavor"])
         by_gpu = {(nid, r.index): r for nid, (_, rs) in readings.items() for r in rs}
         holders = _holders(running)
         for job in running:
@@ -216,10 +220,10 @@ class ShoalCollector(Collector):
         GPUs (capped by each one's idle GPUs and lending_limit)."""
         teams = self._config.teams
         lab = ["team", "flavor"]
-        nominal = GaugeMetricFamily("shoal_team_quota_nominal_gpus", "Nominal (guaranteed) GPUs", labels=lab)
-        used = GaugeMetricFamily("shoal_team_gpus_used", "GPUs held by the team's jobs", labels=lab)
-        borrowed = GaugeMetricFamily("shoal_team_gpus_borrowed", "GPUs used above nominal (borrowed)", labels=lab)
-        lent = GaugeMetricFamily("shoal_team_gpus_lent", "Idle nominal GPUs used by other teams of the cohort",
+        nominal = gauge("shoal_team_quota_nominal_gpus", "Nominal (guaranteed) GPUs", lab)
+        used = gauge("shoal_team_gpus_used", "GPUs held by the team's jobs", lab)
+        borrowed = gauge("shoal_team_gpus_borrowed", "GPUs used above nominal (borrowed)", lab)
+        lent = gauge("shoal_team_gpus_lent", "Idle nominal GPUs used by other teams of the cohort",
                                  labels=lab)
         use: dict[tuple[str, str], int] = defaultdict(int)
         for job in running:
