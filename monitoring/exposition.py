@@ -39,7 +39,9 @@ class Family(Metric):
     `labels=`) whose sample lines are rendered as they are added."""
 
     def __init__(self, name: str, documentation: str, typ: str = "gauge", labels: Sequence[str] = ()):
-        super().__init__(name, documentation, typ)  # strips a counter's `_total`
+        if typ == "counter" and name.endswith("_total"):
+            name = name[:-6]  # as CounterMetricFamily: the family is `x`, its sample `x_total`
+        super().__init__(name, documentation, typ)
         self._label_names = tuple(labels)
         self._sample_name = self.name + ("_total" if typ == "counter" else "")
         self.lines: list[str] = []
