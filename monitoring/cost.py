@@ -19,6 +19,7 @@
 """
 from __future__ import annotations
 
+import threading
 from collections import defaultdict
 from typing import Callable, Mapping
 
@@ -50,6 +51,7 @@ class CostCollector(Collector):
         self._job_closed: dict[tuple[int, str], list[float]] = {}  # (job, team) -> [cost, last seen open]
         self._capacity: dict[tuple[str, str], float] = defaultdict(float)
         self._last_nodes: Mapping[str, tuple[str, int]] = {}
+        self._lock = threading.Lock()
 
     @classmethod
     def for_service(cls, service) -> CostCollector:
@@ -101,6 +103,11 @@ class CostCollector(Collector):
         return cost, gpu_s
 
     def collect(self):
+        with self._lock:  # concurrent scrapes must not add a closed attempt twice
+            return self._collect()
+
+    def _collect(self) -> list:
+        fams = []
         now = self._now()
         nodes = self._node_gpus()
         hourly = gauge("node_gpu_hourly_cost", "Hourly cost per GPU on this node (USD), "
@@ -110,7 +117,7 @@ class CostCollector(Collector):
             if flavor in self._prices:
                 hourly.add_metric([node, flavor], self._prices[flavor])
             count.add_metric([node, flavor], n)
-        yield from (hourly, count)
+        fams.extend((hourly, count))
 
         if self._last is not None:  # capacity cost accrues at the GPU count seen at the last scrape
             for node, (flavor, n) in self._last_nodes.items():
@@ -136,12 +143,12 @@ class CostCollector(Collector):
             for f in sorted(flavors_of[t] or set(self._prices)):  # zero series so increase() has a start
                 spend_c.add_metric([t, f], cost.get((t, f), 0.0))
                 gs.add_metric([t, f], gpu_s.get((t, f), 0.0))
-        yield from (cap, spend_c, gs)
+        fams.extend((cap, spend_c, gs))
         job = gauge("shoal_job_cost_usd", "Spend of a job holding GPUs, all its attempts so far (USD)",
                                 ["job_id", "team"])
         for (jid, team), c in sorted(self._open_jobs.items()):
             job.add_metric([str(jid), team], c + self._job_closed.get((jid, team), [0.0])[0])
-        yield job
+        fams.append(job)
 
         if self._spend is not None:
             spent = self._spend()
@@ -158,4 +165,5 @@ class CostCollector(Collector):
                 if b is not None:
                     budget.add_metric([t, self._period], b)
                     left.add_metric([t, self._period], b - s)
-            yield from (budget, spend_g, left)
+            fams.extend((budget, spend_g, left))
+        return fams
