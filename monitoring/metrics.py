@@ -17,7 +17,7 @@ from collections import defaultdict
 from typing import Callable, Iterable, Mapping
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
-from monitoring.exposition import counter, gauge
+from monitoring.exposition import counter, gauge, label_string
 from prometheus_client.registry import Collector
 
 from monitoring.dcgm import Holders, gpu_families
@@ -91,7 +91,7 @@ class ShoalCollector(Collector):
         if self._gpu_series:
             yield from gpu_families(readings, holders)
         yield from self._allocation(readings, holders)
-        yield from self._attribution(running, readings)
+        yield from self._attribution(running, readings, holders)
         if self._queued_jobs is not None:
             yield from self._queue(list(self._queued_jobs()))
         if self._config is not None:
@@ -119,9 +119,11 @@ class ShoalCollector(Collector):
         }
         for job in running:
             p = job.progress or {}
+            lv = [str(job.id), job.team]
+            ls = label_string(lab, lv)
             for key, fam in fams.items():
                 if isinstance(p.get(key), (int, float)):
-                    fam.add_metric([str(job.id), job.team], float(p[key]))
+                    fam.add_rendered(ls, lv, float(p[key]))
         yield from fams.values()
 
     def _queue(self, queued: list):
@@ -171,7 +173,7 @@ class ShoalCollector(Collector):
                 idle.add_metric([host, f], n_idle[f])
         yield from (gpus, shared, idle)
 
-    def _attribution(self, running: list, readings: Readings):
+    def _attribution(self, running: list, readings: Readings, holders: Holders):
         """Per job: GPU memory it uses and its utilization. Where the reader tags processes with
         job ids (the fake; NVML with a pid map) those are used; otherwise a GPU's used memory is
         split among its holders by their reservations and they share its utilization."""
@@ -184,7 +186,6 @@ class ShoalCollector(Collector):
                                  "(its own SM share where known)", lab)
         gpus = gauge("shoal_job_gpus", "GPUs the job holds", lab + ["node", "flavor"])
         by_gpu = {(nid, r.index): r for nid, (_, rs) in readings.items() for r in rs}
-        holders = _holders(running)
         for job in running:
             if not job.placement:
                 continue
@@ -204,10 +205,11 @@ class ShoalCollector(Collector):
                     used += r.memory_used_mib / n
                     utils.append(r.utilization_pct)
             lv = [str(job.id), job.team]
-            mem.add_metric(lv, used * 2**20)
-            res.add_metric(lv, job.memory_per_gpu_mib * len(idxs) * 2**20)
+            ls = label_string(lab, lv)  # once per job, shared by its series
+            mem.add_rendered(ls, lv, used * 2**20)
+            res.add_rendered(ls, lv, job.memory_per_gpu_mib * len(idxs) * 2**20)
             if utils:
-                util.add_metric(lv, sum(utils) / len(utils) / 100.0)
+                util.add_rendered(ls, lv, sum(utils) / len(utils) / 100.0)
             gpus.add_metric(lv + [job.placement.get("node") or nid, job.placement.get("gpu_model") or ""],
                             len(idxs))
         yield from (mem, res, util, gpus)
