@@ -215,6 +215,16 @@ class HttpAgentReader:
         self._client.close()
 
 
+def agent_readers(ray_nodes: list[dict], port: int = 9470, timeout_s: float = 2.0) -> dict[str, HttpAgentReader]:
+    """One HttpAgentReader per alive Ray node, keyed by Ray node id, for `Inventory.readers`:
+    every node runs its agent on the same `port` (as a KubeRay sidecar or a systemd unit), at the
+    node's address as Ray reports it. `ray_nodes` is `ray.nodes()`."""
+    return {
+        n["NodeID"]: HttpAgentReader(f"http://{n['NodeManagerAddress']}:{port}", timeout_s)
+        for n in ray_nodes if n.get("Alive")
+    }
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(prog="python -m monitoring.agent", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)

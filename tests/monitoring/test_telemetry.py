@@ -6,7 +6,7 @@ import pytest
 from prometheus_client import CollectorRegistry
 from prometheus_client.parser import text_string_to_metric_families
 
-from monitoring.agent import HttpAgentReader, NodeAgent
+from monitoring.agent import HttpAgentReader, NodeAgent, agent_readers
 from monitoring.gpu import FakeGpuReader, NvmlReader, NvmlUnavailable
 from monitoring.scenario import Scenario, parse_scenario
 from scheduler.spec import SpecError
@@ -166,3 +166,20 @@ def test_agent_polls_in_background_and_serves_readings_and_metrics_over_http():
         remote.close()
         agent.close()
     assert HttpAgentReader(f"http://127.0.0.1:{port}", timeout_s=0.5).read() == []  # agent gone: no GPUs
+
+
+def test_agent_readers_for_ray_nodes_read_each_nodes_agent():
+    agent = NodeAgent(FakeGpuReader(2, host="w1"), interval_s=1, hostname="w1")
+    server, port = agent.serve("127.0.0.1", 0)
+    try:
+        nodes = [  # the shape of ray.nodes()
+            {"NodeID": "abc", "Alive": True, "NodeManagerAddress": "127.0.0.1", "Resources": {"GPU": 2.0}},
+            {"NodeID": "dead", "Alive": False, "NodeManagerAddress": "127.0.0.9"},
+        ]
+        readers = agent_readers(nodes, port=port)
+        assert list(readers) == ["abc"]
+        assert [g.index for g in readers["abc"].read()] == [0, 1]
+        readers["abc"].close()
+    finally:
+        server.shutdown()
+        agent.close()
