@@ -11,6 +11,7 @@ OpenCost's `node_gpu_hourly_cost` shape plus Shoal's own spend counters (monitor
 """
 from __future__ import annotations
 
+import logging
 import re
 import time
 from collections import defaultdict
@@ -23,6 +24,8 @@ from prometheus_client.registry import Collector
 from monitoring.dcgm import Holders, gpu_families
 from monitoring.gpu import GpuReading
 from scheduler.lifecycle import JobState
+
+log = logging.getLogger("shoal.metrics")
 
 IDLE_UTILIZATION_PCT = 5.0  # an allocated GPU below this utilization counts as idle
 ANY_FLAVOR = "any"  # flavor label of flavor-agnostic quotas
@@ -298,6 +301,12 @@ class JobEventMetrics:
         pass
 
     def moved(self, old, new, reason: str) -> None:
+        try:
+            self._count(old, new)
+        except Exception:  # noqa: BLE001 - metrics must never break a state change
+            log.exception("job metrics: cannot count %s -> %s of job %s", old.state, new.state, new.id)
+
+    def _count(self, old, new) -> None:
         src, dst, team = old.state, new.state, new.team
         self.transitions.labels(src.value, dst.value, team).inc()
         if src is JobState.QUEUED and dst is JobState.ADMITTED:
