@@ -6,7 +6,7 @@ export SHOAL_HOME ?= $(CURDIR)/.shoal
 TINY   := examples/models/tiny-llama
 DATA   := examples/data/tiny-sft
 
-.PHONY: install assets demo test test-slow test-all clean constraints
+.PHONY: install assets demo test test-slow test-all clean constraints prometheus
 
 install: $(VENV)/.installed
 
@@ -30,8 +30,17 @@ demo: install assets
 	  $(BIN)/shoal submit examples/tiny-lora.yaml --watch; \
 	  $(BIN)/shoal queue --all'
 
-# The README's test command: unit tests + the real end-to-end path (Ray, SQLite, HTTP).
-test: install assets
+# Debian's prometheus + promtool: the monitoring tests run a real Prometheus. Idempotent: nothing
+# happens when both are on PATH.
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+prometheus:
+	@if ! command -v prometheus >/dev/null || ! command -v promtool >/dev/null; then \
+	  command -v apt-get >/dev/null || { echo "error: prometheus/promtool not on PATH and no apt-get: install Prometheus 2.x"; exit 2; }; \
+	  $(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq --no-install-recommends prometheus; \
+	fi
+
+# The README's test command: unit tests + the real end-to-end path (Ray, SQLite, HTTP, Prometheus).
+test: install assets prometheus
 	$(BIN)/python -m pytest -m "not slow"
 
 # Suites marked slow (CI runs them after `make test`); pytest's "no tests collected" (5) is fine.

@@ -1,85 +1,364 @@
-"""Prometheus metrics, produced at scrape time from the store and the GPU readers (never stale).
+"""Prometheus metrics. Most series are produced at scrape time from the store, the GPU readings
+and the cluster config (never stale, and a finished job's series disappear with it, so label
+cardinality stays bounded: job ids appear only for jobs that hold GPUs). Counters and histograms
+of lifecycle events (wait time, completion time, preemptions, retries) are fed by a service
+listener (`JobEventMetrics.moved`).
 
-GPU series use dcgm-exporter's names, units and labels (gpu, UUID, device, modelName, Hostname)
-so existing DCGM dashboards work; where a Shoal job holds the GPU, `job_id` and `team` labels are
-added (dcgm-exporter adds pod/namespace the same way). No label is called `job` or `instance`:
-Prometheus would rename them on scrape. Cardinality: job ids appear only for running jobs.
+Naming follows Prometheus conventions: base units (seconds, bytes, USD), `_total` counters,
+`_ratio` for 0..1, and no label called `job` or `instance` (Prometheus renames those on scrape);
+a job's id is `job_id`. GPU series use dcgm-exporter's names (monitoring.dcgm); cost series use
+OpenCost's `node_gpu_hourly_cost` shape plus Shoal's own spend counters (monitoring.cost).
 """
 from __future__ import annotations
 
-from typing import Callable, Iterable
+import logging
+import re
+import time
+from collections import defaultdict
+from typing import Callable, Iterable, Mapping
 
-from prometheus_client import CollectorRegistry, Histogram
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from monitoring.exposition import counter, gauge, label_string
 from prometheus_client.registry import Collector
 
+from monitoring.dcgm import Holders, gpu_families
 from monitoring.gpu import GpuReading
 from scheduler.lifecycle import JobState
 
+log = logging.getLogger("shoal.metrics")
+
+IDLE_UTILIZATION_PCT = 5.0  # an allocated GPU below this utilization counts as idle
+ANY_FLAVOR = "any"  # flavor label of flavor-agnostic quotas
+
+Readings = Mapping[str, tuple[str, list[GpuReading]]]  # node_id -> (hostname, readings)
+
+
+def reason_category(reason: str | None) -> str:
+    """A bounded label for a free-text pending reason: its leading 'word:' (e.g. 'quota',
+    'resources'), else 'other'. The full reason is in `shoal queue` and the job's events."""
+    if not reason:
+        return "none"
+    m = re.match(r"^([a-z][a-z_-]{0,23}):", reason)
+    return m.group(1) if m else "other"
+
+
+def _holders(running: Iterable) -> dict[tuple[str, int], list[tuple[int, str]]]:
+    out: dict[tuple[str, int], list[tuple[int, str]]] = defaultdict(list)
+    for job in running:
+        if job.placement:
+            for idx in job.placement["gpu_indices"]:
+                out[(job.placement["node_id"], idx)].append((job.id, job.team))
+    return out
+
 
 class ShoalCollector(Collector):
+    """Scrape-time series. Only `job_counts`, `gpu_readings` and `running_jobs` are required;
+    the optional sources add queue, quota and attribution series (`for_service` wires them all)."""
+
     def __init__(self, *, job_counts: Callable[[], dict[tuple[str, str], int]],
-                 gpu_readings: Callable[[], dict[str, tuple[str, list[GpuReading]]]],
-                 running_jobs: Callable[[], Iterable]):
+                 gpu_readings: Callable[[], Readings], running_jobs: Callable[[], Iterable],
+                 queued_jobs: Callable[[], Iterable] | None = None, config=None,
+                 now: Callable[[], float] = time.time, gpu_series: bool = True):
         self._job_counts = job_counts
-        self._gpu_readings = gpu_readings  # node_id -> (hostname, readings)
+        self._gpu_readings = gpu_readings
         self._running_jobs = running_jobs  # JobRecords holding GPUs
+        self._queued_jobs = queued_jobs
+        self._config = config
+        self._now = now
+        # Per-GPU DCGM series from the scheduler (with job labels). A large cluster may leave
+        # them to the node agents (15 series per GPU: 120k for 1,000 8-GPU nodes).
+        self._gpu_series = gpu_series
+
+    @classmethod
+    def for_service(cls, service, gpu_series: bool = True) -> ShoalCollector:
+        from scheduler.lifecycle import JobState as S
+
+        inv = service.inventory
+
+        def readings() -> Readings:
+            return {nid: (inv.node_name(nid), rs) for nid, rs in inv.read().items()}
+
+        return cls(job_counts=service.store.count_by_state_team, gpu_readings=readings,
+                   running_jobs=service.store.active_jobs,
+                   queued_jobs=lambda: service.store.jobs(states=[S.QUEUED]),
+                   config=service.config, now=service.clock.now, gpu_series=gpu_series)
+
+    def describe(self):
+        return []  # no store reads at registration time
 
     def collect(self):
         running = list(self._running_jobs())  # one store read per scrape
+        readings = self._gpu_readings()
+        holders = _holders(running)
         yield from self._jobs(running)
-        yield from self._gpus(running)
+        if self._gpu_series:
+            yield from gpu_families(readings, holders)
+        yield from self._allocation(readings, holders)
+        yield from self._attribution(running, readings, holders)
+        if self._queued_jobs is not None:
+            yield from self._queue(list(self._queued_jobs()))
+        if self._config is not None:
+            yield from self._quota(running)
 
+    # -- jobs ---------------------------------------------------------------------------------
     def _jobs(self, running: list):
-        jobs = GaugeMetricFamily("shoal_jobs", "Jobs by state and team", labels=["state", "team"])
+        jobs = gauge("shoal_jobs", "Jobs by state and team", ["state", "team"])
         counts = self._job_counts()
         teams = sorted({team for _, team in counts})
         for state in JobState:  # every state present, zeros included, so rates and sums are stable
             for team in teams:
                 jobs.add_metric([state.value, team], counts.get((state.value, team), 0))
         yield jobs
-        loss = GaugeMetricFamily("shoal_job_train_loss", "Latest training loss", labels=["job_id", "team"])
-        tps = GaugeMetricFamily("shoal_job_tokens_per_second", "Training throughput, tokens/s",
-                                labels=["job_id", "team"])
-        step = GaugeMetricFamily("shoal_job_step", "Optimizer steps done", labels=["job_id", "team"])
+        lab = ["job_id", "team"]
+        fams = {
+            "loss": gauge("shoal_job_train_loss", "Latest training loss", lab),
+            "eval_loss": gauge("shoal_job_eval_loss", "Latest evaluation loss", lab),
+            "tokens_per_s": gauge("shoal_job_tokens_per_second", "Training throughput, tokens/s",
+                                              labels=lab),
+            "step": gauge("shoal_job_step", "Optimizer steps done", lab),
+            "total_steps": gauge("shoal_job_steps", "Optimizer steps planned", lab),
+            "mfu": gauge("shoal_job_mfu_ratio", "Model FLOPs utilization (0..1) as the trainer "
+                                     "reports it", lab),
+        }
         for job in running:
             p = job.progress or {}
-            labels = [str(job.id), job.team]
-            if "loss" in p:
-                loss.add_metric(labels, float(p["loss"]))
-            if "tokens_per_s" in p:
-                tps.add_metric(labels, float(p["tokens_per_s"]))
-            if "step" in p:
-                step.add_metric(labels, float(p["step"]))
-        yield from (loss, tps, step)
+            lv = [str(job.id), job.team]
+            ls = label_string(lab, lv)
+            for key, fam in fams.items():
+                if isinstance(p.get(key), (int, float)):
+                    fam.add_rendered(ls, lv, float(p[key]))
+        yield from fams.values()
 
-    def _gpus(self, running: list):
-        labels = ["gpu", "UUID", "device", "modelName", "Hostname", "job_id", "team"]
-        used = GaugeMetricFamily("DCGM_FI_DEV_FB_USED", "Framebuffer memory used (in MiB).", labels=labels)
-        free = GaugeMetricFamily("DCGM_FI_DEV_FB_FREE", "Framebuffer memory free (in MiB).", labels=labels)
-        util = GaugeMetricFamily("DCGM_FI_DEV_GPU_UTIL", "GPU utilization (in %).", labels=labels)
-        xid = GaugeMetricFamily("DCGM_FI_DEV_XID_ERRORS", "Value of the last XID error encountered.",
-                                labels=labels)
-        holders: dict[tuple[str, int], tuple[str, str]] = {}
+    def _queue(self, queued: list):
+        now = self._now()
+        length = gauge("shoal_queue_jobs", "Jobs waiting in the queue", ["team"])
+        pending = gauge("shoal_queue_pending_jobs", "Queued jobs by pending-reason category "
+                                    "('none': not looked at yet)", ["team", "reason"])
+        oldest = gauge("shoal_queue_oldest_wait_seconds", "How long the longest-waiting queued job "
+                                   "of the team has waited (since it last entered the queue)", ["team"])
+        by_team: dict[str, int] = defaultdict(int)
+        by_reason: dict[tuple[str, str], int] = defaultdict(int)
+        wait: dict[str, float] = {}
+        for j in queued:
+            by_team[j.team] += 1
+            by_reason[(j.team, reason_category(j.pending_reason))] += 1
+            wait[j.team] = max(wait.get(j.team, 0.0), now - j.updated_at)
+        for team in sorted(set(by_team) | set(self._config.teams if self._config else ())):
+            length.add_metric([team], by_team.get(team, 0))
+            oldest.add_metric([team], wait.get(team, 0.0))
+        for (team, reason), n in sorted(by_reason.items()):
+            pending.add_metric([team, reason], n)
+        yield from (length, pending, oldest)
+
+    # -- GPUs ---------------------------------------------------------------------------------
+    def _allocation(self, readings: Readings, holders: Holders):
+        lab = ["node", "flavor"]
+        gpus = gauge("shoal_gpus", "GPUs by state: free, allocated (held by Shoal jobs), unhealthy",
+                                 labels=lab + ["state"])
+        shared = gauge("shoal_gpus_shared", "Allocated GPUs held by two or more jobs", lab)
+        idle = gauge("shoal_gpus_allocated_idle", f"Allocated GPUs below {IDLE_UTILIZATION_PCT:g} % "
+                                 "utilization", lab)
+        for node_id, (host, rs) in readings.items():
+            counts: dict[tuple[str, str], int] = defaultdict(int)
+            flavors = sorted({r.model for r in rs})
+            n_shared: dict[str, int] = defaultdict(int)
+            n_idle: dict[str, int] = defaultdict(int)
+            for r in rs:
+                held = holders.get((node_id, r.index), ())
+                state = "unhealthy" if not r.healthy else ("allocated" if held else "free")
+                counts[(r.model, state)] += 1
+                n_shared[r.model] += len(held) >= 2
+                n_idle[r.model] += bool(held) and r.utilization_pct < IDLE_UTILIZATION_PCT
+            for f in flavors:
+                for state in ("free", "allocated", "unhealthy"):
+                    gpus.add_metric([host, f, state], counts.get((f, state), 0))
+                shared.add_metric([host, f], n_shared[f])
+                idle.add_metric([host, f], n_idle[f])
+        yield from (gpus, shared, idle)
+
+    def _attribution(self, running: list, readings: Readings, holders: Holders):
+        """Per job: GPU memory it uses and its utilization. Where the reader tags processes with
+        job ids (the fake; NVML with a pid map) those are used; otherwise a GPU's used memory is
+        split among its holders by their reservations and they share its utilization."""
+        lab = ["job_id", "team"]
+        mem = gauge("shoal_job_gpu_memory_used_bytes", "GPU memory the job uses, all its GPUs",
+                                lab)
+        res = gauge("shoal_job_gpu_memory_reserved_bytes", "GPU memory Shoal reserved for the job, "
+                                "all its GPUs", lab)
+        util = gauge("shoal_job_gpu_utilization_ratio", "Mean utilization (0..1) of the job's GPUs "
+                                 "(its own SM share where known)", lab)
+        gpus = gauge("shoal_job_gpus", "GPUs the job holds", lab + ["node", "flavor"])
+        by_gpu = {(nid, r.index): r for nid, (_, rs) in readings.items() for r in rs}
         for job in running:
-            if job.placement:
-                for idx in job.placement["gpu_indices"]:
-                    holders[(job.placement["node_id"], idx)] = (str(job.id), job.team)
-        for node_id, (host, readings) in self._gpu_readings().items():
-            for r in readings:
-                jid, team = holders.get((node_id, r.index), ("", ""))
-                lv = [str(r.index), r.uuid, f"nvidia{r.index}", r.model, host, jid, team]
-                used.add_metric(lv, r.memory_used_mib)
-                free.add_metric(lv, r.memory_free_mib)
-                util.add_metric(lv, r.utilization_pct)
-                xid.add_metric(lv, r.xid_errors)
-        yield from (used, free, util, xid)
+            if not job.placement:
+                continue
+            nid, idxs = job.placement["node_id"], job.placement["gpu_indices"]
+            used, utils = 0.0, []
+            for i in idxs:
+                r = by_gpu.get((nid, i))
+                if r is None:
+                    continue
+                own = [p for p in r.processes if p.job_id == job.id]
+                if own:
+                    used += sum(p.used_memory_mib or 0 for p in own)
+                    sm = [p.sm_util_pct for p in own if p.sm_util_pct is not None]
+                    utils.append(max(sm) if sm else r.utilization_pct)
+                else:
+                    n = len(holders.get((nid, i), ())) or 1
+                    used += r.memory_used_mib / n
+                    utils.append(r.utilization_pct)
+            lv = [str(job.id), job.team]
+            ls = label_string(lab, lv)  # once per job, shared by its series
+            mem.add_rendered(ls, lv, used * 2**20)
+            res.add_rendered(ls, lv, job.memory_per_gpu_mib * len(idxs) * 2**20)
+            if utils:
+                util.add_rendered(ls, lv, sum(utils) / len(utils) / 100.0)
+            gpus.add_metric(lv + [job.placement.get("node") or nid, job.placement.get("gpu_model") or ""],
+                            len(idxs))
+        yield from (mem, res, util, gpus)
+
+    # -- quota --------------------------------------------------------------------------------
+    def _quota(self, running: list):
+        """Nominal / used / borrowed / lent GPUs per team and flavor ('any' for flavor-agnostic
+        quotas). Borrowed = used above nominal. Lent: within a cohort, the GPUs its members
+        borrow are attributed to the members with idle nominal GPUs, in proportion to their idle
+        GPUs (capped by each one's idle GPUs and lending_limit)."""
+        teams = self._config.teams
+        lab = ["team", "flavor"]
+        nominal = gauge("shoal_team_quota_nominal_gpus", "Nominal (guaranteed) GPUs", lab)
+        used = gauge("shoal_team_gpus_used", "GPUs held by the team's jobs", lab)
+        borrowed = gauge("shoal_team_gpus_borrowed", "GPUs used above nominal (borrowed)", lab)
+        lent = gauge("shoal_team_gpus_lent", "Idle nominal GPUs used by other teams of the cohort",
+                                 labels=lab)
+        use: dict[tuple[str, str], int] = defaultdict(int)
+        for job in running:
+            if not job.placement or job.team not in teams:
+                continue
+            t = teams[job.team]
+            flavor = (job.placement.get("gpu_model") or "") if t.gpus_by_model else ANY_FLAVOR
+            use[(job.team, flavor)] += len(job.placement["gpu_indices"])
+        nom: dict[tuple[str, str], int] = {}
+        for name, t in teams.items():
+            for flavor, n in (t.gpus_by_model.items() if t.gpus_by_model else [(ANY_FLAVOR, t.gpus)]):
+                nom[(name, flavor)] = n
+        keys = sorted(set(nom) | set(use))
+        bor = {k: max(0, use.get(k, 0) - nom.get(k, 0)) for k in keys}
+        lend = {k: 0.0 for k in keys}
+        cohorts: dict[tuple[str | None, str], list[tuple[str, str]]] = defaultdict(list)
+        for k in keys:
+            cohorts[(teams[k[0]].cohort if k[0] in teams else None, k[1])].append(k)
+        for (cohort, _), members in cohorts.items():
+            if cohort is None:
+                continue
+            demand = sum(bor[k] for k in members)
+            idle = {k: max(0, nom.get(k, 0) - use.get(k, 0)) for k in members}
+            for k in members:
+                limit = teams[k[0]].lending_limit
+                idle[k] = min(idle[k], limit) if limit is not None else idle[k]
+            supply = sum(idle.values())
+            for k in members:
+                if supply and demand:
+                    lend[k] = min(idle[k], demand * idle[k] / supply)
+        for k in keys:
+            nominal.add_metric(list(k), nom.get(k, 0))
+            used.add_metric(list(k), use.get(k, 0))
+            borrowed.add_metric(list(k), bor[k])
+            lent.add_metric(list(k), lend[k])
+        yield from (nominal, used, borrowed, lent)
 
 
-def build_registry(collector: ShoalCollector) -> tuple[CollectorRegistry, Histogram]:
-    """A registry with Shoal's collector and the scheduler's own instrumentation."""
+# ---------------------------------------------------------------------------------------------
+
+_WAIT_BUCKETS = (1, 5, 15, 30, 60, 120, 300, 600, 1800, 3600, 7200, 21600, 86400)
+_JCT_BUCKETS = (10, 30, 60, 300, 600, 1800, 3600, 7200, 14400, 43200, 86400, 259200)
+
+
+class JobEventMetrics:
+    """A service listener (`placed`/`released`/`moved`) that counts lifecycle events."""
+
+    def __init__(self, registry: CollectorRegistry):
+        self.wait = Histogram("shoal_job_wait_seconds", "Time a job waited in the queue before each admission",
+                              ["team"], registry=registry, buckets=_WAIT_BUCKETS)
+        self.jct = Histogram("shoal_job_completion_seconds", "Submission to end (job completion time)",
+                             ["team", "state"], registry=registry, buckets=_JCT_BUCKETS)
+        self.preemptions = Counter("shoal_job_preemptions_total", "Running jobs asked to checkpoint and stop",
+                                   ["team"], registry=registry)
+        self.retries = Counter("shoal_job_retries_total", "Failed attempts put back in the queue", ["team"],
+                               registry=registry)
+        self.transitions = Counter("shoal_job_transitions_total", "Job state changes",
+                                   ["from_state", "to_state", "team"], registry=registry)
+
+    def init_teams(self, teams: Iterable[str]) -> None:
+        """Zero series for every known team, so rates and alerts see them before the first event."""
+        for t in teams:
+            self.preemptions.labels(t)
+            self.retries.labels(t)
+
+    def placed(self, job) -> None:
+        pass
+
+    def released(self, job) -> None:
+        pass
+
+    def moved(self, old, new, reason: str) -> None:
+        try:
+            self._count(old, new)
+        except Exception:  # noqa: BLE001 - metrics must never break a state change
+            log.exception("job metrics: cannot count %s -> %s of job %s", old.state, new.state, new.id)
+
+    def _count(self, old, new) -> None:
+        src, dst, team = old.state, new.state, new.team
+        self.transitions.labels(src.value, dst.value, team).inc()
+        if src is JobState.QUEUED and dst is JobState.ADMITTED:
+            self.wait.labels(team).observe(max(0.0, new.updated_at - old.updated_at))
+        if dst.terminal:
+            end = new.finished_at if new.finished_at is not None else new.updated_at
+            self.jct.labels(team, dst.value).observe(max(0.0, end - new.submitted_at))
+        if dst is JobState.PREEMPTING:
+            self.preemptions.labels(team).inc()
+        if dst is JobState.QUEUED and new.retries > old.retries:
+            self.retries.labels(team).inc()
+
+
+class CycleMetrics:
+    """`observe(seconds)` is the service's on_cycle hook: cycle duration and last-cycle time."""
+
+    def __init__(self, registry: CollectorRegistry, wall: Callable[[], float] = time.time):
+        self._wall = wall
+        self.duration = Histogram("shoal_scheduler_cycle_duration_seconds", "Duration of one scheduling cycle",
+                                  registry=registry,
+                                  buckets=(0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5))
+        self.last = Gauge("shoal_scheduler_last_cycle_timestamp_seconds", "Unix time the last cycle ended",
+                          registry=registry)
+
+    def observe(self, seconds: float) -> None:
+        self.duration.observe(seconds)
+        self.last.set(self._wall())
+
+
+class ShoalMetrics:
+    """Everything the scheduler exports, in one registry: create it first (its `events`
+    listener and `cycle.observe` go into the Service), then `attach(service)`."""
+
+    def __init__(self):
+        self.registry = CollectorRegistry()
+        self.events = JobEventMetrics(self.registry)
+        self.cycle = CycleMetrics(self.registry)
+
+    def attach(self, service, *, extra: Iterable[Collector] = ()) -> ShoalMetrics:
+        from monitoring.cost import CostCollector
+
+        self.events.init_teams(service.config.teams)
+        self.registry.register(ShoalCollector.for_service(service))
+        self.registry.register(CostCollector.for_service(service))
+        for c in extra:
+            self.registry.register(c)
+        return self
+
+
+def build_registry(collector: ShoalCollector) -> tuple[CollectorRegistry, CycleMetrics]:
+    """A registry with `collector` and the scheduler's cycle instrumentation (kept for callers
+    that assemble their own collector; `ShoalMetrics` wires everything)."""
     registry = CollectorRegistry()
     registry.register(collector)
-    cycle = Histogram("shoal_scheduler_cycle_duration_seconds", "Duration of one scheduling cycle",
-                      registry=registry, buckets=(0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5))
-    return registry, cycle
+    return registry, CycleMetrics(registry)

@@ -11,9 +11,10 @@ from pathlib import Path
 
 from fastapi import FastAPI, Query, Request
 from fastapi.responses import JSONResponse, Response
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry
 from pydantic import ValidationError
 
+from monitoring.exposition import render
 from scheduler.admission import SubmitError, check_submission
 from scheduler.lifecycle import JobState
 from scheduler.service import Service
@@ -56,7 +57,7 @@ def create_app(service: Service, registry: CollectorRegistry, user: str = "local
 
     @app.get("/metrics", include_in_schema=False)
     def metrics() -> Response:
-        return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
+        return Response(render(registry), media_type=CONTENT_TYPE_LATEST)
 
     @app.get("/healthz")
     def healthz() -> dict:

@@ -39,8 +39,9 @@ class FakeGpuLoad:
     memory and 90 % utilization, as NVML would show on real hardware. `reader` is one node's
     reader, or a {node_id: reader} dict for a multi-node cluster."""
 
-    def __init__(self, reader):
+    def __init__(self, reader, on_change=None):
         self.reader = reader
+        self.on_change = on_change  # e.g. the node agent's poll, so readings show the change at once
 
     def _reader(self, job):
         if isinstance(self.reader, dict):
@@ -51,11 +52,15 @@ class FakeGpuLoad:
         if (reader := self._reader(job)) is not None:
             reader.detach_job(job.id)
             reader.attach_job(job.id, tuple(job.placement["gpu_indices"]), job.memory_per_gpu_mib)
+        if self.on_change:
+            self.on_change()
 
     def released(self, job) -> None:
         readers = self.reader.values() if isinstance(self.reader, dict) else [self.reader]
         for reader in readers:
             reader.detach_job(job.id)
+        if self.on_change:
+            self.on_change()
 
 
 def _check_port(host: str, port: int) -> None:
@@ -98,7 +103,8 @@ class Daemon:
         import ray
         import uvicorn
 
-        from monitoring.metrics import ShoalCollector, build_registry
+        from monitoring.agent import NodeAgent
+        from monitoring.metrics import ShoalMetrics
         from scheduler.api import create_app
         from scheduler.inventory import Inventory, NodeInfo
         from scheduler.ha import LeaderElector, default_replica_id
@@ -141,21 +147,26 @@ class Daemon:
         self.store = Store(self.db_url)
         self.elector = LeaderElector(self.store, self.replica_id or default_replica_id(str(self.home)), WallClock(),
                                      ttl_s=self.lease_ttl_s, renew_s=min(2.0, self.lease_ttl_s / 4))
-        inventory = Inventory(nodes, readers)
+        metrics = ShoalMetrics()
         fake = local.reader == "fake"
-        listeners = [FakeGpuLoad(readers if self.ray_address else self.reader)] if fake else []
+        if self.reader is not None:
+            # The node agent polls this node's GPUs (SHOAL_AGENT_INTERVAL_S, default 1 s) and is the
+            # inventory's reader for it; its health series join /metrics.
+            self.agent = NodeAgent(self.reader, interval_s=float(os.environ.get("SHOAL_AGENT_INTERVAL_S", "1")),
+                                   hostname=hostname, registry=metrics.registry).start()
+            inventory = Inventory(nodes, {node_id: self.agent})
+            listeners = [FakeGpuLoad(self.reader, self.agent.poll)] if fake else []
+        else:  # --ray-address: one fake reader per Ray node, kept current by RayNodes
+            inventory = Inventory(nodes, readers)
+            listeners = [FakeGpuLoad(readers)] if fake else []
         executor = RayExecutor(backend="gloo" if fake else "nccl", workload=self.workload)
-        collector = ShoalCollector(
-            job_counts=self.store.count_by_state_team,
-            gpu_readings=lambda: {nid: (inventory.node_name(nid), rs) for nid, rs in inventory.read().items()},
-            running_jobs=self.store.active_jobs,
-        )
-        registry, cycle_hist = build_registry(collector)
         self.service = Service(self.store, executor, inventory, self.config, WallClock(), self.home,
-                               listeners=listeners, on_cycle=cycle_hist.observe, preflight=check_launchable)
+                               listeners=[*listeners, metrics.events], on_cycle=metrics.cycle.observe,
+                               preflight=check_launchable)
+        metrics.attach(self.service)
         if self.elector.try_acquire():  # else a follower: serves the API, takes over in run()
             self.service.recover()
-        app = create_app(self.service, registry)
+        app = create_app(self.service, metrics.registry)
         self.server = uvicorn.Server(uvicorn.Config(app, host=self.host, port=self.port, log_level="warning"))
         self.api_thread = threading.Thread(target=self.server.run, name="shoal-api", daemon=True)
         self.api_thread.start()
@@ -209,7 +220,9 @@ class Daemon:
             ray.shutdown()
             if hasattr(self, "store"):
                 self.store.close()
-            if hasattr(self, "reader"):
+            if hasattr(self, "agent"):
+                self.agent.close()  # closes the reader too
+            elif getattr(self, "reader", None) is not None:
                 self.reader.close()
             (self.home / "daemon.json").unlink(missing_ok=True)
             log.info("stopped")

@@ -142,6 +142,9 @@ class Service:
         if dst is S.STARTING:
             for lst in self.listeners:
                 lst.placed(new)
+        for lst in self.listeners:  # optional hook: every state change (metrics count them)
+            if hasattr(lst, "moved"):
+                lst.moved(job, new, reason)
         return new
 
     # -- the cycle ----------------------------------------------------------------------------

@@ -1,0 +1,101 @@
+"""Telemetry cost: (1) CPU time of one node agent poll + update for 8 GPUs (fake reader; NVML
+when a driver is present and SHOAL_BENCH_NVML=1), (2) the time to render the scheduler's /metrics
+exposition for 1,000 nodes x 8 GPUs, in CPU time of the rendering thread (DCGM series with job labels, allocation, attribution and
+quota series). Targets (issue #6): <= 2 ms CPU per 8-GPU poll, <= 100 ms per scrape.
+
+    python benchmarks/telemetry.py          # from the repo root
+"""
+from __future__ import annotations
+
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from prometheus_client import CollectorRegistry  # noqa: E402
+
+from monitoring.agent import NodeAgent  # noqa: E402
+from monitoring.exposition import render  # noqa: E402
+from monitoring.gpu import FakeGpuReader  # noqa: E402
+from monitoring.metrics import ShoalCollector  # noqa: E402
+from scheduler.spec import ClusterConfig  # noqa: E402
+
+NODES, GPUS = 1000, 8
+
+
+def bench_poll(polls: int = 3000) -> float:
+    reader = None
+    if os.environ.get("SHOAL_BENCH_NVML") == "1":
+        from monitoring.gpu import NvmlReader
+
+        reader = NvmlReader()
+    if reader is None:
+        reader = FakeGpuReader(GPUS)
+        reader.add_process(0, 2048)
+        for j in range(6):
+            reader.attach_job(j, (j + 1,), 20000)
+    agent = NodeAgent(reader, interval_s=1.0, registry=CollectorRegistry())
+    for _ in range(100):  # warm up
+        agent.poll()
+    runs = []
+    for _ in range(5):
+        t0 = time.thread_time()
+        for _ in range(polls):
+            agent.poll()
+        runs.append((time.thread_time() - t0) / polls * 1000)
+    agent.close()
+    print(f"poll+update, {GPUS} GPUs ({type(reader).__name__}): median {statistics.median(runs):.4f} ms CPU "
+          f"(runs: {', '.join(f'{r:.4f}' for r in runs)})")
+    return statistics.median(runs)
+
+
+def bench_scrape(repeats: int = 5, gpu_series: bool = True) -> float:
+    readers = {f"n{i}": (f"node-{i:04d}", FakeGpuReader(GPUS, host=f"node-{i:04d}")) for i in range(NODES)}
+    jobs = []
+    for i, (nid, (host, r)) in enumerate(readers.items()):  # 3 of 4 nodes busy: one 4-GPU + 2 single jobs
+        if i % 4 == 3:
+            continue
+        for k, idxs in enumerate(((0, 1, 2, 3), (4,), (5,))):
+            jid = i * 10 + k
+            r.attach_job(jid, idxs, 30000)
+            jobs.append(SimpleNamespace(
+                id=jid, team=f"team-{jid % 20}", placement={"node_id": nid, "node": host, "gpu_indices": list(idxs),
+                                                             "gpu_model": "H100 80GB"},
+                memory_per_gpu_mib=30000, progress={"loss": 1.5, "tokens_per_s": 5000.0, "step": 10}))
+    snapshot = {nid: (host, r.read()) for nid, (host, r) in readers.items()}
+    config = ClusterConfig.model_validate({"teams": {f"team-{t}": {"gpus": 400} for t in range(20)}})
+    registry = CollectorRegistry()
+    registry.register(ShoalCollector(
+        job_counts=lambda: {("RUNNING", f"team-{t}"): 37 for t in range(20)},
+        gpu_readings=lambda: snapshot, running_jobs=lambda: jobs, queued_jobs=lambda: [], config=config,
+        gpu_series=gpu_series))
+    text = render(registry)
+    series = sum(1 for line in text.splitlines() if line and not line.startswith(b"#"))
+    times, walls = [], []
+    for _ in range(repeats):  # CPU time of the rendering thread: wall time on a shared box is noise
+        t0, w0 = time.thread_time(), time.perf_counter()
+        render(registry)
+        times.append((time.thread_time() - t0) * 1000)
+        walls.append((time.perf_counter() - w0) * 1000)
+    what = "with" if gpu_series else "without"
+    print(f"scrape {what} per-GPU DCGM series: {NODES} nodes x {GPUS} GPUs, {len(jobs)} running jobs -> {series} series, "
+          f"{len(text) / 1e6:.1f} MB; median {statistics.median(times):.1f} ms CPU "
+          f"(runs: {', '.join(f'{t:.1f}' for t in times)}; wall median {statistics.median(walls):.1f} ms)")
+    return statistics.median(times)
+
+
+def main() -> None:
+    poll = bench_poll()
+    full = bench_scrape(gpu_series=True)
+    lean = bench_scrape(gpu_series=False)
+    print(f"RESULT telemetry_poll_ms {poll:.4f}")
+    print(f"RESULT telemetry_scrape_ms {full:.1f}")
+    print(f"RESULT telemetry_scrape_no_gpu_series_ms {lean:.1f}")
+
+
+if __name__ == "__main__":
+    main()
