@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import threading
+from dataclasses import replace as dc_replace
 from pathlib import Path
 from typing import Callable, Protocol
 
@@ -194,11 +195,12 @@ class Service:
 
     def quotas(self) -> tuple[TeamQuota, ...]:
         """Teams from the cluster config. Decayed usage and spend are the policy issue's (#3) to fill."""
+        teams = self.store.team_configs(self.config)  # the config's teams with admins' API edits applied
         return tuple(
             TeamQuota(name, t.gpus, nominal_by_flavor=tuple(sorted(t.gpus_by_model.items())), cohort=t.cohort,
                       borrowing_limit=t.borrowing_limit, lending_limit=t.lending_limit, weight=t.weight,
                       budget_usd=t.budget_usd)
-            for name, t in sorted(self.config.teams.items())
+            for name, t in sorted(teams.items())
         )
 
     def running_views(self, active: list[JobRecord]) -> list[RunningJob]:
@@ -238,10 +240,13 @@ class Service:
     def snapshot(self) -> tuple[Snapshot, dict[int, JobRecord]]:
         running = self.running_views(self.store.active_jobs())
         queued = self.store.jobs(states=[S.QUEUED], cancel_requested=False)
+        drained = self.store.drained_nodes()  # admins' drains (API): no new placements there
+        nodes = tuple(dc_replace(n, schedulable=False) if n.name in drained or n.node_id in drained else n
+                      for n in self.inventory.node_views(running))
         snap = Snapshot(
-            self.inventory.node_views(running), tuple(running), self.pending_views(queued), self.quotas(),
+            nodes, tuple(running), self.pending_views(queued), self.quotas(),
             self.config.scheduler.memory_headroom_mib, now=self.clock.now(),
-            cohorts=tuple(Cohort(n, c.parent) for n, c in sorted(self.config.cohorts.items())),
+            cohorts=tuple(Cohort(n, c.parent) for n, c in sorted(self.store.cohort_configs(self.config).items())),
             settings=policy_settings(self.config),
         )
         return snap, {j.id: j for j in queued}
@@ -262,6 +267,10 @@ class Service:
         job = self.store.get(job_id)
         if job.state in (S.STARTING, S.RUNNING) and self._move(job, job.state, S.PREEMPTING, f"preempted: {reason}"):
             self.executor.request_stop(job.id, job.attempt)
+
+    def requeue(self, job_id: int, reason: str) -> None:
+        """A user's requeue (API): checkpoint, stop, back to the queue; resumes from the checkpoint."""
+        self._preempt(job_id, reason)
 
     def _launch_request(self, job: JobRecord) -> LaunchRequest:
         d = self.job_dir(job.id)

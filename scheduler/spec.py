@@ -172,6 +172,9 @@ class ClusterConfig(_Strict):
     teams: dict[str, TeamConfig] = {"default": TeamConfig(gpus=8)}
     cohorts: dict[str, CohortConfig] = {}
     scheduler: SchedulerSettings = SchedulerSettings()
+    storage_roots: list[str] = Field(default=[], description=(
+        "folders job specs may read (model, dataset) and write (output) under; paths are resolved "
+        "(symlinks followed) before the check. Empty: no confinement (single-user embedded default)"))
 
     @model_validator(mode="after")
     def _known_model(self) -> ClusterConfig:

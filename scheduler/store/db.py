@@ -13,6 +13,7 @@ from sqlalchemy.pool import StaticPool
 
 from scheduler.lifecycle import ACTIVE, JobState, check_transition
 from scheduler.store.schema import SCHEMA_VERSION, Base, EventRow, JobRow, MetaRow
+from scheduler.store.tenancy import TenancyStore
 
 
 class UnknownJob(KeyError):
@@ -98,7 +99,7 @@ _MUTABLE = {
 }
 
 
-class Store:
+class Store(TenancyStore):  # teams, users, tokens, idempotency, drains: store/tenancy.py
     def __init__(self, url: str):
         self.url = url
         self.engine = make_engine(url)
