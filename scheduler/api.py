@@ -241,11 +241,11 @@ def create_app(service: Service, registry: CollectorRegistry, user: str = "local
             raise Problem(403, "Forbidden", f"{what}: you belong to team {p.team!r}, not {team!r}")
 
     # -- public ----------------------------------------------------------------------------------
-    @app.get("/metrics", include_in_schema=False, dependencies=[Depends(authorize)])
+    @app.get("/metrics", include_in_schema=False)  # public routes (POLICY: PUBLIC) take no token
     def metrics() -> Response:
         return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
 
-    @app.get("/healthz", dependencies=[Depends(authorize)])
+    @app.get("/healthz")
     def healthz() -> dict[str, str]:
         return {"status": "ok"}
 
@@ -304,7 +304,7 @@ def create_app(service: Service, registry: CollectorRegistry, user: str = "local
         if idempotency_key is None:
             return JobOut.of(store.submit(**kw))
         try:
-            job, created = store.submit_idempotent(user=p.user, key=idempotency_key,
+            job, created = store.submit_idempotent(key_owner=p.user, key=idempotency_key,
                                                    request_digest=_digest(body.model_dump(mode="json")), **kw)
         except IdempotencyMismatch as e:
             raise Problem(422, "Idempotency-Key reused", str(e)) from None
@@ -511,6 +511,17 @@ def create_app(service: Service, registry: CollectorRegistry, user: str = "local
     _register_tenancy(app, service, auth, Who, teams_now, team_out, live_jobs)
     _register_nodes(app, service, Who)
 
+    plain_openapi = app.openapi
+
+    def openapi() -> dict:
+        if app.openapi_schema is None:
+            schema = plain_openapi()
+            schema["components"]["schemas"]["ProblemOut"] = ProblemOut.model_json_schema(
+                ref_template="#/components/schemas/{model}")
+            app.openapi_schema = schema
+        return app.openapi_schema
+
+    app.openapi = openapi
     missing = [(m, r.path) for r in app.routes if isinstance(r, APIRoute) for m in sorted(r.methods)
                if (m, r.path) not in POLICY]
     if missing:

@@ -68,7 +68,7 @@ class Role(str, Enum):
 
 
 class _In(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)  # `false` is not 0, "1" is not 1
 
 
 _NAME = r"^[a-z0-9]([a-z0-9-]*[a-z0-9])?$"
@@ -162,13 +162,13 @@ class UserOut(BaseModel):
 
 class UserIn(_In):
     team: str | None = Field(default=None, pattern=_NAME, max_length=63)
-    role: Role
+    role: Role = Field(strict=False)
 
 
 class TokenCreateIn(_In):
     user: str = Field(pattern=_USER)
     team: str | None = Field(default=None, pattern=_NAME, max_length=63, description="required unless role is admin")
-    role: Role = Role.member
+    role: Role = Field(default=Role.member, strict=False)
     expires_in_s: float | None = Field(default=90 * 86400.0, gt=0, le=10 * 365 * 86400.0,
                                        description="lifetime; null = never expires")
     description: str = Field(default="", max_length=200)
@@ -186,13 +186,13 @@ class TokenOut(BaseModel):
 class TokenCreated(TokenOut):
     token: str  # shown once; only a keyed hash is stored
     team: str | None
-    role: Role
+    role: Role = Field(strict=False)
 
 
 class WhoAmI(BaseModel):
     user: str
     team: str | None
-    role: Role
+    role: Role = Field(strict=False)
     token_id: str
 
 

@@ -200,24 +200,24 @@ class TenancyStore:
             return _token(row)
 
     # -- jobs: idempotent submit and paged listing ----------------------------------------------
-    def submit_idempotent(self, *, user: str, key: str, request_digest: str,
+    def submit_idempotent(self, *, key_owner: str, key: str, request_digest: str,
                           **submit: Any) -> tuple[Any, bool]:
-        """`submit(**submit)` once per (user, key): returns (job, True) the first time and
+        """`submit(**submit)` once per (key_owner, key): returns (job, True) the first time and
         (the same job, False) on a retry with the same body. A retry with another body raises
         IdempotencyMismatch. The key row is written in the job's transaction, and two racing
         requests with one key meet at its primary key: the loser reads the winner's job."""
-        existing = self._idempotent_hit(user, key, request_digest)
+        existing = self._idempotent_hit(key_owner, key, request_digest)
         if existing is not None:
             return existing, False
         try:
             with self._session.begin() as s:
                 job = self._insert_job(s, **submit)
-                s.add(IdempotencyRow(user=user, key=key, request_digest=request_digest, job_id=job.id,
+                s.add(IdempotencyRow(user=key_owner, key=key, request_digest=request_digest, job_id=job.id,
                                      created_at=submit["now"]))
                 s.flush()
                 return _job(job), True
         except IntegrityError:
-            existing = self._idempotent_hit(user, key, request_digest)
+            existing = self._idempotent_hit(key_owner, key, request_digest)
             if existing is None:
                 raise
             return existing, False
