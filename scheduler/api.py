@@ -378,8 +378,9 @@ def create_app(service: Service, registry: CollectorRegistry, user: str = "local
     def move(job_id: int, p: Who, src: JobState, dst: JobState, verb: str, reason: str) -> JobOut:
         job = visible_job(p, job_id)
         if job.state is not src:
+            done = {"hold": "held", "release": "released"}[verb]
             raise Problem(409, f"Cannot {verb} job", f"job {job_id} is {job.state.value}; only {src.value} jobs "
-                          f"can be {verb}ed" + ("" if verb != "hold" else " (a job already placed cannot be held)"))
+                          f"can be {done}" + ("" if verb != "hold" else " (a job already placed cannot be held)"))
         try:
             return JobOut.of(store.transition(job_id, src, dst, reason=reason, now=clock.now()))
         except Conflict:

@@ -33,6 +33,17 @@ class Cli:
     def json(self, *args: str, **kw):
         return json.loads(self(*args, "-o", "json", **kw).stdout)
 
+    def wait(self, job_id: int, until, timeout: float = 30):
+        """Poll the job through the SDK (cheaper than a CLI process) until `until(job)` holds."""
+        from scheduler.client import Client
+
+        with Client(json.loads((self.home / "daemon.json").read_text())["url"],
+                    token=(self.home / "admin.token").read_text().strip()) as c:
+            deadline = time.monotonic() + timeout
+            while not until(job := c.job(job_id), c):
+                assert time.monotonic() < deadline, job
+                time.sleep(0.2)
+
 
 @pytest.fixture(scope="module")
 def cli(tmp_path_factory, tiny_model_dir):
@@ -87,10 +98,7 @@ def test_hold_release_requeue_cancel_and_queue_columns(cli, tmp_path):
     long = _spec(tmp_path, "long", **{"resources.gpus": 2, "resources.expected_duration_s": 3600})
     running = cli.json("submit", long)
     waiting = cli.json("submit", _spec(tmp_path, "wait"))
-    deadline = time.monotonic() + 30
-    while cli.json("status", str(running["id"]))["state"] != "RUNNING":
-        assert time.monotonic() < deadline
-        time.sleep(0.3)
+    cli.wait(running["id"], lambda j, c: j.state.value == "RUNNING")
     table = cli("queue", "--start").stdout
     assert "POS" in table and "START" in table and "quota: team a holds 2 of 2 GPUs" in table
     assert [e["id"] for e in cli.json("queue", "--start")] == [waiting["id"]]
@@ -100,16 +108,11 @@ def test_hold_release_requeue_cancel_and_queue_columns(cli, tmp_path):
     assert [j["state"] for j in cli.json("queue", "--state", "HELD")] == ["HELD"]
     cli("release", str(waiting["id"]))
     cli("requeue", str(running["id"]))
-    deadline = time.monotonic() + 30
-    while "PREEMPTING" not in [e["to_state"] for e in cli.json("status", str(running["id"]))["events"]]:
-        assert time.monotonic() < deadline
-        time.sleep(0.3)
+    cli.wait(running["id"], lambda j, c: "PREEMPTING" in [e.to_state for e in c.events(j.id)])
     p = cli("cancel", str(running["id"]), str(waiting["id"]), "999999", code=2)
     assert "job 999999: Job not found" in p.stderr
-    deadline = time.monotonic() + 30
-    while {j["state"] for j in cli.json("queue", "--all") if j["id"] in (running["id"], waiting["id"])} != {"CANCELLED"}:
-        assert time.monotonic() < deadline
-        time.sleep(0.3)
+    for job in (running, waiting):
+        cli.wait(job["id"], lambda j, c: j.state.value == "CANCELLED")
 
 
 def test_member_token_from_env_and_config_file_is_confined_to_its_team(cli, tmp_path):
@@ -156,9 +159,6 @@ def test_quota_nodes_drain_top_and_logs(cli, tmp_path):
     cli("undrain", "node-1")
     frame = cli("top", "--once").stdout
     assert "GPUs" in frame and "node-1" in frame and "NAME" in frame
-    deadline = time.monotonic() + 30
-    while cli.json("status", str(job["id"]))["state"] != "SUCCEEDED":
-        assert time.monotonic() < deadline
-        time.sleep(0.3)
+    cli.wait(job["id"], lambda j, c: j.state.value == "SUCCEEDED")
     log = cli("logs", str(job["id"]), "-f").stdout
     assert "QUEUED -> ADMITTED" in log and "-> SUCCEEDED" in log
