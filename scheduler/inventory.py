@@ -60,12 +60,13 @@ class Inventory:
                                   cpus=node.cpus, cpus_held=cpus_held[node.node_id]))
         return tuple(views)
 
-    def gpu_model(self, node_id: str, gpu_indices) -> str | None:
-        """The flavor of the first of these GPUs (a placement never mixes flavors)."""
+    def gpu_info(self, node_id: str, gpu_indices) -> tuple[str | None, int | None]:
+        """(flavor, memory total MiB) of the first of these GPUs (a placement never mixes flavors)."""
         reader = self.readers.get(node_id)
         if reader is None or not gpu_indices:
-            return None
-        return next((r.model for r in reader.read() if r.index == gpu_indices[0]), None)
+            return None, None
+        r = next((r for r in reader.read() if r.index == gpu_indices[0]), None)
+        return (r.model, r.memory_total_mib) if r else (None, None)
 
     def node_name(self, node_id: str) -> str:
         return next((n.name for n in self._nodes() if n.node_id == node_id), node_id)

@@ -18,6 +18,7 @@ from dataclasses import replace as dc_replace
 from pathlib import Path
 from typing import Callable, Protocol
 
+from scheduler.accounting import charge_fraction, decayed_gpu_seconds, period_start, spend_by_team
 from scheduler.clock import Clock
 from scheduler.executor import Executor, LaunchRequest, Outcome, ProgressEvent
 from scheduler.inventory import Inventory
@@ -70,6 +71,8 @@ class Service:
         self.policy = policy  # any pure Snapshot -> Decision (the simulator swaps baselines in)
         self._killing: set[tuple[int, int]] = set()
         self._stopping = False
+        self.usage_refresh_s = 10.0
+        self._usage_cache: tuple[float, tuple[dict[str, float], dict[str, float]]] | None = None
 
     # -- paths --------------------------------------------------------------------------------
     def job_dir(self, job_id: int) -> Path:
@@ -193,13 +196,28 @@ class Service:
                 self._killing.add((job.id, job.attempt))
                 self.executor.kill(job.id, job.attempt)
 
+    def team_usage(self) -> tuple[dict[str, float], dict[str, float]]:
+        """(decayed GPU-seconds, $ spent this budget period) per team, from the usage ledger.
+        Recomputed at most every `usage_refresh_s` of clock time: fair share and budgets move
+        slowly, and reading the ledger every cycle would cost more than the decision."""
+        now = self.clock.now()
+        if self._usage_cache is not None and now - self._usage_cache[0] < self.usage_refresh_s:
+            return self._usage_cache[1]
+        sched = self.config.scheduler
+        start = period_start(now, sched.budget_period)
+        horizon = min(start, now - 10 * sched.fair_share_half_life_s)  # older usage weighs < 0.1 %
+        records = self.store.usage(since=horizon)
+        result = (decayed_gpu_seconds(records, now, sched.fair_share_half_life_s), spend_by_team(records, start, now))
+        self._usage_cache = (now, result)
+        return result
+
     def quotas(self) -> tuple[TeamQuota, ...]:
-        """Teams from the cluster config. Decayed usage and spend are the policy issue's (#3) to fill."""
+        usage, spent = self.team_usage()
         teams = self.store.team_configs(self.config)  # the config's teams with admins' API edits applied
         return tuple(
             TeamQuota(name, t.gpus, nominal_by_flavor=tuple(sorted(t.gpus_by_model.items())), cohort=t.cohort,
                       borrowing_limit=t.borrowing_limit, lending_limit=t.lending_limit, weight=t.weight,
-                      budget_usd=t.budget_usd)
+                      usage_gpu_s=usage.get(name, 0.0), budget_usd=t.budget_usd, spent_usd=spent.get(name, 0.0))
             for name, t in sorted(teams.items())
         )
 
@@ -282,12 +300,18 @@ class Service:
         )
 
     def _start(self, job: JobRecord, node_id: str, gpu_indices: tuple[int, ...]) -> None:
+        flavor, gpu_mib = self.inventory.gpu_info(node_id, gpu_indices)
         placement = {"node_id": node_id, "node": self.inventory.node_name(node_id), "gpu_indices": list(gpu_indices),
-                     "gpu_model": self.inventory.gpu_model(node_id, gpu_indices)}
+                     "gpu_model": flavor}
+        model = self.config.gpu_models.get(flavor or "")
+        usage = {"gpu_model": flavor, "node": placement["node"], "gpus": len(gpu_indices),
+                 "gpu_fraction": charge_fraction(bool(_resources(job.spec).get("shareable", False)),
+                                                 job.memory_per_gpu_mib, gpu_mib),
+                 "price_per_gpu_hour": model.price_per_hour if model else 0.0}
         admitted = self._move(job, S.QUEUED, S.ADMITTED,
                               f"placed on {placement['node']} GPU {','.join(map(str, gpu_indices))}",
                               placement=placement, attempt=job.attempt + 1, pending_reason=None,
-                              attempt_started_at=self.clock.now(), last_checkpoint_at=None)
+                              attempt_started_at=self.clock.now(), last_checkpoint_at=None, usage=usage)
         if admitted is not None:
             self._launch(admitted)
 

@@ -6,13 +6,14 @@ from __future__ import annotations
 from dataclasses import dataclass, fields
 from typing import Any, Iterable
 
-from sqlalchemy import create_engine, event, func, select, update
+from sqlalchemy import create_engine, event, func, or_, select, update
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import sessionmaker
 from sqlalchemy.pool import StaticPool
 
+from scheduler.accounting import UsageRecord
 from scheduler.lifecycle import ACTIVE, JobState, check_transition
-from scheduler.store.schema import SCHEMA_VERSION, Base, EventRow, JobRow, MetaRow
+from scheduler.store.schema import SCHEMA_VERSION, Base, EventRow, JobRow, MetaRow, UsageRow
 from scheduler.store.tenancy import TenancyStore
 
 
@@ -138,10 +139,12 @@ class Store(TenancyStore):  # teams, users, tokens, idempotency, drains: store/t
             return JobRecord.of(row)
 
     def transition(self, job_id: int, src: JobState | Iterable[JobState], dst: JobState, *,
-                   reason: str, now: float, **changes: Any) -> JobRecord:
+                   reason: str, now: float, usage: dict | None = None, **changes: Any) -> JobRecord:
         """Move `job_id` from `src` (one state or any of several) to `dst`, apply `changes`, and
         append the event, atomically. Raises IllegalTransition for a move the lifecycle forbids
-        and Conflict when the job is not in `src` any more."""
+        and Conflict when the job is not in `src` any more. Usage ledger, same transaction:
+        `usage` (gpu_model, node, gpus, gpu_fraction, price_per_gpu_hour) opens the new attempt's
+        record; leaving the active states closes the open one."""
         sources = {src} if isinstance(src, JobState) else set(src)
         bad = set(changes) - _MUTABLE
         if bad:
@@ -163,6 +166,12 @@ class Store(TenancyStore):  # teams, users, tokens, idempotency, drains: store/t
                 raise Conflict(f"job {job_id} changed concurrently")
             s.add(EventRow(job_id=job_id, ts=now, from_state=cur.value, to_state=dst.value,
                            attempt=changes.get("attempt", row.attempt), reason=reason))
+            if cur.active and not dst.active:
+                s.execute(update(UsageRow).where(UsageRow.job_id == job_id, UsageRow.ended_at.is_(None))
+                          .values(ended_at=now))
+            if usage is not None:
+                s.add(UsageRow(job_id=job_id, attempt=changes.get("attempt", row.attempt), team=row.team,
+                               user=row.user, started_at=now, **usage))
             s.flush()
             s.refresh(row)
             return JobRecord.of(row)
@@ -217,6 +226,22 @@ class Store(TenancyStore):  # teams, users, tokens, idempotency, drains: store/t
                 raise UnknownJob(job_id)
             rows = s.scalars(select(EventRow).where(EventRow.job_id == job_id).order_by(EventRow.id))
             return [EventRecord(r.job_id, r.ts, r.from_state, r.to_state, r.attempt, r.reason) for r in rows]
+
+    def usage(self, since: float | None = None, until: float | None = None, team: str | None = None,
+              user: str | None = None) -> list[UsageRecord]:
+        """Ledger records (one per attempt) overlapping [since, until], oldest first."""
+        q = select(UsageRow).order_by(UsageRow.id)
+        if since is not None:
+            q = q.where(or_(UsageRow.ended_at.is_(None), UsageRow.ended_at > since))
+        if until is not None:
+            q = q.where(UsageRow.started_at < until)
+        if team is not None:
+            q = q.where(UsageRow.team == team)
+        if user is not None:
+            q = q.where(UsageRow.user == user)
+        with self._session() as s:
+            return [UsageRecord(r.job_id, r.attempt, r.team, r.user, r.gpu_model, r.node, r.gpus, r.gpu_fraction,
+                                r.price_per_gpu_hour, r.started_at, r.ended_at) for r in s.scalars(q)]
 
     def count_by_state_team(self) -> dict[tuple[str, str], int]:
         with self._session() as s:

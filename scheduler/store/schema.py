@@ -8,7 +8,7 @@ from __future__ import annotations
 from sqlalchemy import JSON, Boolean, Float, ForeignKey, Integer, String, Text
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
-SCHEMA_VERSION = 2  # 2: per-attempt start, checkpoint time, attained GPU-s (policy inputs)
+SCHEMA_VERSION = 3  # 2: per-attempt start, checkpoint time, attained GPU-s; 3: usage ledger
 
 
 class Base(DeclarativeBase):
@@ -55,6 +55,25 @@ class EventRow(Base):
     to_state: Mapped[str] = mapped_column(String(16))
     attempt: Mapped[int] = mapped_column(Integer)
     reason: Mapped[str] = mapped_column(Text)
+
+
+class UsageRow(Base):
+    """The usage ledger: one row per job attempt (see scheduler/accounting.py)."""
+
+    __tablename__ = "usage"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    job_id: Mapped[int] = mapped_column(ForeignKey("jobs.id"), index=True)
+    attempt: Mapped[int] = mapped_column(Integer)
+    team: Mapped[str] = mapped_column(String(63), index=True)
+    user: Mapped[str] = mapped_column(String(63))
+    gpu_model: Mapped[str | None] = mapped_column(String(63), nullable=True)
+    node: Mapped[str | None] = mapped_column(String(255), nullable=True)
+    gpus: Mapped[int] = mapped_column(Integer)
+    gpu_fraction: Mapped[float] = mapped_column(Float)
+    price_per_gpu_hour: Mapped[float] = mapped_column(Float)
+    started_at: Mapped[float] = mapped_column(Float, index=True)
+    ended_at: Mapped[float | None] = mapped_column(Float, nullable=True, index=True)
 
 
 class MetaRow(Base):

@@ -1,0 +1,118 @@
+"""GPU-time and cost accounting over the usage ledger. Pure functions, no I/O.
+
+The ledger has one `UsageRecord` per job attempt: opened by the store in the same transaction
+that admits the attempt (placement known), closed in the transaction that takes it out of the
+active states. Everything that talks about usage — fair share (decayed GPU-seconds), budgets
+(spend in the current period), usage/cost reports and Prometheus cost counters — reads it, so they
+agree with each other.
+
+Charging rule. An exclusive job is charged `gpus x price` per hour from admission until its
+attempt ends (starting and checkpointing time included: the GPUs are held). A shareable job is
+charged `gpus x (reserved MiB / GPU MiB) x price`: tenants of a shared GPU pay their memory share,
+and the unreserved rest of a shared GPU is idle cost that no team is charged for. The price is
+captured when the attempt starts, so a later price change does not rewrite history.
+"""
+from __future__ import annotations
+
+import calendar
+import math
+from collections import defaultdict
+from dataclasses import dataclass
+from datetime import datetime, timedelta, timezone
+from typing import Iterable, Literal
+
+Period = Literal["day", "week", "month"]
+GROUP_KEYS = ("team", "user", "job_id", "gpu_model", "node")
+
+
+@dataclass(frozen=True)
+class UsageRecord:
+    job_id: int
+    attempt: int
+    team: str
+    user: str
+    gpu_model: str | None
+    node: str | None
+    gpus: int
+    gpu_fraction: float  # 1.0 exclusive; shareable: reserved MiB / GPU MiB (<= 1)
+    price_per_gpu_hour: float
+    started_at: float
+    ended_at: float | None  # None = still running
+
+    def overlap_s(self, since: float, until: float) -> float:
+        end = until if self.ended_at is None else min(self.ended_at, until)
+        return max(0.0, end - max(self.started_at, since))
+
+
+def charge_fraction(shareable: bool, memory_per_gpu_mib: int, gpu_memory_mib: int | None) -> float:
+    if not shareable or not gpu_memory_mib:
+        return 1.0
+    return min(1.0, memory_per_gpu_mib / gpu_memory_mib)
+
+
+def gpu_seconds(rec: UsageRecord, since: float, until: float) -> float:
+    """Charged GPU-seconds of `rec` inside [since, until]; a running attempt counts up to `until`."""
+    return rec.overlap_s(since, until) * rec.gpus * rec.gpu_fraction
+
+
+def cost_usd(rec: UsageRecord, since: float, until: float) -> float:
+    return gpu_seconds(rec, since, until) / 3600.0 * rec.price_per_gpu_hour
+
+
+@dataclass(frozen=True)
+class UsageSummary:
+    key: dict[str, str]
+    gpu_hours: float
+    cost_usd: float
+    jobs: int
+
+
+def summarize(records: Iterable[UsageRecord], by: tuple[str, ...], since: float, until: float) -> list[UsageSummary]:
+    """GPU-hours, $ and distinct jobs per group (`by` from GROUP_KEYS), sorted by key."""
+    bad = [k for k in by if k not in GROUP_KEYS]
+    if bad:
+        raise ValueError(f"by: unknown grouping {bad}; choose from {', '.join(GROUP_KEYS)}")
+    acc: dict[tuple, list] = defaultdict(lambda: [0.0, 0.0, set()])
+    for r in records:
+        gs = gpu_seconds(r, since, until)
+        if gs <= 0 and r.overlap_s(since, until) <= 0:
+            continue
+        key = tuple("" if getattr(r, k) is None else str(getattr(r, k)) for k in by)
+        a = acc[key]
+        a[0] += gs / 3600.0
+        a[1] += cost_usd(r, since, until)
+        a[2].add(r.job_id)
+    return [UsageSummary(dict(zip(by, key)), a[0], a[1], len(a[2])) for key, a in sorted(acc.items())]
+
+
+def decayed_gpu_seconds(records: Iterable[UsageRecord], now: float, half_life_s: float) -> dict[str, float]:
+    """Per team, sum of charged GPU-seconds weighted by 2^(-age / half_life) (Slurm's decayed
+    usage, PriorityDecayHalfLife). The integral is exact per record:
+    ∫ 2^{-(now-t)/h} dt over the record's interval = h/ln2 · (2^{-(now-end)/h} - 2^{-(now-start)/h})."""
+    k = math.log(2) / half_life_s
+    out: dict[str, float] = defaultdict(float)
+    for r in records:
+        end = now if r.ended_at is None else min(r.ended_at, now)
+        if end <= r.started_at:
+            continue
+        out[r.team] += r.gpus * r.gpu_fraction * (math.exp(-k * (now - end)) - math.exp(-k * (now - r.started_at))) / k
+    return dict(out)
+
+
+def spend_by_team(records: Iterable[UsageRecord], since: float, until: float) -> dict[str, float]:
+    out: dict[str, float] = defaultdict(float)
+    for r in records:
+        out[r.team] += cost_usd(r, since, until)
+    return dict(out)
+
+
+def period_start(now: float, period: Period) -> float:
+    """Start (UTC) of the budget period containing `now`: midnight, Monday midnight, or the 1st."""
+    t = datetime.fromtimestamp(now, tz=timezone.utc).replace(hour=0, minute=0, second=0, microsecond=0)
+    if period == "week":
+        t -= timedelta(days=t.weekday())
+    elif period == "month":
+        t = t.replace(day=1)
+    elif period != "day":
+        raise ValueError(f"budget_period: {period!r} is not one of day, week, month")
+    return calendar.timegm(t.timetuple())

@@ -1,0 +1,97 @@
+"""Usage ledger and accounting: what fair share, budgets, reports and cost metrics all read."""
+import calendar
+import math
+from datetime import datetime
+
+import pytest
+
+from scheduler.accounting import (
+    UsageRecord, charge_fraction, cost_usd, decayed_gpu_seconds, gpu_seconds, period_start, spend_by_team, summarize,
+)
+from scheduler.lifecycle import JobState as S
+from scheduler.store import Store
+
+from tests.unit.test_service import World
+
+
+def rec(job=1, team="a", user="u", gpus=1, frac=1.0, price=3.6, start=0.0, end=None, model="H100 80GB"):
+    return UsageRecord(job, 1, team, user, model, "node-1", gpus, frac, price, start, end)
+
+
+def test_gpu_seconds_and_cost_clip_to_the_window():
+    r = rec(gpus=2, start=100.0, end=200.0, price=3.6)  # 3.6 $/GPU-h = 0.001 $/GPU-s
+    assert gpu_seconds(r, 0, 1000) == 200.0
+    assert gpu_seconds(r, 150, 1000) == 100.0
+    assert gpu_seconds(r, 0, 120) == 40.0
+    assert gpu_seconds(r, 300, 400) == 0.0
+    assert cost_usd(r, 0, 1000) == pytest.approx(0.2)
+    running = rec(start=100.0, end=None)
+    assert gpu_seconds(running, 0, 160) == 60.0  # open attempts count up to `until`
+
+
+def test_shared_gpus_are_charged_by_memory_share():
+    assert charge_fraction(False, 20_000, 80_000) == 1.0
+    assert charge_fraction(True, 20_000, 80_000) == 0.25
+    assert charge_fraction(True, 90_000, 80_000) == 1.0
+    assert cost_usd(rec(frac=0.25, start=0, end=3600, price=4.0), 0, 3600) == pytest.approx(1.0)
+
+
+def test_summarize_groups_and_counts_distinct_jobs():
+    rs = [rec(job=1, team="a", start=0, end=3600), rec(job=1, team="a", start=3600, end=7200),
+          rec(job=2, team="b", gpus=4, start=0, end=1800, model="L4")]
+    out = summarize(rs, ("team",), 0, 10_000)
+    assert [(s.key, round(s.gpu_hours, 6), s.jobs) for s in out] == [({"team": "a"}, 2.0, 1), ({"team": "b"}, 2.0, 1)]
+    by_model = {s.key["gpu_model"]: s.cost_usd for s in summarize(rs, ("gpu_model",), 0, 10_000)}
+    assert by_model == pytest.approx({"H100 80GB": 7.2, "L4": 7.2})
+    with pytest.raises(ValueError, match="by: unknown grouping"):
+        summarize(rs, ("colour",), 0, 1)
+
+
+def test_decayed_usage_halves_per_half_life():
+    h = 1000.0
+    recent = decayed_gpu_seconds([rec(start=9990, end=10_000)], now=10_000, half_life_s=h)["a"]
+    old = decayed_gpu_seconds([rec(start=8990, end=9000)], now=10_000, half_life_s=h)["a"]
+    assert recent == pytest.approx(10, rel=1e-2)
+    assert old / recent == pytest.approx(0.5, rel=1e-2)
+    # exact integral for a long interval: h/ln2 (1 - 2^-1) for one half-life of 1 GPU
+    assert decayed_gpu_seconds([rec(start=9000, end=10_000)], 10_000, h)["a"] == pytest.approx(h / math.log(2) / 2)
+
+
+def test_period_start_is_utc_calendar_boundary():
+    now = calendar.timegm(datetime(2026, 11, 25, 14, 30).timetuple())  # a Wednesday
+    assert period_start(now, "day") == calendar.timegm(datetime(2026, 11, 25).timetuple())
+    assert period_start(now, "week") == calendar.timegm(datetime(2026, 11, 23).timetuple())
+    assert period_start(now, "month") == calendar.timegm(datetime(2026, 11, 1).timetuple())
+
+
+def test_store_ledger_opens_and_closes_with_the_attempt_in_one_transaction(tmp_path):
+    store = Store(f"sqlite:///{tmp_path / 's.db'}")
+    job = store.submit(spec={}, name="j", team="a", user="ann", priority=0, gpus=2, memory_per_gpu_mib=1, now=0.0)
+    store.transition(job.id, S.QUEUED, S.ADMITTED, reason="r", now=10.0, attempt=1,
+                     usage={"gpu_model": "L4", "node": "n", "gpus": 2, "gpu_fraction": 1.0, "price_per_gpu_hour": 1.0})
+    store.transition(job.id, S.ADMITTED, S.STARTING, reason="r", now=11.0)
+    (open_rec,) = store.usage()
+    assert (open_rec.team, open_rec.user, open_rec.attempt, open_rec.started_at, open_rec.ended_at) == ("a", "ann", 1, 10.0, None)
+    store.transition(job.id, S.STARTING, S.QUEUED, reason="r", now=50.0)
+    (closed,) = store.usage()
+    assert closed.ended_at == 50.0
+    assert store.usage(since=60.0) == [] and store.usage(until=5.0) == []
+    assert store.usage(team="b") == [] and store.usage(user="ann") == [closed]
+    store.close()
+
+
+def test_service_charges_price_times_time_and_feeds_the_policy(tmp_path):
+    w = World(tmp_path, quotas={"a": 4, "b": 4})
+    w.config.gpu_models["H100 80GB"] = w.config.gpu_models["H100 80GB"].model_copy(update={"price_per_hour": 3.6})
+    w.service.usage_refresh_s = 0.0
+    t0 = w.clock.now()
+    w.submit(team="a", gpus=2, duration=10)
+    w.run(20)
+    (r,) = w.store.usage()
+    assert r.ended_at is not None and r.gpu_model == "H100 80GB" and r.price_per_gpu_hour == 3.6
+    held = r.ended_at - r.started_at
+    assert 10 <= held <= 12
+    assert spend_by_team([r], t0, w.clock.now()) == pytest.approx({"a": 2 * held * 0.001})
+    quotas = {q.team: q for q in w.service.quotas()}
+    assert quotas["a"].spent_usd == pytest.approx(2 * held * 0.001)
+    assert quotas["a"].usage_gpu_s == pytest.approx(2 * held, rel=1e-3) and quotas["b"].usage_gpu_s == 0.0
