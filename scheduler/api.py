@@ -13,13 +13,15 @@ and for invalid input `errors` (one 'field.path: message' string per problem) an
 """
 
 import asyncio
+import csv
 import hashlib
+import io
 import json
 import threading
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Annotated, Any, Callable
+from typing import Annotated, Any, Callable, Literal
 
 from fastapi import Depends, FastAPI, Header, Query, Request
 from fastapi.exceptions import RequestValidationError
@@ -36,7 +38,7 @@ from scheduler.lifecycle import ACTIVE, JobState
 from scheduler.models import (
     CohortIn, CohortOut, DrainIn, DryRunOut, EventOut, GpuOut, JobOut, JobPage, LogChunk, MetricsSummary,
     NodeOut, QueueEntry, Role, SubmitIn, TeamIn, TeamOut, TeamPatch, TokenCreated, TokenCreateIn, TokenOut,
-    UserIn, UserOut, WhoAmI,
+    UsageGroupOut, UsageReport, UserIn, UserOut, WhoAmI,
 )
 from scheduler.policy import JobRequest
 from scheduler.service import Service
@@ -90,6 +92,7 @@ POLICY: dict[tuple[str, str], Rule] = {
     ("POST", "/v1/tokens"): Rule(ADMINS | {Role.team_admin}, "team admins: non-admin tokens of their own team"),
     ("GET", "/v1/tokens"): Rule(ALL_ROLES, "admins: all; team admins: their team's; others: their own"),
     ("DELETE", "/v1/tokens/{token_id}"): Rule(ALL_ROLES, "as GET /v1/tokens; others answer 404"),
+    ("GET", "/v1/usage"): ANYONE,
     ("GET", "/v1/nodes"): ANYONE,
     ("POST", "/v1/nodes/{name}/drain"): ADMIN,
     ("POST", "/v1/nodes/{name}/undrain"): ADMIN,
@@ -511,6 +514,7 @@ def create_app(service: Service, registry: CollectorRegistry, user: str = "local
     # -- teams, cohorts, users, tokens -------------------------------------------------------------
     _register_tenancy(app, service, auth, Who, teams_now, team_out, live_jobs)
     _register_nodes(app, service, Who)
+    _register_usage(app, service, Who)
 
     plain_openapi = app.openapi
 
@@ -757,6 +761,49 @@ def _register_nodes(app: FastAPI, service: Service, Who) -> None:
         node = find(name)
         store.undrain_node(node)
         return next(n for n in nodes(p) if n.name == node)
+
+
+def _register_usage(app: FastAPI, service: Service, Who) -> None:
+    from scheduler.accounting import GROUP_KEYS, period_start, summarize
+
+    store, clock = service.store, service.clock
+    GroupKey = Literal[GROUP_KEYS]  # type: ignore[valid-type]
+
+    @app.get("/v1/usage", responses={200: {"content": {"text/csv": {"schema": {"type": "string"}}},
+                                          "description": "the report (JSON, or CSV with format=csv)"}})
+    def usage(p: Who, since: Annotated[float | None, Query(ge=0, le=1e11, description="Unix time; default: start "
+                                                             "of the current budget period")] = None,
+              until: Annotated[float | None, Query(ge=0, le=1e11, description="Unix time; default: now")] = None,
+              by: Annotated[list[GroupKey] | None, Query(description="group by (repeatable); default team")] = None,
+              team: Annotated[str | None, Query(max_length=63)] = None,
+              user: Annotated[str | None, Query(max_length=63)] = None,
+              format: Literal["json", "csv"] = "json") -> UsageReport:
+        """GPU-hours and $ by team / user / job / GPU model / node over a window, from the usage
+        ledger (one record per job attempt; running attempts count up to `until`). Non-admins
+        report on their own team only."""
+        now = clock.now()
+        until_ = now if until is None else until
+        since_ = period_start(now, service.config.scheduler.budget_period) if since is None else since
+        if since_ >= until_:
+            raise Problem(422, "Invalid window", errors=[f"since: must be before until ({since_} >= {until_})"])
+        if not p.is_admin:
+            if team not in (None, p.team):
+                raise Problem(403, "Forbidden", f"you belong to team {p.team!r}, not {team!r}")
+            team = p.team
+        keys = tuple(dict.fromkeys(by or ["team"]))
+        rows = summarize(store.usage(since=since_, until=until_, team=team, user=user), keys, since_, until_)
+        report = UsageReport(since=since_, until=until_, by=list(keys),
+                             rows=[UsageGroupOut(key=r.key, gpu_hours=r.gpu_hours, cost_usd=r.cost_usd, jobs=r.jobs)
+                                   for r in rows],
+                             total_gpu_hours=sum(r.gpu_hours for r in rows), total_cost_usd=sum(r.cost_usd for r in rows))
+        if format == "json":
+            return report
+        buf = io.StringIO()
+        w = csv.writer(buf, lineterminator="\n")
+        w.writerow([*keys, "gpu_hours", "cost_usd", "jobs"])
+        for r in report.rows:
+            w.writerow([*(r.key[k] for k in keys), f"{r.gpu_hours:.6f}", f"{r.cost_usd:.6f}", r.jobs])
+        return Response(buf.getvalue(), media_type="text/csv")
 
 
 # Path parameters with their patterns (FastAPI's Path() in a dependency keeps handlers short).

@@ -652,6 +652,66 @@ def top(interval: float = typer.Option(2.0, "--interval", "-n", help="seconds be
         raise typer.Exit(0) from None
 
 
+def _parse_time(value: str | None, option: str) -> float | None:
+    """'1732500000' (Unix time), '2026-11-01' or '2026-11-01T12:00' (UTC), or '7d' / '12h' / '30m'
+    (that long ago)."""
+    if value is None:
+        return None
+    v = value.strip()
+    units = {"d": 86400, "h": 3600, "m": 60}
+    try:
+        if v[-1:] in units and v[:-1].replace(".", "", 1).isdigit():
+            return time.time() - float(v[:-1]) * units[v[-1]]
+        if v.replace(".", "", 1).isdigit():
+            return float(v)
+        dt = datetime.fromisoformat(v)
+        if dt.tzinfo is None:
+            from datetime import timezone
+            dt = dt.replace(tzinfo=timezone.utc)
+        return dt.timestamp()
+    except ValueError:
+        _error(f"{option}: {value!r} is not a time (Unix seconds, an ISO date like 2026-11-01, or 7d / 12h / 30m ago)")
+        raise typer.Exit(2) from None
+
+
+class ReportOutput(str, Enum):
+    table = "table"
+    json = "json"
+    yaml = "yaml"
+    csv = "csv"
+
+
+@app.command()
+def usage(since: Optional[str] = typer.Option(None, "--since", "-S", help="start: Unix time, ISO date (UTC), or "
+                                              "7d/12h ago; default: start of the budget period"),
+          until: Optional[str] = typer.Option(None, "--until", "-E", help="end (same forms); default now"),
+          by: str = typer.Option("team", "--by", help="comma-separated: team,user,job_id,gpu_model,node"),
+          team: Optional[str] = typer.Option(None, "--team", "-t"),
+          user: Optional[str] = typer.Option(None, "--user", "-u"),
+          output: ReportOutput = typer.Option(ReportOutput.table, "--output", "-o", help="table, json, yaml or csv")) -> None:
+    """GPU-hours and cost by team / user / job / GPU model / node over a window (sreport / sacct)."""
+    client = _client()
+    kw = dict(since=_parse_time(since, "--since"), until=_parse_time(until, "--until"), team=team, user=user)
+    keys = [k.strip() for k in by.split(",") if k.strip()]
+    try:
+        if output is ReportOutput.csv:
+            out.out(client.usage_csv(by=keys, **kw), end="", highlight=False)
+            return
+        report = client.usage(by=keys, **kw)
+    except ShoalError as e:
+        raise _fail(e) from None
+    if output is not ReportOutput.table:
+        _emit(report, Output(output.value))
+        return
+    out.print(f"Usage {_ts(report.since)} .. {_ts(report.until)}", highlight=False)
+    t = _table(*(k.upper() for k in report.by), "GPU-HOURS", "COST $", "JOBS")
+    for r in report.rows:
+        t.add_row(*(r.key[k] for k in report.by), f"{r.gpu_hours:.2f}", f"{r.cost_usd:,.2f}", str(r.jobs))
+    t.add_row(*(["TOTAL"] + [""] * (len(report.by) - 1)), f"{report.total_gpu_hours:.2f}",
+              f"{report.total_cost_usd:,.2f}", "")
+    out.print(t)
+
+
 def _drain(node: str, reason: str | None, undo: bool, output: Output) -> None:
     client = _client()
     try:

@@ -378,8 +378,8 @@ class Client:
                        if v is not None})
         return UsageReport.model_validate(self._call("GET", "/v1/usage", params=params, retry=True))
 
-    def usage_csv(self, **kw: Any) -> str:
-        params: dict[str, Any] = {"format": "csv", **{k: v for k, v in kw.items() if v is not None}}
+    def usage_csv(self, *, by: list[str] = ("team",), **kw: Any) -> str:
+        params: dict[str, Any] = {"format": "csv", "by": list(by), **{k: v for k, v in kw.items() if v is not None}}
         return self._call("GET", "/v1/usage", params=params, retry=True)
 
 

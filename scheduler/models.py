@@ -234,18 +234,19 @@ class MetricsSummary(BaseModel):
     teams: list[TeamOut]
 
 
-class UsageRow(BaseModel):
-    key: dict[str, str]
+class UsageGroupOut(BaseModel):
+    key: dict[str, str]  # the grouping's values, e.g. {"team": "a", "user": "bob"}
     gpu_hours: float
     cost_usd: float
     jobs: int
 
 
 class UsageReport(BaseModel):
+    """GPU-hours and cost from the usage ledger over [since, until] (Unix times), like sreport."""
     since: float
     until: float
     by: list[str]
-    rows: list[UsageRow]
+    rows: list[UsageGroupOut]
     total_gpu_hours: float
     total_cost_usd: float
 
