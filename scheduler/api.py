@@ -170,6 +170,45 @@ class _Cached:
             self._at = -1e18
 
 
+class SubmitBatcher:
+    """Group commit. Request threads hand their submission to one writer thread, which commits
+    everything that queued up meanwhile (up to `max_batch`) in ONE transaction
+    (`Store.submit_many`) and answers each request with its own result. Under load this turns
+    N transactions into one; alone, a request waits for nobody."""
+
+    def __init__(self, store, max_batch: int = 256):
+        import queue
+
+        self.store, self.max_batch = store, max_batch
+        self._q: "queue.Queue" = queue.Queue()
+        self._empty = queue.Empty
+        threading.Thread(target=self._run, name="shoal-submit-batcher", daemon=True).start()
+
+    def submit(self, item: dict) -> Any:
+        from concurrent.futures import Future
+
+        fut: Future = Future()
+        self._q.put((item, fut))
+        return fut.result()
+
+    def _run(self) -> None:
+        while True:
+            batch = [self._q.get()]
+            while len(batch) < self.max_batch:
+                try:
+                    batch.append(self._q.get_nowait())
+                except self._empty:
+                    break
+            try:
+                results = self.store.submit_many([item for item, _ in batch])
+            except Exception as e:  # noqa: BLE001 - each waiting request gets the error
+                for _, fut in batch:
+                    fut.set_exception(e)
+                continue
+            for (_, fut), res in zip(batch, results):
+                fut.set_result(res)
+
+
 _PROBE_ID = 2**62  # the job id a dry run's probe gets: after every real job of equal rank
 
 
@@ -259,11 +298,13 @@ def create_app(service: Service, registry: CollectorRegistry, user: str = "local
     # -- jobs ------------------------------------------------------------------------------------
     teams_now = _Cached(lambda: store.team_configs(service.config), 1.0)
 
-    def admission_context() -> tuple[ClusterConfig, Any]:
+    def admission_context() -> tuple[ClusterConfig, Any, Any]:
+        """What admission checks a spec against (teams, nodes, quotas), refreshed once a second:
+        they change at human speed, and reading them per submit would cost more than the submit."""
         snap_nodes = service.inventory.node_views(service.running_views(store.active_jobs()))
         cfg = service.config.model_copy(update={"teams": teams_now.get(),
                                                 "cohorts": store.cohort_configs(service.config)})
-        return cfg, snap_nodes
+        return cfg, snap_nodes, service.quotas()
 
     admission_now = _Cached(admission_context, 1.0)
 
@@ -284,9 +325,10 @@ def create_app(service: Service, registry: CollectorRegistry, user: str = "local
         return spec if spec.user else spec.model_copy(update={"user": p.user})
 
     def admit(spec: JobSpec):
-        cfg, nodes = admission_now.get()
-        quotas = service.quotas()
+        cfg, nodes, quotas = admission_now.get()
         return check_submission(spec, cfg, nodes, quotas)
+
+    batcher = SubmitBatcher(store)
 
     @app.post("/v1/jobs", status_code=201, responses={200: {"model": JobOut, "description": "an idempotent replay: "
                                                                       "the job the same key created before"}})
@@ -304,13 +346,12 @@ def create_app(service: Service, registry: CollectorRegistry, user: str = "local
                   priority=spec.priority, gpus=adm.gpus, memory_per_gpu_mib=adm.memory_per_gpu_mib,
                   now=clock.now(), reason=f"submitted by {p.user}: {adm.gpus} GPU(s), "
                   f"~{adm.memory_per_gpu_mib} MiB each; {adm.train_records} training records")
-        if idempotency_key is None:
-            return JobOut.of(store.submit(**kw))
-        try:
-            job, created = store.submit_idempotent(key_owner=p.user, key=idempotency_key,
-                                                   request_digest=_digest(body.model_dump(mode="json")), **kw)
-        except IdempotencyMismatch as e:
-            raise Problem(422, "Idempotency-Key reused", str(e)) from None
+        if idempotency_key is not None:
+            kw["idem"] = (p.user, idempotency_key, _digest(body.model_dump(mode="json")))
+        res = batcher.submit(kw)
+        if isinstance(res, IdempotencyMismatch):
+            raise Problem(422, "Idempotency-Key reused", str(res))
+        job, created = res
         if not created:
             response.status_code = 200
         return JobOut.of(job)

@@ -243,6 +243,88 @@ class TenancyStore:
                        attempt=0, reason=reason))
         return row
 
+    def submit_many(self, items: list[dict]) -> list[tuple[Any, bool] | Exception]:
+        """Group commit: many submissions in ONE transaction (the API's batcher calls this).
+        Each item is `submit`'s keyword arguments plus optional `idem=(key_owner, key,
+        request_digest)`. Returns per item (job, created) or the exception for that item
+        (IdempotencyMismatch). Rows go in with bulk INSERT ... RETURNING, so the cost per job is a
+        fraction of a single `submit`. If another process raced us on an idempotency key the
+        whole batch falls back to one transaction per item."""
+        from sqlalchemy import insert, tuple_
+
+        results: list[tuple[Any, bool] | Exception | None] = [None] * len(items)
+        try:
+            with self._session.begin() as s:
+                keyed = {it["idem"][:2]: i for i, it in enumerate(items) if it.get("idem")}
+                if keyed:
+                    rows = s.execute(select(IdempotencyRow.user, IdempotencyRow.key, IdempotencyRow.request_digest,
+                                            IdempotencyRow.job_id)
+                                     .where(tuple_(IdempotencyRow.user, IdempotencyRow.key).in_(list(keyed)))).all()
+                    known = {(u, k): (d, j) for u, k, d, j in rows}
+                else:
+                    known = {}
+                fresh: list[int] = []
+                first_of: dict[tuple, int] = {}
+                for i, it in enumerate(items):
+                    idem = it.get("idem")
+                    if idem and idem[:2] in known:
+                        digest, job_id = known[idem[:2]]
+                        results[i] = (IdempotencyMismatch(idem[1], job_id) if digest != idem[2] else ("job", job_id))
+                    elif idem and idem[:2] in first_of:  # the same key twice in this batch
+                        results[i] = ("dup", first_of[idem[:2]])
+                    else:
+                        if idem:
+                            first_of[idem[:2]] = i
+                        fresh.append(i)
+                ids: dict[int, int] = {}
+                if fresh:
+                    params = [self._job_params(**{k: v for k, v in items[i].items() if k != "idem"}) for i in fresh]
+                    got = s.execute(insert(JobRow).returning(JobRow.id, sort_by_parameter_order=True), params).all()
+                    ids = {i: row[0] for i, row in zip(fresh, got)}
+                    s.execute(insert(EventRow), [
+                        dict(job_id=ids[i], ts=items[i]["now"], from_state=None, to_state=JobState.QUEUED.value,
+                             attempt=0, reason=items[i].get("reason", "submitted")) for i in fresh])
+                    keyrows = [dict(user=items[i]["idem"][0], key=items[i]["idem"][1],
+                                    request_digest=items[i]["idem"][2], job_id=ids[i], created_at=items[i]["now"])
+                               for i in fresh if items[i].get("idem")]
+                    if keyrows:
+                        s.execute(insert(IdempotencyRow), keyrows)
+                need = {ids[i] for i in fresh} | {r[1] for r in results if isinstance(r, tuple) and r[0] == "job"}
+                jobs = {r.id: _job(r) for r in s.scalars(select(JobRow).where(JobRow.id.in_(need)))} if need else {}
+        except IntegrityError:
+            out: list[tuple[Any, bool] | Exception] = []
+            for it in items:
+                try:
+                    kw = {k: v for k, v in it.items() if k != "idem"}
+                    if it.get("idem"):
+                        owner, key, digest = it["idem"]
+                        out.append(self.submit_idempotent(key_owner=owner, key=key, request_digest=digest, **kw))
+                    else:
+                        out.append((self.submit(**kw), True))
+                except IdempotencyMismatch as e:
+                    out.append(e)
+            return out
+        final: list[tuple[Any, bool] | Exception] = []
+        for i, r in enumerate(results):
+            if r is None:
+                final.append((jobs[ids[i]], True))
+            elif isinstance(r, Exception):
+                final.append(r)
+            elif r[0] == "job":
+                final.append((jobs[r[1]], False))
+            else:  # ("dup", index of the first): same job, if the body matches
+                first = items[r[1]]["idem"][2]
+                final.append((jobs[ids[r[1]]], False) if first == items[i]["idem"][2]
+                             else IdempotencyMismatch(items[i]["idem"][1], ids[r[1]]))
+        return final
+
+    @staticmethod
+    def _job_params(*, spec: dict, name: str, team: str, user: str, priority: int, gpus: int,
+                    memory_per_gpu_mib: int, now: float, reason: str = "submitted") -> dict:
+        return dict(name=name, team=team, user=user, priority=priority, state=JobState.QUEUED.value, spec=spec,
+                    gpus=gpus, memory_per_gpu_mib=memory_per_gpu_mib, submitted_at=now, updated_at=now, attempt=0,
+                    retries=0, cancel_requested=False, attained_gpu_s=0.0)
+
     def job_page(self, *, states: Iterable[JobState] | None = None, teams: Iterable[str] | None = None,
                  user: str | None = None, since: float | None = None, after_id: int = 0,
                  offset: int = 0, limit: int = 100) -> list[Any]:

@@ -33,13 +33,15 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--home", type=Path, required=True)
     ap.add_argument("--config", type=Path)
+    ap.add_argument("--db", default=None, help="SQLAlchemy URL (default: SQLite in --home)")
+    ap.add_argument("--no-scheduler", action="store_true", help="API only: do not run the scheduling loop")
     args = ap.parse_args()
     home = args.home.resolve()
     home.mkdir(parents=True, exist_ok=True)
     config = load_cluster_config(args.config)
     clock = WallClock()
     reader = FakeGpuReader(config.local.gpus, config.local.gpu_model)
-    store = Store(f"sqlite:///{home / 'shoal.db'}")
+    store = Store(args.db or f"sqlite:///{home / 'shoal.db'}")
     executor = InMemoryExecutor(clock, duration_s=lambda spec: float(
         (spec.get("resources") or {}).get("expected_duration_s") or 3600))
     inventory = Inventory(lambda: [NodeInfo("n1", "node-1", cpus=16)], {"n1": reader})
@@ -53,7 +55,10 @@ def main() -> None:
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
     try:
-        service.run(stop)
+        if args.no_scheduler:
+            stop.wait()
+        else:
+            service.run(stop)
     finally:
         server.stop()
         store.close()
