@@ -421,6 +421,8 @@ def create_app(service: Service, registry: CollectorRegistry, user: str = "local
 
     def move(job_id: int, p: Who, src: JobState, dst: JobState, verb: str, reason: str) -> JobOut:
         job = visible_job(p, job_id)
+        if job.cancel_requested:
+            raise Problem(409, f"Cannot {verb} job", f"job {job_id} is being cancelled")
         if job.state is not src:
             done = {"hold": "held", "release": "released"}[verb]
             raise Problem(409, f"Cannot {verb} job", f"job {job_id} is {job.state.value}; only {src.value} jobs "

@@ -166,6 +166,13 @@ def test_hold_release_and_cancel_while_held(world):
     states = [e.to_state for e in bob.events(other.id)]
     assert states == ["QUEUED", "HELD", "CANCELLED"]
     assert world.http("bob").post(f"/v1/jobs/{other.id}/cancel").status_code == 409
+    # A queued job whose cancel is pending (the loop carries it out) cannot be held any more.
+    third = world.job()
+    bob.cancel(third.id)
+    r = world.http("bob").post(f"/v1/jobs/{third.id}/hold")
+    assert r.status_code == 409 and "being cancelled" in r.json()["detail"]
+    world.service.tick()
+    assert world.store.get(third.id).state is S.CANCELLED
 
 
 def test_requeue_checkpoints_a_running_job_and_queues_it_again(world):
