@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Annotated, Any, Callable, Literal
 
 from fastapi import Depends, FastAPI, Header, Query, Request
+from fastapi import Path as PathParam
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from fastapi.routing import APIRoute
@@ -140,6 +141,39 @@ def _field_path(loc: tuple) -> str:
     return ".".join(str(x) for x in loc) or "(request)"
 
 
+_QUERY_SHAPES: dict[int, tuple[frozenset[str], frozenset[str]]] = {}
+
+
+def _strict_query(request: Request) -> None:
+    """Query strings are checked like bodies: an unknown parameter, or a single-valued one given
+    twice, is a 422 naming it (FastAPI alone ignores the one and keeps the last of the other)."""
+    route = request.scope.get("route")
+    if not isinstance(route, APIRoute):
+        return
+    shape = _QUERY_SHAPES.get(id(route))
+    if shape is None:
+        fields, todo = [], [route.dependant]
+        while todo:  # the route's own query parameters and those of its dependencies
+            d = todo.pop()
+            fields += d.query_params
+            todo += d.dependencies
+        names = frozenset(f.alias for f in fields)
+        lists = frozenset(f.alias for f in fields if "list" in str(f.field_info.annotation).lower())
+        shape = _QUERY_SHAPES[id(route)] = (names, lists)
+    names, lists = shape
+    errors = []
+    for key in dict.fromkeys(request.query_params.keys()):
+        if key not in names:
+            errors.append(f"query.{key or '(empty name)'}: unknown parameter (known: {', '.join(sorted(names)) or 'none'})")
+        elif key not in lists and len(request.query_params.getlist(key)) > 1:
+            errors.append(f"query.{key}: given {len(request.query_params.getlist(key))} times; takes one value")
+    if errors:
+        raise Problem(422, "Invalid request", f"{len(errors)} invalid field(s)", errors)
+
+
+JobId = Annotated[int, PathParam(ge=0, le=2**53, description="job id")]
+
+
 def _not_found(job_id: int) -> Problem:
     return Problem(404, "Job not found", f"job {job_id} does not exist")
 
@@ -225,7 +259,7 @@ def create_app(service: Service, registry: CollectorRegistry, user: str = "local
     bearer = HTTPBearer(auto_error=False, description="a Shoal API token (`shoal token create`)")
 
     app = FastAPI(title="Shoal", version="0.2.0", description="GPU scheduler for LLM fine-tuning",
-                  responses=_ERRORS)
+                  responses=_ERRORS, dependencies=[Depends(_strict_query)])
 
     # -- errors --------------------------------------------------------------------------------
     @app.exception_handler(Problem)
@@ -401,11 +435,11 @@ def create_app(service: Service, registry: CollectorRegistry, user: str = "local
         return JobPage(items=[JobOut.of(j) for j in jobs], next_cursor=str(jobs[-1].id) if more else None)
 
     @app.get("/v1/jobs/{job_id}")
-    def get_job(job_id: int, p: Who) -> JobOut:
+    def get_job(job_id: JobId, p: Who) -> JobOut:
         return JobOut.of(visible_job(p, job_id))
 
     @app.post("/v1/jobs/{job_id}/cancel")
-    def cancel(job_id: int, p: Who) -> JobOut:
+    def cancel(job_id: JobId, p: Who) -> JobOut:
         """Queued and held jobs end at once (held ones here, queued ones on the scheduler's next
         cycle); running ones are stopped."""
         job = visible_job(p, job_id)
@@ -419,7 +453,7 @@ def create_app(service: Service, registry: CollectorRegistry, user: str = "local
                 job = store.get(job_id)  # released meanwhile: cancel it the normal way
         return JobOut.of(store.request_cancel(job_id))  # the service loop carries it out
 
-    def move(job_id: int, p: Who, src: JobState, dst: JobState, verb: str, reason: str) -> JobOut:
+    def move(job_id: JobId, p: Who, src: JobState, dst: JobState, verb: str, reason: str) -> JobOut:
         job = visible_job(p, job_id)
         if job.cancel_requested:
             raise Problem(409, f"Cannot {verb} job", f"job {job_id} is being cancelled")
@@ -434,16 +468,16 @@ def create_app(service: Service, registry: CollectorRegistry, user: str = "local
             raise Problem(409, f"Cannot {verb} job", f"job {job_id} is {now_state}") from None
 
     @app.post("/v1/jobs/{job_id}/hold")
-    def hold(job_id: int, p: Who) -> JobOut:
+    def hold(job_id: JobId, p: Who) -> JobOut:
         """Keep a queued job from starting until it is released (`scontrol hold`)."""
         return move(job_id, p, JobState.QUEUED, JobState.HELD, "hold", f"held by {p.user}")
 
     @app.post("/v1/jobs/{job_id}/release")
-    def release(job_id: int, p: Who) -> JobOut:
+    def release(job_id: JobId, p: Who) -> JobOut:
         return move(job_id, p, JobState.HELD, JobState.QUEUED, "release", f"released by {p.user}")
 
     @app.post("/v1/jobs/{job_id}/requeue")
-    def requeue(job_id: int, p: Who) -> JobOut:
+    def requeue(job_id: JobId, p: Who) -> JobOut:
         """Stop a running job at a checkpoint and put it back in the queue (it resumes from the
         checkpoint when it is scheduled again)."""
         job = visible_job(p, job_id)
@@ -454,7 +488,7 @@ def create_app(service: Service, registry: CollectorRegistry, user: str = "local
         return JobOut.of(store.get(job_id))
 
     @app.get("/v1/jobs/{job_id}/events")
-    def events(job_id: int, p: Who) -> list[EventOut]:
+    def events(job_id: JobId, p: Who) -> list[EventOut]:
         visible_job(p, job_id)
         return [EventOut.model_validate(asdict(e)) for e in store.events(job_id)]
 
@@ -469,7 +503,7 @@ def create_app(service: Service, registry: CollectorRegistry, user: str = "local
         return data[:cut], offset + cut
 
     @app.get("/v1/jobs/{job_id}/logs")
-    def logs(job_id: int, p: Who, offset: Annotated[int, Query(ge=0, le=2**53)] = 0) -> LogChunk:
+    def logs(job_id: JobId, p: Who, offset: Annotated[int, Query(ge=0, le=2**53)] = 0) -> LogChunk:
         job = visible_job(p, job_id)
         data, end = read_log(job_id, offset)
         return LogChunk(text=data.decode(errors="replace"), offset=end, terminal=job.state.terminal)
@@ -477,7 +511,7 @@ def create_app(service: Service, registry: CollectorRegistry, user: str = "local
     @app.get("/v1/jobs/{job_id}/logs/stream", response_class=StreamingResponse,
              responses={200: {"content": {"text/plain": {"schema": {"type": "string"}}},
                               "description": "the log as it grows"}})
-    async def log_stream(job_id: int, p: Who, follow: bool = False,
+    async def log_stream(job_id: JobId, p: Who, follow: bool = False,
                          timeout_s: Annotated[float, Query(gt=0, le=86400)] = 3600) -> StreamingResponse:
         """The job's log as plain text; with `follow`, kept open and streamed as lines arrive
         until the job ends (or `timeout_s` passes)."""

@@ -222,6 +222,16 @@ def test_problem_json_for_validation_errors_with_field_paths(world):
     assert r.status_code == 404 and r.headers["content-type"] == "application/problem+json"
     r = world.http("bob").get("/v1/jobs/abc")
     assert r.status_code == 422 and r.json()["errors"][0].startswith("path.job_id:")
+    # Found by the fuzzer: ids beyond 64 bits were a 500; unknown or repeated query parameters
+    # were silently ignored (or the last one kept).
+    r = world.http("bob").get("/v1/jobs/6285846791100047044640382124032")
+    assert r.status_code == 422 and r.json()["errors"][0].startswith("path.job_id:")
+    r = world.http("bob").get("/v1/jobs?cursor=0&=null&colour=red")
+    assert r.status_code == 422 and [e.split(":")[0] for e in r.json()["errors"]] == [
+        "query.(empty name)", "query.colour"]
+    r = world.http("bob").get("/v1/usage?user=a&user=b")
+    assert r.status_code == 422 and r.json()["errors"] == ["query.user: given 2 times; takes one value"]
+    assert world.http("bob").get("/v1/jobs?state=QUEUED&state=HELD").status_code == 200  # lists repeat
 
 
 def test_logs_stream_and_metrics_summary(world):
