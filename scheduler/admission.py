@@ -26,6 +26,20 @@ class Admission:
     validation_records: int | None
 
 
+def _file_key(p: Path) -> tuple | None:
+    """Identity of a file's content for caching: (path, size, mtime); None if it is missing."""
+    try:
+        st = p.stat()
+    except OSError:
+        return None
+    return (str(p), st.st_size, st.st_mtime_ns, st.st_ino)
+
+
+# Parsed dataset record counts (or their problems) by file identity: a dataset submitted again
+# (retries, sweeps, the API benchmark) is parsed once, and again only when it changes.
+_DATASETS: dict[tuple, tuple[int | None, tuple[str, ...]]] = {}
+
+
 def _check_dataset(field: str, path: str | None, problems: list[str]) -> int | None:
     if path is None:
         return None
@@ -35,11 +49,53 @@ def _check_dataset(field: str, path: str | None, problems: list[str]) -> int | N
     if not p.is_file():
         problems.append(f"{field}: {path} does not exist or is not a file")
         return None
-    try:
-        return len(load_pairs(p))
-    except DatasetError as e:
-        problems.extend(f"{field}: {x}" for x in e.problems)
-    return None
+    key = _file_key(p)
+    if key not in _DATASETS:
+        try:
+            _DATASETS[key] = (len(load_pairs(p)), ())
+        except DatasetError as e:
+            _DATASETS[key] = (None, tuple(e.problems))
+        if len(_DATASETS) > 4096:
+            _DATASETS.pop(next(iter(_DATASETS)))
+    count, errs = _DATASETS[key]
+    problems.extend(f"{field}: {x}" for x in errs)
+    return count
+
+
+_ESTIMATES: dict[tuple, object] = {}
+
+
+def _estimate(model: str, *args, **kwargs):
+    """`estimate`, cached by the model folder's identity (its config.json and the folder's
+    mtime, which changes when weight files come or go) and the other arguments."""
+    key = (_file_key(Path(model) / "config.json"), _file_key(Path(model)), *args, *sorted(kwargs.items()))
+    if key not in _ESTIMATES:
+        if len(_ESTIMATES) > 4096:
+            _ESTIMATES.clear()
+        _ESTIMATES[key] = estimate(model, *args, **kwargs)  # a ValueError is not cached
+    return _ESTIMATES[key]
+
+
+def check_paths(spec: JobSpec, roots: list[str]) -> list[str]:
+    """The sandbox: every path of the spec must be absolute, free of '..', and (when `roots` are
+    configured) inside one of them after resolving symlinks, so a link cannot lead outside."""
+    problems = []
+    resolved_roots = [Path(r).expanduser().resolve() for r in roots]
+    for field, value in spec.path_fields().items():
+        if value is None:
+            continue
+        p = Path(value)
+        if ".." in p.parts:
+            problems.append(f"{field}: {value!r} may not contain '..'")
+            continue
+        if not resolved_roots:
+            continue
+        real = p.resolve()
+        if not any(real.is_relative_to(r) for r in resolved_roots):
+            via = f" (it resolves to {real})" if real != p else ""
+            problems.append(f"{field}: {value!r} is outside the storage roots{via}; allowed: "
+                            f"{', '.join(map(str, resolved_roots))}")
+    return problems
 
 
 @dataclass(frozen=True)
@@ -73,7 +129,9 @@ def check_files(spec: JobSpec) -> Files:
 
 def check_submission(spec: JobSpec, config: ClusterConfig, nodes: tuple[NodeView, ...],
                      quotas: tuple[TeamQuota, ...]) -> Admission:
-    problems: list[str] = []
+    problems: list[str] = check_paths(spec, config.storage_roots)
+    if problems:  # never open a file outside the sandbox, not even to check it
+        raise SubmitError(problems)
     files = _file_problems(spec, problems)
     if spec.team not in config.teams:
         problems.append(f"team: {spec.team!r} is not a team of this cluster "
@@ -88,8 +146,9 @@ def check_submission(spec: JobSpec, config: ClusterConfig, nodes: tuple[NodeView
     if (Path(spec.model) / "config.json").is_file():
         try:
             hp = spec.hyperparameters
-            est = estimate(spec.model, spec.method, hp.batch_size, hp.max_length, spec.resources.gpus, usable,
-                           lora_r=spec.lora.r, lora_targets=spec.lora.target_modules)
+            est = _estimate(spec.model, spec.method, hp.batch_size, hp.max_length, spec.resources.gpus, usable,
+                            lora_r=spec.lora.r, lora_targets=tuple(spec.lora.target_modules)
+                            if isinstance(spec.lora.target_modules, list) else spec.lora.target_modules)
         except ValueError as e:
             problems.append(str(e))
     if est is not None and spec.resources.memory_gib_per_gpu is not None:  # the user's figure wins

@@ -106,6 +106,7 @@ class Daemon:
         from monitoring.agent import NodeAgent
         from monitoring.metrics import ShoalMetrics
         from scheduler.api import create_app
+        from scheduler.auth import TokenAuthority, load_or_create_secret
         from scheduler.inventory import Inventory, NodeInfo
         from scheduler.ha import LeaderElector, default_replica_id
         from scheduler.ray_executor import RayExecutor, RayNodes
@@ -166,7 +167,11 @@ class Daemon:
         metrics.attach(self.service)
         if self.elector.try_acquire():  # else a follower: serves the API, takes over in run()
             self.service.recover()
-        app = create_app(self.service, metrics.registry)
+        self.auth = TokenAuthority(self.store, load_or_create_secret(self.home))
+        self.admin_token = self.home / "admin.token"
+        if self.auth.ensure_admin_token(self.admin_token):
+            log.info("created the admin API token in %s (mode 0600)", self.admin_token)
+        app = create_app(self.service, metrics.registry, auth=self.auth)
         self.server = uvicorn.Server(uvicorn.Config(app, host=self.host, port=self.port, log_level="warning"))
         self.api_thread = threading.Thread(target=self.server.run, name="shoal-api", daemon=True)
         self.api_thread.start()
@@ -175,10 +180,12 @@ class Daemon:
                 raise RuntimeError(f"the API could not listen on {self.host}:{self.port} (see shoal.log)")
             self.stop.wait(0.05)
         port = self.server.servers[0].sockets[0].getsockname()[1]
-        self.url = f"http://{self.host}:{port}"
+        local_host = "127.0.0.1" if self.host in ("0.0.0.0", "", "::") else self.host
+        self.url = f"http://{local_host}:{port}"
         (self.home / "daemon.json").write_text(json.dumps({
             "pid": os.getpid(), "url": self.url, "db": self.db_url, "ray_node_id": node_id,
             "ray_address": self.ray_address, "replica_id": self.elector.replica_id,
+            "admin_token": str(self.admin_token),
         }))
         log.info("shoal up: API %s, metrics %s/metrics, store %s, %d %s GPU(s) (%s reader), %s",
                  self.url, self.url, self.db_url, sum(len(r.read()) for r in readers.values()), local.gpu_model,
@@ -233,7 +240,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--home", type=Path, default=default_home())
     ap.add_argument("--config", type=Path, default=None, help="cluster config YAML")
     ap.add_argument("--db", default=None, help="SQLAlchemy URL (default: sqlite in --home)")
-    ap.add_argument("--host", default="127.0.0.1")
+    ap.add_argument("--host", default="127.0.0.1", help="API bind address (default loopback only)")
     ap.add_argument("--port", type=int, default=8470, help="API port (0: any free port)")
     ap.add_argument("--ray-address", default=None, help="connect to this Ray cluster instead of starting one")
     ap.add_argument("--workload", choices=["train", "probe"], default="train",

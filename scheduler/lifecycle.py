@@ -3,6 +3,7 @@
     QUEUED -> ADMITTED -> STARTING -> RUNNING -> SUCCEEDED | FAILED | CANCELLED
     RUNNING -> PREEMPTING -> QUEUED         (stopped at a checkpoint; resumes from it)
     ADMITTED | STARTING | RUNNING -> QUEUED (lost: service restart, launch error, retryable failure)
+    QUEUED <-> HELD -> CANCELLED            (a user's hold: never scheduled until released)
 
 FAILED, SUCCEEDED and CANCELLED are terminal. A failure with retries left does not pass through
 FAILED: the job goes straight back to QUEUED with the cause in the event's reason, so "FAILED"
@@ -16,6 +17,7 @@ from enum import Enum
 
 class JobState(str, Enum):
     QUEUED = "QUEUED"
+    HELD = "HELD"  # queued but held by a user or admin (`shoal hold`); not scheduled until released
     ADMITTED = "ADMITTED"  # placement decided and committed; not yet launched on Ray
     STARTING = "STARTING"  # launched on Ray; no progress seen yet
     RUNNING = "RUNNING"
@@ -39,7 +41,8 @@ ACTIVE = frozenset({JobState.ADMITTED, JobState.STARTING, JobState.RUNNING, JobS
 
 _S = JobState
 TRANSITIONS: dict[JobState, frozenset[JobState]] = {
-    _S.QUEUED: frozenset({_S.ADMITTED, _S.CANCELLED}),
+    _S.QUEUED: frozenset({_S.ADMITTED, _S.CANCELLED, _S.HELD}),
+    _S.HELD: frozenset({_S.QUEUED, _S.CANCELLED}),
     _S.ADMITTED: frozenset({_S.STARTING, _S.QUEUED, _S.FAILED, _S.CANCELLED}),
     _S.STARTING: frozenset({_S.RUNNING, _S.SUCCEEDED, _S.FAILED, _S.CANCELLED, _S.QUEUED, _S.PREEMPTING}),
     _S.RUNNING: frozenset({_S.SUCCEEDED, _S.FAILED, _S.CANCELLED, _S.QUEUED, _S.PREEMPTING}),

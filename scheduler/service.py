@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import threading
+from dataclasses import replace as dc_replace
 from pathlib import Path
 from typing import Callable, Protocol
 
@@ -270,11 +271,12 @@ class Service:
 
     def quotas(self) -> tuple[TeamQuota, ...]:
         usage, spent = self.team_usage()
+        teams = self.store.team_configs(self.config)  # the config's teams with admins' API edits applied
         return tuple(
             TeamQuota(name, t.gpus, nominal_by_flavor=tuple(sorted(t.gpus_by_model.items())), cohort=t.cohort,
                       borrowing_limit=t.borrowing_limit, lending_limit=t.lending_limit, weight=t.weight,
                       usage_gpu_s=usage.get(name, 0.0), budget_usd=t.budget_usd, spent_usd=spent.get(name, 0.0))
-            for name, t in sorted(self.config.teams.items())
+            for name, t in sorted(teams.items())
         )
 
     def running_views(self, active: list[JobRecord]) -> list[RunningJob]:
@@ -342,7 +344,7 @@ class Service:
             self._overlay_drains(self.inventory.node_views(running)), tuple(running), self.pending_views(queued),
             self.quotas(),
             self.config.scheduler.memory_headroom_mib, now=self.clock.now(),
-            cohorts=tuple(Cohort(n, c.parent) for n, c in sorted(self.config.cohorts.items())),
+            cohorts=tuple(Cohort(n, c.parent) for n, c in sorted(self.store.cohort_configs(self.config).items())),
             settings=policy_settings(self.config),
         )
         return snap, {j.id: j for j in queued}
@@ -367,6 +369,10 @@ class Service:
         job = self.store.get(job_id)
         if job.state in (S.STARTING, S.RUNNING) and self._move(job, job.state, S.PREEMPTING, f"preempted: {reason}"):
             self.executor.request_stop(job.id, job.attempt)
+
+    def requeue(self, job_id: int, reason: str) -> None:
+        """A user's requeue (API): checkpoint, stop, back to the queue; resumes from the checkpoint."""
+        self._preempt(job_id, reason)
 
     def _launch_request(self, job: JobRecord) -> LaunchRequest:
         d = self.job_dir(job.id)
@@ -461,6 +467,11 @@ class Service:
         known nodes otherwise."""
         nodes = list(self.store.nodes().values())
         return find_node(nodes, ref)
+
+    def note_node(self, node_id: str) -> None:
+        """Record a node the inventory shows before the loop has (so it can be drained at once)."""
+        if node_id not in self.store.nodes():
+            self.store.upsert_node(node_id, self.inventory.node_name(node_id), self.clock.now())
 
     def drain(self, ref: str, reason: str = "drained by operator"):
         """No new job lands on the node; its running jobs checkpoint and move (next cycle)."""

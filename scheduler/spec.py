@@ -193,6 +193,9 @@ class ClusterConfig(_Strict):
     cohorts: dict[str, CohortConfig] = {}
     scheduler: SchedulerSettings = SchedulerSettings()
     nodes: list[NodeGroup] = Field(default=[], description="node groups (the simulator's cluster)")
+    storage_roots: list[str] = Field(default=[], description=(
+        "folders job specs may read (model, dataset) and write (output) under; paths are resolved "
+        "(symlinks followed) before the check. Empty: no confinement (single-user embedded default)"))
 
     @model_validator(mode="after")
     def _known_model(self) -> ClusterConfig:

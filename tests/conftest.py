@@ -23,6 +23,7 @@ def tiny_model_dir() -> Path:
 @pytest.fixture(autouse=True)
 def _no_shoal_env(monkeypatch):
     # Tests must never talk to a developer's running Shoal.
-    for var in ("SHOAL_URL", "SHOAL_HOME"):
+    for var in ("SHOAL_URL", "SHOAL_HOME", "SHOAL_TOKEN", "SHOAL_CONFIG", "SHOAL_SECRET"):
         monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("XDG_CONFIG_HOME", "/nonexistent-shoal-test-config")  # not ~/.config/shoal
     os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")

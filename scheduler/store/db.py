@@ -17,6 +17,7 @@ from scheduler.accounting import UsageRecord
 from scheduler.lifecycle import ACTIVE, JobState, check_transition
 from scheduler.store import migrate as migrations
 from scheduler.store.schema import EventRow, JobRow, LeaseRow, NodeRow, UsageRow
+from scheduler.store.tenancy import TenancyStore
 
 LEADER = "leader"  # the lease row the scheduler replicas contend for
 CORRUPT = "__shoal_corrupt__"  # what a JSON column that does not parse reads as
@@ -162,7 +163,7 @@ _MUTABLE = {
 }
 
 
-class Store:
+class Store(TenancyStore):  # teams, users, tokens, idempotency: store/tenancy.py
     """`migrate=True` brings the database to the newest schema revision on open (alembic;
     refuses a database migrated by a newer Shoal). `fence_token`, when set (by the leader
     election, scheduler/ha.py), makes every write of the control loop check in its own

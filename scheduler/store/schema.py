@@ -111,3 +111,57 @@ class LeaseRow(Base):
     holder: Mapped[str | None] = mapped_column(String(255), nullable=True)
     token: Mapped[int] = mapped_column(Integer)
     expires_at: Mapped[float] = mapped_column(Float)
+
+
+# -- tenancy and API (issue #7) ------------------------------------------------------------------
+# Teams and cohorts are seeded from the cluster config on first start; afterwards these rows are
+# the truth (admins edit them through the API). `Store.team_configs(config)` merges the two.
+
+
+class TeamRow(Base):
+    __tablename__ = "teams"
+
+    name: Mapped[str] = mapped_column(String(63), primary_key=True)
+    config: Mapped[dict] = mapped_column(JSON)  # TeamConfig fields (quota, cohort, limits, budget)
+    deleted: Mapped[bool] = mapped_column(Boolean, default=False)  # hides a team the config file has
+    updated_at: Mapped[float] = mapped_column(Float)
+
+
+class CohortRow(Base):
+    __tablename__ = "cohorts"
+
+    name: Mapped[str] = mapped_column(String(63), primary_key=True)
+    parent: Mapped[str | None] = mapped_column(String(63), nullable=True)
+    deleted: Mapped[bool] = mapped_column(Boolean, default=False)
+    updated_at: Mapped[float] = mapped_column(Float)
+
+
+class UserRow(Base):
+    __tablename__ = "users"
+
+    name: Mapped[str] = mapped_column(String(63), primary_key=True)
+    team: Mapped[str | None] = mapped_column(String(63), nullable=True)  # None: cluster admin only
+    role: Mapped[str] = mapped_column(String(16))  # admin | team-admin | member | viewer
+    created_at: Mapped[float] = mapped_column(Float)
+
+
+class TokenRow(Base):
+    __tablename__ = "api_tokens"
+
+    id: Mapped[str] = mapped_column(String(16), primary_key=True)  # public part, shown in listings
+    digest: Mapped[str] = mapped_column(String(64), unique=True)  # HMAC-SHA256(server secret, token)
+    user: Mapped[str] = mapped_column(ForeignKey("users.name"), index=True)
+    description: Mapped[str] = mapped_column(Text, default="")
+    created_at: Mapped[float] = mapped_column(Float)
+    expires_at: Mapped[float | None] = mapped_column(Float, nullable=True)
+    revoked_at: Mapped[float | None] = mapped_column(Float, nullable=True)
+
+
+class IdempotencyRow(Base):
+    __tablename__ = "idempotency_keys"
+
+    user: Mapped[str] = mapped_column(String(63), primary_key=True)
+    key: Mapped[str] = mapped_column(String(255), primary_key=True)
+    request_digest: Mapped[str] = mapped_column(String(64))  # sha256 of the request body
+    job_id: Mapped[int] = mapped_column(ForeignKey("jobs.id"))
+    created_at: Mapped[float] = mapped_column(Float)

@@ -39,7 +39,9 @@ class ShoalServer:
         return self.client()
 
     def client(self) -> Client:
-        return Client(json.loads((self.home / "daemon.json").read_text())["url"])
+        """An SDK client with the server's admin token (what the CLI finds in SHOAL_HOME)."""
+        return Client(json.loads((self.home / "daemon.json").read_text())["url"],
+                      token=(self.home / "admin.token").read_text().strip())
 
     def down(self) -> None:
         self.cli("down", check=False)
