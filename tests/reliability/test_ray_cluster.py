@@ -55,7 +55,8 @@ def cluster():
     c.shutdown()
 
 
-def _train_worker_pids(job_id: int) -> list[int]:
+def _train_worker_pids() -> list[int]:
+    """PIDs of the live Ray Train workers (one job trains at a time in these tests)."""
     from ray.util.state import list_actors
 
     return [a.pid for a in list_actors(filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")],
@@ -84,7 +85,7 @@ def test_worker_killed_mid_training_resumes_then_fails_after_retry_limit(server,
                                         **{"hyperparameters.max_steps": 400})).id
     _wait(lambda: (client.job(jid).progress or {}).get("checkpoint_step", 0) >= 2 * CKPT, 400, "two checkpoints",
           server.log)
-    pids = _wait(lambda: _train_worker_pids(jid), 60, "the Train worker")
+    pids = _wait(lambda: _train_worker_pids(), 60, "the Train worker")
     seen_step = client.job(jid).progress["step"]
     os.kill(pids[0], signal.SIGKILL)
     final = client.wait(jid, timeout=600)
@@ -99,7 +100,7 @@ def test_worker_killed_mid_training_resumes_then_fails_after_retry_limit(server,
     jid2 = client.submit_file(write_spec(tmp_path / "b.yaml", name="killed-for-good", checkpoint_every_steps=CKPT,
                                          max_retries=0, **{"hyperparameters.max_steps": 400})).id
     _wait(lambda: (client.job(jid2).progress or {}).get("step", 0) >= 5, 400, "training to run", server.log)
-    os.kill(_wait(lambda: _train_worker_pids(jid2), 60, "the Train worker")[0], signal.SIGKILL)
+    os.kill(_wait(lambda: _train_worker_pids(), 60, "the Train worker")[0], signal.SIGKILL)
     failed = client.wait(jid2, timeout=300)
     assert failed.state is JobState.FAILED and failed.retries == 0
     last = client.events(jid2)[-1].reason
@@ -110,7 +111,7 @@ def test_worker_killed_mid_training_resumes_then_fails_after_retry_limit(server,
 def test_node_removed_job_resumes_elsewhere_node_lost_gpus_not_double_counted(server, cluster, tmp_path,
                                                                               tiny_model_dir):
     client = server.client_
-    url = client.url if hasattr(client, "url") else server.client().url
+    url = client.url
     assert len(_gpu_series(url)) == 4
     jid = client.submit_file(write_spec(tmp_path / "n.yaml", name="moved", checkpoint_every_steps=CKPT, max_retries=0,
                                         **{"hyperparameters.max_steps": 300, "resources.gpus": 2})).id
