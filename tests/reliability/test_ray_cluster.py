@@ -23,7 +23,7 @@ from scheduler.lifecycle import JobState
 from scheduler.store import Store
 from tests.integration.harness import ShoalServer, write_spec
 
-pytestmark = [pytest.mark.ray, pytest.mark.slow]
+pytestmark = [pytest.mark.ray, pytest.mark.slow, pytest.mark.timeout(1800)]
 CKPT = 20
 
 
