@@ -235,8 +235,10 @@ class RayExecutor:
         self.backend = backend
         self.workload = workload
         # Detached: the hub and the runners outlive a scheduler process that dies (adoption).
+        # The hub restarts elsewhere if its node dies (its queued events and stop flags are lost:
+        # progress resumes with the next report, stops are re-sent by recover()).
         self.hub = ProgressHub.options(name=self.HUB, namespace=namespace, get_if_exists=True,
-                                       lifetime="detached").remote()
+                                       lifetime="detached", max_restarts=-1, max_task_retries=-1).remote()
         self._runs: dict[tuple[int, int], tuple[ray.actor.ActorHandle, ray.ObjectRef]] = {}
         self._killed: set[tuple[int, int]] = set()
         self._finished: list[ray.actor.ActorHandle] = []  # ended at the next poll (see docstring)
@@ -315,7 +317,12 @@ class RayExecutor:
         return out
 
     def drain_progress(self) -> list[ProgressEvent]:
-        return [ProgressEvent(j, a, e) for j, a, e in ray.get(self.hub.drain.remote(), timeout=30)]
+        try:
+            events = ray.get(self.hub.drain.remote(), timeout=30)
+        except (ray.exceptions.RayError, TimeoutError) as e:  # the hub's node died: the cycle goes on
+            log.warning("progress hub unavailable (%s); no progress this cycle", type(e).__name__)
+            return []
+        return [ProgressEvent(j, a, e) for j, a, e in events]
 
     def close(self) -> None:
         for actor in [a for a, _ in self._runs.values()] + self._finished:

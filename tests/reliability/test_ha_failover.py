@@ -11,7 +11,7 @@ from benchmarks.chaos import Scheduler, job_spec, ledger_check, start_cluster, w
 from scheduler.store import Store
 from tests.reliability.db import pg_database, reset_pg, sqlalchemy_url  # noqa: F401 - fixtures
 
-pytestmark = [pytest.mark.ray, pytest.mark.slow]
+pytestmark = [pytest.mark.ray, pytest.mark.slow, pytest.mark.timeout(1200)]
 
 
 def test_leader_killed_follower_takes_over_within_15s(tmp_path, pg_database, tiny_model_dir):
