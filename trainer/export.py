@@ -25,11 +25,15 @@ HYPERPARAMETERS = ("learning_rate", "lr_scheduler", "warmup_steps", "epochs", "m
                    "weight_decay", "max_grad_norm", "gradient_checkpointing", "seed")
 
 
-def save_output(model, tokenizer, out_dir: str | Path) -> None:
-    """PEFT adapter or full model (safetensors) + tokenizer into out_dir."""
+def save_output(model, tokenizer, out_dir: str | Path, state_dict: dict | None = None) -> None:
+    """PEFT adapter or full model (safetensors) + tokenizer into out_dir; `state_dict`: the
+    full weights of a sharded (FSDP) model."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(out)
+    if state_dict is not None:
+        model.save_pretrained(out, state_dict=state_dict)
+    else:
+        model.save_pretrained(out)
     tokenizer.save_pretrained(out)
 
 

@@ -27,7 +27,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from peft import set_peft_model_state_dict
-from safetensors.torch import load_file, load_model, save_model
+from safetensors.torch import load_file, load_model, save_file, save_model
 from transformers import get_scheduler
 
 from trainer import data as D
@@ -156,6 +156,12 @@ class _Trainer:
         self.flops_token = T.flops_per_token(self.model.config, n_params, mean_len, cfg.adapter)
         self.peak_flops = T.peak_flops(self.device)
         self._orders: dict[int, list[list[int]]] = {}  # epoch -> this rank's micro-batches
+        # full fine-tuning on several workers: FSDP (sharded weights, grads, optimizer states);
+        # adapters: DDP (replicated base, tiny gradients)
+        self.fsdp = self.world > 1 and cfg.method == "full"
+        if self.fsdp:
+            from trainer.fsdp import shard
+            shard(self.model, self.device)  # before the optimizer sees the parameters
         self._setup_optimization()
         self.step, self.train_tokens = 0, 0  # optimizer steps done; tokens seen (all ranks)
         self.recent_losses: deque[float] = deque(maxlen=LOSS_WINDOW)
@@ -164,7 +170,7 @@ class _Trainer:
         if hooks.resume_dir:
             self._restore(hooks.resume_dir)  # last: it also restores the RNG states
         self.train_model = self.model  # what the forward pass of training goes through
-        if self.world > 1:
+        if self.world > 1 and not self.fsdp:
             ids = [self.device.index] if self.device.type == "cuda" else None
             self.train_model = torch.nn.parallel.DistributedDataParallel(
                 self.model, device_ids=ids)
@@ -255,6 +261,9 @@ class _Trainer:
         for i, batch in enumerate(micro):
             last = i == len(micro) - 1
             no_sync = self.world > 1 and not last
+            if self.fsdp:  # reduce-scatter gradients only on the last micro-batch
+                self.model.set_requires_gradient_sync(last)
+                no_sync = False
             with self.train_model.no_sync() if no_sync else contextlib.nullcontext():
                 total, count = completion_ce(self.train_model, batch, self.device)
                 loss = total / max(count, 1)  # mean CE over this micro-batch's tokens
@@ -373,12 +382,14 @@ class _Trainer:
             "mfu": T.mfu(tokens_per_s / self.world, self.flops_token, self.peak_flops),
             "gpu_mem_peak_mib": T.memory_peak_mib(self.device),
             "train_seconds": seconds, "world_size": self.world, "gpu_hours": gpu_hours,
+            "parallelism": "fsdp" if self.fsdp else "ddp" if self.world > 1 else "single",
             "cost_usd": gpu_hours * cfg.price_per_gpu_hour if cfg.price_per_gpu_hour is not None
             else None,
             "output_dir": cfg.output_dir, "resumed_from_step": self.resumed_from,
             "data": self.data_summary,
         }
-        if cfg.eval_generate_examples and self.rank == 0 and self.val_records:
+        # with FSDP every rank must run the same forward passes (they all-gather weights)
+        if cfg.eval_generate_examples and (self.rank == 0 or self.fsdp) and self.val_records:
             preds, refs = E.generate_answers(self.model, self.tokenizer,
                                              self.val_records[:cfg.eval_generate_examples],
                                              self.device, cfg.eval_max_new_tokens)
@@ -394,8 +405,9 @@ class _Trainer:
         if cfg.target:
             self._log("target " + ("met" if metrics["target_met"] else "NOT met") + ": " +
                       json.dumps(metrics["target"]["detail"]))
+        full_state = self._full_states()[0] if self.fsdp else None  # collective
         if self.rank == 0:
-            X.save_output(self.model, self.tokenizer, cfg.output_dir)
+            X.save_output(self.model, self.tokenizer, cfg.output_dir, state_dict=full_state)
             if cfg.merge and cfg.adapter:
                 self._log(f"merged model written to {X.save_merged(cfg, cfg.output_dir)}")
             X.write_card(cfg, metrics, self.data_summary, cfg.output_dir)
@@ -408,19 +420,25 @@ class _Trainer:
     def _checkpoint(self, metrics: dict) -> None:
         """Rank 0 writes the state to a temp dir; every rank calls the save hook."""
         rng_states = self._gather_rng_states()
+        states = self._full_states() if self.fsdp else None  # collective
         path = None
         if self.rank == 0:
             if self.cfg.scratch_dir:
                 Path(self.cfg.scratch_dir).mkdir(parents=True, exist_ok=True)
             path = tempfile.mkdtemp(prefix=f"shoal-job{self.cfg.job_id}-step{self.step}-",
                                     dir=self.cfg.scratch_dir)
-            write_checkpoint(path, self, rng_states)
+            write_checkpoint(path, self, rng_states, states)
         try:
             self.hooks.save_checkpoint(path, metrics)
         finally:
             if path:
                 shutil.rmtree(path, ignore_errors=True)
         self._emit({"type": "checkpoint", "step": self.step})
+
+    def _full_states(self) -> tuple[dict, dict]:
+        """(model, optimizer) full state dicts of an FSDP model, on rank 0. Collective."""
+        from trainer.fsdp import full_model_state, full_optimizer_state
+        return full_model_state(self.model), full_optimizer_state(self.model, self.optimizer)
 
     def _restore(self, path: str) -> None:
         state = read_checkpoint(path, self)
@@ -440,17 +458,21 @@ class _Trainer:
 STATE_FILE = "trainer_state.json"
 
 
-def write_checkpoint(path: str, t: _Trainer, rng_states: list[dict]) -> None:
+def write_checkpoint(path: str, t: _Trainer, rng_states: list[dict],
+                     full_states: tuple[dict, dict] | None = None) -> None:
     """Write everything needed to continue `t` exactly into directory `path`.
 
     rng_states[r] is rank r's rng_state() at this step (ranks draw different
-    amounts of randomness, e.g. dropout on differently shaped batches)."""
+    amounts of randomness, e.g. dropout on differently shaped batches).
+    full_states: (model, optimizer) state dicts gathered from FSDP shards."""
     p = Path(path)
     if t.cfg.adapter:
         t.model.save_pretrained(p / "adapter")
+    elif full_states is not None:
+        save_file({k: v.contiguous() for k, v in full_states[0].items()}, str(p / "model.safetensors"))
     else:
         save_model(t.model, str(p / "model.safetensors"))
-    torch.save(t.optimizer.state_dict(), p / "optimizer.pt")
+    torch.save(full_states[1] if full_states else t.optimizer.state_dict(), p / "optimizer.pt")
     torch.save(t.scheduler.state_dict(), p / "scheduler.pt")
     for rank, state in enumerate(rng_states):
         _save_rng(p, rank, state)
@@ -474,6 +496,15 @@ def read_checkpoint(path: str, t: _Trainer) -> dict:
         raise ValueError(f"checkpoint {p} is for method {state['method']!r}, "
                          f"config says {t.cfg.method!r}")
     dev = str(t.device)
+    if t.fsdp:  # rank 0 reads the full states, every rank takes its shards
+        from trainer.fsdp import load_full_state
+        full = t.rank == 0
+        load_full_state(t.model, t.optimizer,
+                        load_file(str(p / "model.safetensors")) if full else {},
+                        torch.load(p / "optimizer.pt", weights_only=True) if full else {})
+        t.scheduler.load_state_dict(torch.load(p / "scheduler.pt", weights_only=True))
+        _load_rng(p, t.rank, t.device)
+        return state
     if t.cfg.adapter:
         weights = load_file(str(p / "adapter" / "adapter_model.safetensors"), device=dev)
         result = set_peft_model_state_dict(t.model, weights)

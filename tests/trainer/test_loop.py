@@ -140,11 +140,16 @@ def _ddp_worker(rank: int, world: int, port: int, cfg_json: dict, tmp: str) -> N
     dist.destroy_process_group()
 
 
-def test_ddp_two_ranks_stop_together_and_resume_exactly(make_cfg, tmp_path):
+@pytest.mark.parametrize("method,parallelism", [
+    ("lora", "ddp"),
+    pytest.param("full", "fsdp", marks=pytest.mark.slow),  # FSDP2 on CPU through gloo
+])
+def test_two_ranks_stop_together_and_resume_exactly(make_cfg, tmp_path, method, parallelism):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    cfg = make_cfg(max_steps=5, batch_size=16, lora_dropout=0.1, learning_rate=3e-3)
+    cfg = make_cfg(max_steps=5, batch_size=16, lora_dropout=0.1, learning_rate=3e-3, method=method,
+                   grad_accum_steps=2)
     mp.spawn(_ddp_worker, args=(2, port, cfg.model_dump(mode="json"), str(tmp_path)), nprocs=2)
     runs = json.loads((tmp_path / "runs.json").read_text())
     assert runs["first"]["result"] == {"status": "preempted", "step": 2}
@@ -154,6 +159,11 @@ def test_ddp_two_ranks_stop_together_and_resume_exactly(make_cfg, tmp_path):
     assert len(joined) == 5
     assert runs["second"]["result"]["eval_loss"] == pytest.approx(
         runs["full"]["result"]["eval_loss"], abs=1e-5)
+    assert runs["full"]["result"]["parallelism"] == parallelism
+    assert runs["full"]["result"]["eval_loss"] < runs["full"]["result"]["eval_loss_initial"]
+    if method == "full":  # the gathered full weights load as a normal HF model
+        model = AutoModelForCausalLM.from_pretrained(cfg.output_dir, local_files_only=True)
+        assert sum(p.numel() for p in model.parameters()) > 100_000
 
 
 @pytest.mark.ray
