@@ -199,6 +199,8 @@ def run_trl(assets: dict, args, out: str) -> dict:
 
 
 def _child(kind: str, assets: dict, args, queue) -> None:
+    import warnings
+    warnings.filterwarnings("ignore", category=FutureWarning)  # TRL's own deprecated-argument notes
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     from transformers.utils import logging as hf_logging
     hf_logging.set_verbosity_error()
