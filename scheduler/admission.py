@@ -4,6 +4,7 @@ collected (not just the first) and reported together, each naming its field."""
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -35,31 +36,47 @@ def _file_key(p: Path) -> tuple | None:
     return (str(p), st.st_size, st.st_mtime_ns, st.st_ino)
 
 
-# Parsed dataset record counts (or their problems) by file identity: a dataset submitted again
-# (retries, sweeps, the API benchmark) is parsed once, and again only when it changes.
-_DATASETS: dict[tuple, tuple[int | None, tuple[str, ...]]] = {}
+# Dataset checks (records, summary, problems) by file identity and the settings that matter: a
+# dataset submitted again (retries, sweeps, the API benchmark) is parsed once, again only when it changes.
+_DATASETS: dict[tuple, tuple[int | None, dict | None, tuple[str, ...]]] = {}
 
 
-def _check_dataset(field: str, path: str | None, problems: list[str]) -> int | None:
+def storage_root() -> Path:
+    """Where job outputs may be written: SHOAL_STORAGE_ROOT, else SHOAL_HOME (default ~/.shoal)."""
+    root = os.environ.get("SHOAL_STORAGE_ROOT") or os.environ.get("SHOAL_HOME") or "~/.shoal"
+    return Path(root).expanduser().resolve()
+
+
+def _check_dataset(field: str, path: str | None, spec: JobSpec, tokenizer,
+                   problems: list[str]) -> tuple[int | None, dict | None]:
+    """(records, summary) of one dataset path; every bad record goes to `problems` as
+    '<field>: <file>:<line>: <problem>'. Without a tokenizer only the records are checked."""
     if path is None:
-        return None
-    from trainer.data import DatasetError, load_pairs  # heavy import only when submitting
+        return None, None
+    from trainer.data import DatasetError, collect_records, prepare  # heavy import only when checking
 
     p = Path(path)
-    if not p.is_file():
-        problems.append(f"{field}: {path} does not exist or is not a file")
-        return None
-    key = _file_key(p)
+    if not p.exists():
+        problems.append(f"{field}: {path} does not exist (a data file or a folder of them)")
+        return None, None
+    ds, hp = spec.dataset, spec.hyperparameters
+    ident = _file_key(p) if p.is_file() else (str(p), tuple(sorted(map(_file_key, p.rglob("*")), key=str)))
+    key = (ident, ds.format, hp.max_length, ds.max_length_policy, spec.model if tokenizer is not None else None)
     if key not in _DATASETS:
-        try:
-            _DATASETS[key] = (len(load_pairs(p)), ())
-        except DatasetError as e:
-            _DATASETS[key] = (None, tuple(e.problems))
         if len(_DATASETS) > 4096:
-            _DATASETS.pop(next(iter(_DATASETS)))
-    count, errs = _DATASETS[key]
+            _DATASETS.clear()
+        if tokenizer is None:
+            records, _, found = collect_records(p, ds.format)
+            _DATASETS[key] = (len(records), None, ()) if not found else (None, None, tuple(found))
+        else:
+            try:
+                _, _, summary = prepare(p, tokenizer, ds.format, hp.max_length, ds.max_length_policy)
+                _DATASETS[key] = (summary["records"], summary, ())
+            except DatasetError as e:
+                _DATASETS[key] = (None, None, tuple(e.problems))
+    count, summary, errs = _DATASETS[key]
     problems.extend(f"{field}: {x}" for x in errs)
-    return count
+    return count, summary
 
 
 _ESTIMATES: dict[tuple, object] = {}
@@ -102,20 +119,53 @@ def check_paths(spec: JobSpec, roots: list[str]) -> list[str]:
 class Files:
     train_records: int
     validation_records: int | None
+    train_summary: dict | None = None  # records, tokens, length histogram (trainer.data.summarize)
+    validation_summary: dict | None = None
+
+
+def _load_tokenizer(spec: JobSpec, problems: list[str]):
+    """The model's tokenizer, for token-level checks (lengths, chat template); None if the
+    folder has no tokenizer files (then only the records' fields are checked here)."""
+    from trainer.model import TOKENIZER_FILES, load_tokenizer
+
+    if not any((Path(spec.model) / f).is_file() for f in TOKENIZER_FILES):
+        return None
+    try:
+        return load_tokenizer(spec.model)
+    except Exception as e:  # noqa: BLE001 - any failure to load is the user's model dir
+        problems.append(f"model: {spec.model}: cannot load its tokenizer ({e})")
+        return None
 
 
 def _file_problems(spec: JobSpec, problems: list[str]) -> Files:
-    """Checks that need only the spec's files: the model directory and every dataset record."""
-    n_train = _check_dataset("dataset.train", spec.dataset.train, problems)
-    n_val = _check_dataset("dataset.validation", spec.dataset.validation, problems)
-    if n_train is not None and spec.dataset.validation is None and n_train < 2:
-        problems.append("dataset.train: needs at least 2 records to split off a validation set")
+    """Checks that need only the spec's files: the model directory, every dataset record
+    (format, fields, length under the spec's policy, with the model's tokenizer), the method
+    on this software, the output folder."""
     model = Path(spec.model)
+    tokenizer = None
     if not model.is_dir():
         problems.append(f"model: {spec.model} is not a directory (a local Hugging Face model folder)")
     elif not (model / "config.json").is_file():
         problems.append(f"model: {spec.model} has no config.json (expected a Hugging Face model directory)")
-    return Files(n_train or 0, n_val)
+    else:
+        tokenizer = _load_tokenizer(spec, problems)
+    n_train, s_train = _check_dataset("dataset.train", spec.dataset.train, spec, tokenizer, problems)
+    n_val, s_val = _check_dataset("dataset.validation", spec.dataset.validation, spec, tokenizer, problems)
+    if n_train is not None and spec.dataset.validation is None and n_train < 2:
+        problems.append("dataset.train: needs at least 2 records to split off a validation set")
+    from trainer.model import check_method_supported
+
+    try:
+        check_method_supported(spec.method)
+    except ValueError as e:
+        problems.append(str(e))
+    if spec.output is not None:
+        root = storage_root()
+        if not Path(spec.output).expanduser().resolve().is_relative_to(root):
+            problems.append(f"output: {spec.output} is outside the storage root {root} (SHOAL_STORAGE_ROOT, "
+                            f"else SHOAL_HOME); choose a folder under it, or leave output unset for "
+                            f"<SHOAL_HOME>/jobs/<id>/output")
+    return Files(n_train or 0, n_val, s_train, s_val)
 
 
 def check_files(spec: JobSpec) -> Files:

@@ -243,6 +243,13 @@ def validate(file: Path) -> None:
     val = f", {files.validation_records} validation" if files.validation_records is not None else ""
     out.print(f"{file}: valid ({spec.method} fine-tuning of {spec.model} for team {spec.team}; "
               f"{files.train_records} training records{val})", highlight=False)
+    for name, summary in (("train", files.train_summary), ("validation", files.validation_summary)):
+        if summary:  # trainer.data.summarize: what the estimator and the user can plan with
+            hist = " ".join(f"{k}:{v}" for k, v in summary["histogram"].items())
+            out.print(f"  {name}: {summary['format']}, {summary['examples']} examples, {summary['tokens']} tokens "
+                      f"(mean {summary['mean_tokens']}, max {summary['max_tokens']}; {summary['truncated']} truncated, "
+                      f"{summary['dropped']} dropped at max_length {summary['max_length']}); lengths {hist}",
+                      highlight=False)
 
 
 @app.command()

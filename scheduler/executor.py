@@ -29,6 +29,7 @@ class LaunchRequest:
     memory_per_gpu_mib: int
     job_dir: str  # per-job folder: checkpoints (Ray storage), logs
     output_dir: str  # where the final adapter / model goes
+    price_per_gpu_hour: float | None = None  # USD, from the placed GPU model; for the model card
 
 
 @dataclass(frozen=True)

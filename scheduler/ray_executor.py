@@ -86,6 +86,20 @@ def train_config(req: LaunchRequest) -> dict:
         if key in lora:
             cfg[f"lora_{key}"] = lora[key]
     cfg.update(hp)
+    # data format, length policy, evaluation, export, target, cost (trainer issue #5)
+    cfg["data_format"] = ds.get("format", "auto")
+    cfg["max_length_policy"] = ds.get("max_length_policy", "error")
+    ev = s.get("eval", {})
+    for key, name in (("every_steps", "eval_every_steps"), ("generate_examples", "eval_generate_examples"),
+                      ("max_new_tokens", "eval_max_new_tokens"), ("metric", "eval_metric"),
+                      ("early_stopping_patience", "early_stopping_patience"),
+                      ("early_stopping_min_delta", "early_stopping_min_delta")):
+        if ev.get(key) is not None:
+            cfg[name] = ev[key]
+    cfg["merge"] = bool(s.get("export", {}).get("merge", False))
+    cfg["target"] = dict(s.get("target") or {})
+    cfg["job_name"] = s.get("name")
+    cfg["price_per_gpu_hour"] = getattr(req, "price_per_gpu_hour", None)
     return cfg
 
 

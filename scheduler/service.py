@@ -382,6 +382,8 @@ class Service:
             job_id=job.id, attempt=job.attempt, spec=job.spec, node_id=job.placement["node_id"],
             gpu_indices=tuple(job.placement["gpu_indices"]), memory_per_gpu_mib=job.memory_per_gpu_mib,
             job_dir=str(d), output_dir=job.spec.get("output") or str(d / "output"),
+            price_per_gpu_hour=getattr(self.config.gpu_models.get(job.placement.get("gpu_model") or ""),
+                                       "price_per_hour", None),
         )
 
     def _start(self, job: JobRecord, node_id: str, gpu_indices: tuple[int, ...]) -> None:

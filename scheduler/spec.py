@@ -22,12 +22,16 @@ class _Strict(BaseModel):
 
 
 class DatasetSpec(_Strict):
-    """Prompt/completion JSONL files. Validation data comes from `validation` or, when that is
-    absent, a seeded `validation_fraction` of `train`."""
+    """Data files or folders (JSONL, JSON, Parquet). Validation data comes from `validation` or,
+    when that is absent, a seeded `validation_fraction` of `train`."""
 
     train: str = Field(min_length=1)
     validation: str | None = None
     validation_fraction: float = Field(default=0.1, gt=0.0, lt=1.0)
+    format: Literal["auto", "prompt_completion", "chat", "alpaca"] = Field(
+        default="auto", description="auto: from the first record's fields")
+    max_length_policy: Literal["error", "truncate", "drop"] = Field(
+        default="error", description="records longer than hyperparameters.max_length")
 
 
 class LoraSpec(_Strict):
@@ -49,6 +53,33 @@ class Hyperparameters(_Strict):
     weight_decay: float = Field(default=0.0, ge=0.0, le=1.0)
     max_grad_norm: float = Field(default=1.0, gt=0.0)
     seed: int = Field(default=0, ge=0)
+    packing: bool = Field(default=False, description="several examples per sequence, attention kept per example")
+    gradient_checkpointing: bool = False
+
+
+class EvalSpec(_Strict):
+    every_steps: int | None = Field(default=None, ge=1, description="validation loss every N steps; always at the end")
+    generate_examples: int = Field(default=0, ge=0, description="greedy answers on N validation records at the end")
+    max_new_tokens: int = Field(default=32, ge=1, le=4096)
+    metric: str | None = Field(default=None, pattern=r"^[^:]+:[A-Za-z_][A-Za-z0-9_]*$",
+                               description="'module:function' or 'file.py:function'(predictions, references)")
+    early_stopping_patience: int | None = Field(default=None, ge=1, description="evaluations without improvement")
+    early_stopping_min_delta: float = Field(default=0.0, ge=0.0)
+
+    @model_validator(mode="after")
+    def _needs(self) -> EvalSpec:
+        if self.metric is not None and self.generate_examples == 0:
+            raise ValueError("metric needs generate_examples > 0 (it scores generated answers)")
+        if self.early_stopping_patience is not None and self.every_steps is None:
+            raise ValueError("early_stopping_patience needs every_steps (how often to evaluate)")
+        return self
+
+
+class ExportSpec(_Strict):
+    merge: bool = Field(default=False, description="also write the base model merged with the adapter")
+
+
+TARGET_METRICS = ("eval_loss", "perplexity", "exact_match", "train_loss")
 
 
 class Resources(_Strict):
@@ -79,9 +110,12 @@ class JobSpec(_Strict):
     priority: int = Field(default=0, ge=-1000, le=1000, description="higher runs first")
     model: str = Field(min_length=1, description="local Hugging Face model directory")
     dataset: DatasetSpec
-    method: Literal["lora", "full"] = "lora"
+    method: Literal["lora", "dora", "qlora", "full"] = "lora"
     lora: LoraSpec = LoraSpec()
     hyperparameters: Hyperparameters = Hyperparameters()
+    eval: EvalSpec = EvalSpec()
+    export: ExportSpec = ExportSpec()
+    target: dict[str, float] = Field(default={}, description="metric: value the job should reach (report only)")
     resources: Resources = Resources()
     checkpoint_every_steps: int = Field(default=50, ge=1)
     max_retries: int = Field(default=1, ge=0, le=100, description="relaunches after a failure")
@@ -91,6 +125,14 @@ class JobSpec(_Strict):
     def _method_fields(self) -> JobSpec:
         if self.method == "full" and "lora" in self.model_fields_set:
             raise ValueError("'lora' settings given but method is 'full'; remove 'lora' or use method: lora")
+        if self.method == "full" and self.export.merge:
+            raise ValueError("export.merge is for adapters; method 'full' already writes the whole model")
+        for name in self.target:  # with eval.metric, any name: the user's function names its results
+            if name not in TARGET_METRICS and self.eval.metric is None:
+                raise ValueError(f"target: unknown metric {name!r} (known: {', '.join(TARGET_METRICS)}, "
+                                 f"or what eval.metric returns)")
+            if name == "exact_match" and self.eval.generate_examples == 0:
+                raise ValueError("target: exact_match needs eval.generate_examples > 0")
         return self
 
     def path_fields(self) -> dict[str, str | None]:
@@ -115,6 +157,9 @@ class JobSpec(_Strict):
             data["dataset"]["validation"] = res(self.dataset.validation)
         if self.output is not None:
             data["output"] = res(self.output)
+        module, _, func = (self.eval.metric or "").rpartition(":")
+        if module.endswith(".py"):
+            data["eval"] = {**data["eval"], "metric": f"{res(module)}:{func}"}
         return JobSpec.model_validate(data)
 
 

@@ -16,10 +16,13 @@ class TrainConfig(BaseModel):
     job_id: int
     attempt: int = Field(0, ge=0)
     model_path: str  # local Hugging Face model directory
-    train_path: str  # JSONL of {"prompt", "completion"}
+    train_path: str  # data file or directory (JSONL / JSON / Parquet), see trainer.formats
     val_path: str | None = None
     val_fraction: float = Field(0.1, ge=0.0, lt=1.0)  # only when val_path is None
-    method: Literal["lora", "full"] = "lora"
+    data_format: Literal["auto", "prompt_completion", "chat", "alpaca"] = "auto"
+    max_length_policy: Literal["error", "truncate", "drop"] = "truncate"  # records > max_length
+    packing: bool = False  # several examples per row (attention kept per example)
+    method: Literal["lora", "dora", "qlora", "full"] = "lora"
     lora_r: int = Field(8, ge=1)
     lora_alpha: int = Field(16, ge=1)
     lora_dropout: float = Field(0.0, ge=0.0, lt=1.0)
@@ -37,6 +40,20 @@ class TrainConfig(BaseModel):
     seed: int = 0
     checkpoint_every_steps: int = Field(50, ge=1)  # optimizer steps
     eval_every_steps: int | None = Field(None, ge=1)  # optimizer steps
+    gradient_checkpointing: bool = False
+    # generation metrics on up to N validation examples at the end (0: off): exact match
+    # of the generated completion, plus `eval_metric` "module:function" or "file.py:function"
+    # called as fn(predictions: list[str], references: list[str]) -> float | dict[str, float]
+    eval_generate_examples: int = Field(0, ge=0)
+    eval_max_new_tokens: int = Field(32, ge=1)
+    eval_metric: str | None = None
+    early_stopping_patience: int | None = Field(None, ge=1)  # evals without improvement
+    early_stopping_min_delta: float = Field(0.0, ge=0.0)  # an improvement is a drop > this
+    # {"eval_loss": max, "perplexity": max, "exact_match": min, "<user metric>": min}
+    target: dict[str, float] = Field(default_factory=dict)
+    merge: bool = False  # also write the base model merged with the adapter (output/merged)
+    price_per_gpu_hour: float | None = Field(None, ge=0.0)  # USD; for the model card's cost
+    job_name: str | None = None  # for the model card
     output_dir: str  # final adapter (lora) or model (full) + tokenizer
     gpu_indices: list[int] = Field(default_factory=list)  # one per local worker
     torch_threads: int | None = Field(None, ge=1)
@@ -46,4 +63,11 @@ class TrainConfig(BaseModel):
     def _check_lora_targets(self) -> "TrainConfig":
         if isinstance(self.lora_target_modules, list) and not self.lora_target_modules:
             raise ValueError("lora_target_modules must not be empty")
+        if self.eval_metric is not None and ":" not in self.eval_metric:
+            raise ValueError("eval_metric must be 'module:function' or 'file.py:function'")
         return self
+
+    @property
+    def adapter(self) -> bool:
+        """True for the peft methods (lora, dora, qlora)."""
+        return self.method != "full"

@@ -27,12 +27,15 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from peft import set_peft_model_state_dict
-from safetensors.torch import load_file, load_model, save_model
+from safetensors.torch import load_file, load_model, save_file, save_model
 from transformers import get_scheduler
 
 from trainer import data as D
+from trainer import evaluation as E
+from trainer import export as X
+from trainer import telemetry as T
 from trainer.config import TrainConfig
-from trainer.model import load_model_and_tokenizer
+from trainer.model import check_method_supported, load_model_and_tokenizer
 
 LOSS_WINDOW = 10  # final train_loss = mean loss of the last LOSS_WINDOW steps
 SCHEDULERS = {"cosine": "cosine", "linear": "linear", "constant": "constant_with_warmup"}
@@ -84,11 +87,19 @@ def _autocast(device: torch.device):
     return contextlib.nullcontext()
 
 
+def forward_logits(model, batch: dict, device: torch.device) -> torch.Tensor:
+    """Logits of a collated batch: padded (attention_mask) or packed (position_ids, no mask:
+    transformers then keeps attention inside each packed example)."""
+    inputs = {k: batch[k].to(device) for k in ("input_ids", "attention_mask", "position_ids")
+              if k in batch}
+    with _autocast(device):
+        return model(**inputs, use_cache=False).logits
+
+
 def completion_ce(model, batch: dict, device: torch.device) -> tuple[torch.Tensor, int]:
     """(summed next-token CE over labelled tokens, number of labelled tokens)."""
-    batch = {k: v.to(device) for k, v in batch.items()}
-    with _autocast(device):
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    logits = forward_logits(model, batch, device)
+    batch = {"labels": batch["labels"].to(device)}
     logits = logits[:, :-1].float()
     labels = batch["labels"][:, 1:]
     total = F.cross_entropy(logits.reshape(-1, logits.size(-1)), labels.reshape(-1),
@@ -121,19 +132,36 @@ class _Trainer:
         self.cfg, self.hooks = cfg, hooks
         self.rank, self.world = hooks.rank, hooks.world_size
         self.device = pick_device(cfg.gpu_indices, hooks.local_rank)
+        check_method_supported(cfg.method, self.device)  # before any weight is loaded
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)  # NCCL collectives use the current device
+        # the user's metric is imported first, so a typo fails before training, not after
+        self.user_metric = E.load_metric(cfg.eval_metric) if cfg.eval_metric else None
         seed_everything(cfg.seed)  # same on all ranks: identical LoRA init
-        # frozen LoRA base in bf16 on GPU; trained weights always fp32
-        base_dtype = torch.bfloat16 if self.device.type == "cuda" and cfg.method == "lora" \
+        # frozen adapter base in bf16 on GPU; trained weights always fp32
+        base_dtype = torch.bfloat16 if self.device.type == "cuda" and cfg.adapter \
             else torch.float32
-        self.model, self.tokenizer = load_model_and_tokenizer(cfg, dtype=base_dtype)
-        self.model.to(self.device)
+        self.model, self.tokenizer = load_model_and_tokenizer(cfg, dtype=base_dtype,
+                                                              device=self.device)
+        if cfg.method != "qlora":  # bitsandbytes placed it already
+            self.model.to(self.device)
         self.train_set, self.val_set = self._load_data()
-        pad, bs = self.tokenizer.pad_token_id, cfg.batch_size
-        self.val_batches = [D.collate(self.val_set[i:i + bs], pad)
-                            for i in range(0, len(self.val_set), bs)]
+        self.val_batches = E.eval_batches(self.val_set, cfg.batch_size, self.tokenizer.pad_token_id)
+        self.last_eval: tuple[int, float] | None = None  # (step, eval loss)
+        self.early = E.EarlyStopping(cfg.early_stopping_patience, cfg.early_stopping_min_delta)
+        self.train_seconds = 0.0  # wall time of training in earlier attempts (from checkpoints)
+        self.padded_positions, self.real_tokens = 0, 0  # this rank, this attempt
+        n_params = sum(p.numel() for p in self.model.parameters())
+        mean_len = self.data_summary["tokens"] / max(self.data_summary["examples"], 1)
+        self.flops_token = T.flops_per_token(self.model.config, n_params, mean_len, cfg.adapter)
+        self.peak_flops = T.peak_flops(self.device)
         self._orders: dict[int, list[list[int]]] = {}  # epoch -> this rank's micro-batches
+        # full fine-tuning on several workers: FSDP (sharded weights, grads, optimizer states);
+        # adapters: DDP (replicated base, tiny gradients)
+        self.fsdp = self.world > 1 and cfg.method == "full"
+        if self.fsdp:
+            from trainer.fsdp import shard
+            shard(self.model, self.device)  # before the optimizer sees the parameters
         self._setup_optimization()
         self.step, self.train_tokens = 0, 0  # optimizer steps done; tokens seen (all ranks)
         self.recent_losses: deque[float] = deque(maxlen=LOSS_WINDOW)
@@ -142,7 +170,7 @@ class _Trainer:
         if hooks.resume_dir:
             self._restore(hooks.resume_dir)  # last: it also restores the RNG states
         self.train_model = self.model  # what the forward pass of training goes through
-        if self.world > 1:
+        if self.world > 1 and not self.fsdp:
             ids = [self.device.index] if self.device.type == "cuda" else None
             self.train_model = torch.nn.parallel.DistributedDataParallel(
                 self.model, device_ids=ids)
@@ -162,14 +190,21 @@ class _Trainer:
 
     # ---- data -----------------------------------------------------------------
     def _load_data(self) -> tuple[list[dict], list[dict]]:
+        """(train rows, val rows): encoded examples, packed when cfg.packing. Also sets
+        data_summary, val_records (for generation) and the padding waste of the train set."""
         cfg = self.cfg
-        train_pairs = D.load_pairs(cfg.train_path)
+        prep = lambda path: D.prepare(path, self.tokenizer, cfg.data_format, cfg.max_length,
+                                      cfg.max_length_policy)
+        train_records, train_enc, self.data_summary = prep(cfg.train_path)
         if cfg.val_path:
-            val_pairs = D.load_pairs(cfg.val_path)
+            val_records, val_enc, _ = prep(cfg.val_path)
         else:
-            train_pairs, val_pairs = D.split_pairs(train_pairs, cfg.val_fraction, cfg.seed)
-        enc = lambda pairs: D.encode_pairs(self.tokenizer, pairs, cfg.max_length)
-        return enc(train_pairs), enc(val_pairs)
+            val_records = train_records
+            train_enc, val_enc = D.split_pairs(train_enc, cfg.val_fraction, cfg.seed)
+        self.val_records = [val_records[e["index"]] for e in val_enc]
+        if cfg.packing:
+            return D.pack(train_enc, cfg.max_length), D.pack(val_enc, cfg.max_length)
+        return train_enc, val_enc
 
     def _micro_batches(self, step: int) -> list[dict]:
         """Collated micro-batches of optimizer step `step` on this rank."""
@@ -226,12 +261,18 @@ class _Trainer:
         for i, batch in enumerate(micro):
             last = i == len(micro) - 1
             no_sync = self.world > 1 and not last
+            if self.fsdp:  # reduce-scatter gradients only on the last micro-batch
+                self.model.set_requires_gradient_sync(last)
+                no_sync = False
             with self.train_model.no_sync() if no_sync else contextlib.nullcontext():
                 total, count = completion_ce(self.train_model, batch, self.device)
                 loss = total / max(count, 1)  # mean CE over this micro-batch's tokens
                 (loss / len(micro)).backward()
             losses.append(loss.item())
-            tokens += int(batch["attention_mask"].sum())
+            real = int(batch["seq_mask"].sum())
+            tokens += real
+            self.real_tokens += real
+            self.padded_positions += batch["seq_mask"].numel() - real
         if self.cfg.max_grad_norm > 0:
             torch.nn.utils.clip_grad_norm_(self.params, self.cfg.max_grad_norm)
         lr = self.scheduler.get_last_lr()[0]
@@ -242,12 +283,30 @@ class _Trainer:
         return loss_sum / self.world, int(tokens_all), lr
 
     def _eval(self) -> float | None:
+        """Validation loss (all ranks compute it on the whole val set: same value)."""
         if not self.val_batches:
             return None
+        if self.last_eval is not None and self.last_eval[0] == self.step:
+            return self.last_eval[1]  # e.g. early stopping evaluated this step already
         loss = evaluate(self.model, self.val_batches, self.device)
-        self._emit({"type": "eval", "step": self.step, "eval_loss": loss})
-        self._log(f"step {self.step}: eval_loss {loss:.4f}")
+        self.last_eval = (self.step, loss)
+        ppl = math.exp(min(loss, 700.0))
+        self._emit({"type": "eval", "step": self.step, "eval_loss": loss, "perplexity": ppl})
+        self._log(f"step {self.step}: eval_loss {loss:.4f} perplexity {ppl:.2f}")
         return loss
+
+    def _padding_waste(self) -> float:
+        total = self.real_tokens + self.padded_positions
+        return self.padded_positions / total if total else 0.0
+
+    def _step_event(self, loss: float, tokens: int, lr: float, secs: float) -> dict:
+        tps = tokens / secs if secs > 0 else 0.0
+        return {"type": "step", "step": self.step, "total_steps": self.total_steps,
+                "epoch": (self.step - 1) // self.steps_per_epoch, "loss": loss, "lr": lr,
+                "tokens_per_s": tps, "step_time_s": secs,
+                "padding_waste": self._padding_waste(),
+                "gpu_mem_peak_mib": T.memory_peak_mib(self.device),
+                "mfu": T.mfu(tps / self.world, self.flops_token, self.peak_flops)}
 
     def run(self) -> dict:
         cfg = self.cfg
@@ -260,7 +319,11 @@ class _Trainer:
             self._log(f"resumed from step {self.step} (epoch {epoch}, step {pos} of the epoch)")
         else:
             self.eval_loss_initial = self._eval()
+            if self.eval_loss_initial is not None:
+                self.early.update(self.eval_loss_initial, 0)
         attempt_tokens, attempt_secs = 0, 0.0
+        self.attempt_start = time.perf_counter()
+        early_stopped = False
         while self.step < self.total_steps:
             t0 = time.perf_counter()
             loss, tokens, lr = self._optimizer_step()
@@ -269,20 +332,25 @@ class _Trainer:
             self.train_tokens += tokens
             attempt_tokens, attempt_secs = attempt_tokens + tokens, attempt_secs + secs
             self.recent_losses.append(loss)
-            self._emit({"type": "step", "step": self.step, "total_steps": self.total_steps,
-                        "epoch": (self.step - 1) // self.steps_per_epoch, "loss": loss,
-                        "lr": lr, "tokens_per_s": tokens / secs if secs > 0 else 0.0})
+            self._emit(self._step_event(loss, tokens, lr, secs))
             if self.step == self.total_steps:
                 break  # final eval + save follow
             if cfg.eval_every_steps and self.step % cfg.eval_every_steps == 0:
-                self._eval()
+                eval_loss = self._eval()
+                if eval_loss is not None and self.early.update(eval_loss, self.step):
+                    self._log(f"early stopping at step {self.step}: no improvement over "
+                              f"{self.early.best:.4f} (step {self.early.best_step}) in "
+                              f"{self.early.bad_evals} evaluations")
+                    early_stopped = True
+                    break
             stop = self._stop_requested()
             if stop or self.step % cfg.checkpoint_every_steps == 0:
                 self._checkpoint(self._running_metrics("preempted" if stop else "running"))
             if stop:
                 self._log(f"stopped at step {self.step} on request; checkpoint saved")
                 return {"status": "preempted", "step": self.step}
-        return self._finish(attempt_tokens / attempt_secs if attempt_secs > 0 else 0.0)
+        return self._finish(attempt_tokens / attempt_secs if attempt_secs > 0 else 0.0,
+                            early_stopped)
 
     def _running_metrics(self, status: str) -> dict:
         return {"status": status, "step": self.step, "total_steps": self.total_steps,
@@ -291,35 +359,75 @@ class _Trainer:
     def _train_loss(self) -> float | None:
         return sum(self.recent_losses) / len(self.recent_losses) if self.recent_losses else None
 
-    def _finish(self, tokens_per_s: float) -> dict:
+    def _elapsed(self) -> float:
+        """Training wall time over all attempts so far (s)."""
+        return self.train_seconds + time.perf_counter() - self.attempt_start
+
+    def _finish(self, tokens_per_s: float, early_stopped: bool = False) -> dict:
+        cfg = self.cfg
+        evaluated = self.last_eval is not None and self.last_eval[0] == self.step
         eval_loss = self._eval()
+        if eval_loss is not None and not evaluated:
+            self.early.update(eval_loss, self.step)
+        seconds = self._elapsed()
+        gpu_hours = seconds * self.world / 3600.0
         metrics = {
             "status": "succeeded", "steps": self.step, "train_loss": self._train_loss(),
             "eval_loss": eval_loss, "eval_loss_initial": self.eval_loss_initial,
             "perplexity": math.exp(min(eval_loss, 700.0)) if eval_loss is not None else None,
+            "best_eval_loss": self.early.best, "best_eval_step": self.early.best_step,
+            "early_stopped": early_stopped,
             "tokens_per_s": tokens_per_s, "train_tokens": self.train_tokens,
-            "output_dir": self.cfg.output_dir, "resumed_from_step": self.resumed_from,
+            "padding_waste": self._padding_waste(),
+            "mfu": T.mfu(tokens_per_s / self.world, self.flops_token, self.peak_flops),
+            "gpu_mem_peak_mib": T.memory_peak_mib(self.device),
+            "train_seconds": seconds, "world_size": self.world, "gpu_hours": gpu_hours,
+            "parallelism": "fsdp" if self.fsdp else "ddp" if self.world > 1 else "single",
+            "cost_usd": gpu_hours * cfg.price_per_gpu_hour if cfg.price_per_gpu_hour is not None
+            else None,
+            "output_dir": cfg.output_dir, "resumed_from_step": self.resumed_from,
+            "data": self.data_summary,
         }
+        # with FSDP every rank must run the same forward passes (they all-gather weights)
+        if cfg.eval_generate_examples and (self.rank == 0 or self.fsdp) and self.val_records:
+            preds, refs = E.generate_answers(self.model, self.tokenizer,
+                                             self.val_records[:cfg.eval_generate_examples],
+                                             self.device, cfg.eval_max_new_tokens)
+            name = cfg.eval_metric.rpartition(":")[2] if cfg.eval_metric else None
+            gen = E.generation_metrics(preds, refs, self.user_metric, name)
+            metrics["generation"] = gen
+            metrics["exact_match"] = gen["exact_match"]
+            self._log(f"generation on {len(preds)} validation examples: " +
+                      ", ".join(f"{k} {v:.4g}" for k, v in gen.items()))
+        flat = {**metrics, **(metrics.get("generation") or {})}
+        metrics["target"] = E.check_target(cfg.target, flat)
+        metrics["target_met"] = metrics["target"]["met"]
+        if cfg.target:
+            self._log("target " + ("met" if metrics["target_met"] else "NOT met") + ": " +
+                      json.dumps(metrics["target"]["detail"]))
+        full_state = self._full_states()[0] if self.fsdp else None  # collective
         if self.rank == 0:
-            Path(self.cfg.output_dir).mkdir(parents=True, exist_ok=True)
-            self.model.save_pretrained(self.cfg.output_dir)
-            self.tokenizer.save_pretrained(self.cfg.output_dir)
+            X.save_output(self.model, self.tokenizer, cfg.output_dir, state_dict=full_state)
+            if cfg.merge and cfg.adapter:
+                self._log(f"merged model written to {X.save_merged(cfg, cfg.output_dir)}")
+            X.write_card(cfg, metrics, self.data_summary, cfg.output_dir)
         self._checkpoint(metrics)
         self._log(f"done: {self.step} steps, train_loss {metrics['train_loss']}, "
-                  f"eval_loss {eval_loss}, saved to {self.cfg.output_dir}")
+                  f"eval_loss {eval_loss}, saved to {cfg.output_dir}")
         return metrics
 
     # ---- checkpoints ----------------------------------------------------------------
     def _checkpoint(self, metrics: dict) -> None:
         """Rank 0 writes the state to a temp dir; every rank calls the save hook."""
         rng_states = self._gather_rng_states()
+        states = self._full_states() if self.fsdp else None  # collective
         path = None
         if self.rank == 0:
             if self.cfg.scratch_dir:
                 Path(self.cfg.scratch_dir).mkdir(parents=True, exist_ok=True)
             path = tempfile.mkdtemp(prefix=f"shoal-job{self.cfg.job_id}-step{self.step}-",
                                     dir=self.cfg.scratch_dir)
-            write_checkpoint(path, self, rng_states)
+            write_checkpoint(path, self, rng_states, states)
         try:
             self.hooks.save_checkpoint(path, metrics)
         finally:
@@ -327,11 +435,18 @@ class _Trainer:
                 shutil.rmtree(path, ignore_errors=True)
         self._emit({"type": "checkpoint", "step": self.step})
 
+    def _full_states(self) -> tuple[dict, dict]:
+        """(model, optimizer) full state dicts of an FSDP model, on rank 0. Collective."""
+        from trainer.fsdp import full_model_state, full_optimizer_state
+        return full_model_state(self.model), full_optimizer_state(self.model, self.optimizer)
+
     def _restore(self, path: str) -> None:
         state = read_checkpoint(path, self)
         self.step, self.train_tokens = state["step"], state["train_tokens"]
         self.recent_losses.extend(state["recent_losses"])
         self.eval_loss_initial = state["eval_loss_initial"]
+        self.train_seconds = state.get("train_seconds", 0.0)
+        self.early.load(state.get("early_stopping"))
         self.resumed_from = self.step
 
 
@@ -343,17 +458,21 @@ class _Trainer:
 STATE_FILE = "trainer_state.json"
 
 
-def write_checkpoint(path: str, t: _Trainer, rng_states: list[dict]) -> None:
+def write_checkpoint(path: str, t: _Trainer, rng_states: list[dict],
+                     full_states: tuple[dict, dict] | None = None) -> None:
     """Write everything needed to continue `t` exactly into directory `path`.
 
     rng_states[r] is rank r's rng_state() at this step (ranks draw different
-    amounts of randomness, e.g. dropout on differently shaped batches)."""
+    amounts of randomness, e.g. dropout on differently shaped batches).
+    full_states: (model, optimizer) state dicts gathered from FSDP shards."""
     p = Path(path)
-    if t.cfg.method == "lora":
+    if t.cfg.adapter:
         t.model.save_pretrained(p / "adapter")
+    elif full_states is not None:
+        save_file({k: v.contiguous() for k, v in full_states[0].items()}, str(p / "model.safetensors"))
     else:
         save_model(t.model, str(p / "model.safetensors"))
-    torch.save(t.optimizer.state_dict(), p / "optimizer.pt")
+    torch.save(full_states[1] if full_states else t.optimizer.state_dict(), p / "optimizer.pt")
     torch.save(t.scheduler.state_dict(), p / "scheduler.pt")
     for rank, state in enumerate(rng_states):
         _save_rng(p, rank, state)
@@ -362,7 +481,8 @@ def write_checkpoint(path: str, t: _Trainer, rng_states: list[dict]) -> None:
              "step": t.step, "total_steps": t.total_steps, "epoch": epoch,
              "step_in_epoch": pos, "batch_in_epoch": pos * t.cfg.grad_accum_steps,
              "train_tokens": t.train_tokens, "recent_losses": list(t.recent_losses),
-             "eval_loss_initial": t.eval_loss_initial}
+             "eval_loss_initial": t.eval_loss_initial, "train_seconds": t._elapsed(),
+             "early_stopping": t.early.state()}
     (p / STATE_FILE).write_text(json.dumps(state, indent=1))
 
 
@@ -376,7 +496,16 @@ def read_checkpoint(path: str, t: _Trainer) -> dict:
         raise ValueError(f"checkpoint {p} is for method {state['method']!r}, "
                          f"config says {t.cfg.method!r}")
     dev = str(t.device)
-    if t.cfg.method == "lora":
+    if t.fsdp:  # rank 0 reads the full states, every rank takes its shards
+        from trainer.fsdp import load_full_state
+        full = t.rank == 0
+        load_full_state(t.model, t.optimizer,
+                        load_file(str(p / "model.safetensors")) if full else {},
+                        torch.load(p / "optimizer.pt", weights_only=True) if full else {})
+        t.scheduler.load_state_dict(torch.load(p / "scheduler.pt", weights_only=True))
+        _load_rng(p, t.rank, t.device)
+        return state
+    if t.cfg.adapter:
         weights = load_file(str(p / "adapter" / "adapter_model.safetensors"), device=dev)
         result = set_peft_model_state_dict(t.model, weights)
         if result.unexpected_keys:

@@ -1,12 +1,12 @@
-"""Loading the base model + tokenizer from a local directory, with optional LoRA."""
+"""Loading the base model + tokenizer from a local directory, with a peft adapter or not."""
 
 from __future__ import annotations
 
+import contextlib
 import warnings
 from pathlib import Path
 
 import torch
-from peft import LoraConfig, get_peft_model
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from trainer.config import TrainConfig
@@ -43,22 +43,67 @@ def load_tokenizer(path: str | Path):
     return tokenizer
 
 
-def load_model_and_tokenizer(cfg: TrainConfig, dtype: torch.dtype = torch.float32):
-    """(model, tokenizer) for cfg.method: a PEFT LoRA model or the full model.
+@contextlib.contextmanager
+def quiet_peft():
+    """peft 0.21 calls a transformers 5 API deprecated in favour of activation checkpointing."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*(is|enable)_gradient_checkpointing",
+                                category=FutureWarning)
+        yield
 
-    Weights are loaded as `dtype` (float32 by default; mixed precision is done
-    with autocast in the loop). Only the LoRA parameters are trainable for "lora".
+
+def check_method_supported(method: str, device: torch.device | None = None) -> None:
+    """ValueError if `method` cannot run here: QLoRA needs bitsandbytes and a CUDA GPU."""
+    if method != "qlora":
+        return
+    import importlib.util
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise ValueError("method: qlora needs the bitsandbytes package (pip install bitsandbytes) "
+                         "and an NVIDIA GPU; use method: lora or dora without them")
+    if device is not None and device.type != "cuda":
+        raise ValueError(f"method: qlora quantizes the base model to 4 bits with bitsandbytes, "
+                         f"which needs a CUDA GPU; this worker runs on {device}. Use method: lora "
+                         f"or dora here")
+
+
+def load_model_and_tokenizer(cfg: TrainConfig, dtype: torch.dtype = torch.float32,
+                             device: torch.device | None = None):
+    """(model, tokenizer) for cfg.method: a PEFT model (lora, dora, qlora) or the full model.
+
+    Weights are loaded as `dtype` (float32 by default; mixed precision is done with
+    autocast in the loop); qlora loads the base in 4-bit NF4 on `device` (CUDA only).
+    Only the adapter parameters are trainable for the peft methods.
     """
     path = check_model_dir(cfg.model_path)
+    check_method_supported(cfg.method, device)
     tokenizer = load_tokenizer(path)
-    model = AutoModelForCausalLM.from_pretrained(str(path), local_files_only=True, dtype=dtype)
-    if cfg.method == "lora":
+    kwargs: dict = {"dtype": dtype}
+    if cfg.method == "qlora":
+        from transformers import BitsAndBytesConfig
+        kwargs = {"dtype": torch.bfloat16, "device_map": {"": device.index or 0},
+                  "quantization_config": BitsAndBytesConfig(
+                      load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                      bnb_4bit_compute_dtype=torch.bfloat16)}
+    model = AutoModelForCausalLM.from_pretrained(str(path), local_files_only=True, **kwargs)
+    model.config.use_cache = False  # training: no KV cache (and packed masks need none)
+    if cfg.gradient_checkpointing:
+        # non-reentrant: works with frozen inputs (adapters) without enable_input_require_grads
+        if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.2x name
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if cfg.method == "qlora":
+        from peft import prepare_model_for_kbit_training
+        model = prepare_model_for_kbit_training(
+            model, use_gradient_checkpointing=cfg.gradient_checkpointing,
+            gradient_checkpointing_kwargs={"use_reentrant": False})
+    if cfg.adapter:
+        from peft import LoraConfig, get_peft_model  # not needed to check data or tokenizers
+
         lora = LoraConfig(task_type="CAUSAL_LM", r=cfg.lora_r, lora_alpha=cfg.lora_alpha,
-                          lora_dropout=cfg.lora_dropout,
+                          lora_dropout=cfg.lora_dropout, use_dora=cfg.method == "dora",
                           target_modules=cfg.lora_target_modules)
-        with warnings.catch_warnings():  # peft 0.21 calls a deprecated transformers 5 API
-            warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing",
-                                    category=FutureWarning)
+        with quiet_peft():
             model = get_peft_model(model, lora)
     else:
         model.requires_grad_(True)

@@ -53,6 +53,36 @@ def main() -> None:
     write_jsonl(out / "train.jsonl", records[: args.train])
     write_jsonl(out / "val.jsonl", records[args.train:])
     print(f"wrote {args.train} train and {args.val} val records to {out}")
+    # The same records in the other formats Shoal reads (chat JSONL, Alpaca JSON array).
+    chat, alpaca = out.parent / "tiny-chat", out.parent / "tiny-alpaca"
+    write_jsonl(chat / "train.jsonl", [to_chat(r, i) for i, r in enumerate(records[: args.train])])
+    write_jsonl(chat / "val.jsonl", [to_chat(r, i) for i, r in enumerate(records[args.train:])])
+    write_json(alpaca / "train.json", [to_alpaca(r) for r in records[: args.train]])
+    write_json(alpaca / "val.json", [to_alpaca(r) for r in records[args.train:]])
+    print(f"wrote the same records as chat to {chat} and as Alpaca to {alpaca}")
+
+
+def to_chat(rec: dict, i: int) -> dict:
+    """OpenAI-style messages; every third conversation has a system message."""
+    messages = [{"role": "user", "content": rec["prompt"]},
+                {"role": "assistant", "content": rec["completion"].strip()}]
+    if i % 3 == 0:
+        messages.insert(0, {"role": "system", "content": "Answer briefly."})
+    return {"messages": messages}
+
+
+def to_alpaca(rec: dict) -> dict:
+    """instruction / input / output; the uppercasing task puts its word in `input`."""
+    if rec["prompt"].startswith("Uppercase: "):
+        return {"instruction": "Uppercase the word.", "input": rec["prompt"].removeprefix("Uppercase: "),
+                "output": rec["completion"].strip()}
+    return {"instruction": rec["prompt"], "input": "", "output": rec["completion"].strip()}
+
+
+def write_json(path: Path, records: list[dict]) -> None:
+    """A JSON array, one record per line (so problems can be reported by line)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("[\n" + ",\n".join(json.dumps(r) for r in records) + "\n]\n", encoding="utf-8")
 
 
 if __name__ == "__main__":

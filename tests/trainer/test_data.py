@@ -101,6 +101,7 @@ def test_collate_right_pads():
     assert out["input_ids"].tolist() == [[5, 6, 7], [8, 0, 0]]
     assert out["attention_mask"].tolist() == [[1, 1, 1], [1, 0, 0]]
     assert out["labels"].tolist() == [[-100, 6, 7], [8, -100, -100]]
+    assert out["seq_mask"].tolist() == out["attention_mask"].tolist()
     assert all(t.dtype == torch.long for t in out.values())
 
 
@@ -134,3 +135,122 @@ def test_tiny_model_cli_is_deterministic_and_skips_existing(tmp_path, capsys):
         assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes()
     assert main([str(tmp_path / "a"), "--data", *data]) == 0
     assert "nothing to do" in capsys.readouterr().out.splitlines()[-1]
+
+
+# ---- formats, masking, length policy, summary, packing ------------------------------------
+CHAT_MSGS = [{"role": "system", "content": "Answer briefly."}, {"role": "user", "content": "What is 2 + 3?"},
+             {"role": "assistant", "content": "5"}, {"role": "user", "content": "And 3 + 4?"},
+             {"role": "assistant", "content": "7"}]
+
+
+def labelled_text(tok, enc) -> list[str]:
+    """The decoded runs of consecutive labelled tokens."""
+    runs, cur = [], []
+    for i, label in zip(enc["input_ids"], enc["labels"]):
+        if label != D.IGNORE_INDEX:
+            assert label == i
+            cur.append(i)
+        elif cur:
+            runs.append(tok.decode(cur))
+            cur = []
+    if cur:
+        runs.append(tok.decode(cur))
+    return runs
+
+
+def test_chat_labels_cover_exactly_the_assistant_turns(tiny_tokenizer):
+    tok = tiny_tokenizer
+    enc = D.encode_record(tok, {"messages": CHAT_MSGS}, max_length=128, policy="error")
+    full = tok.apply_chat_template(CHAT_MSGS, tokenize=False)
+    assert tok.decode(enc["input_ids"]) == full  # the template's rendering, token for token
+    # each assistant span is what the template writes after the generation prompt "assistant:"
+    assert labelled_text(tok, enc) == [f" 5{tok.eos_token}\n", f" 7{tok.eos_token}\n"]
+    # the unlabelled prefix is what generation sees: conversation + generation prompt
+    first = enc["labels"].index(next(x for x in enc["labels"] if x != D.IGNORE_INDEX))
+    assert tok.decode(enc["input_ids"][:first]) == tok.apply_chat_template(
+        CHAT_MSGS[:2], tokenize=False, add_generation_prompt=True)
+
+
+def test_chat_without_template_is_a_clear_error(tiny_tokenizer, tmp_path):
+    import copy
+    tok = copy.deepcopy(tiny_tokenizer)
+    tok.chat_template = None
+    with pytest.raises(D.ChatTemplateError, match="no chat template"):
+        D.encode_record(tok, {"messages": CHAT_MSGS}, 128)
+    f = tmp_path / "c.jsonl"
+    f.write_text("\n".join(json.dumps({"messages": CHAT_MSGS}) for _ in range(3)) + "\n")
+    with pytest.raises(D.DatasetError) as err:  # said once, not once per record
+        D.prepare(f, tok, "auto", 128, "error")
+    assert len(err.value.problems) == 1 and "chat template" in err.value.problems[0]
+
+
+def test_alpaca_labels_cover_exactly_the_output(tiny_tokenizer, tmp_path):
+    from trainer.formats import ALPACA_PROMPT
+    f = tmp_path / "a.json"
+    f.write_text(json.dumps([{"instruction": "Uppercase the word.", "input": "apple", "output": "APPLE"}]))
+    records, enc, summary = D.prepare(f, tiny_tokenizer, "auto", 512, "error")
+    assert summary["format"] == "alpaca"
+    ex = enc[0]
+    assert labelled_text(tiny_tokenizer, ex) == ["APPLE" + tiny_tokenizer.eos_token]
+    prompt = ALPACA_PROMPT.format(instruction="Uppercase the word.", input="apple")
+    n_prompt = 1 + len(tiny_tokenizer(prompt, add_special_tokens=False)["input_ids"])
+    assert ex["labels"][:n_prompt] == [D.IGNORE_INDEX] * n_prompt
+
+
+def test_length_policies_error_truncate_drop(tiny_tokenizer, tmp_path):
+    f = tmp_path / "d.jsonl"
+    long = {"prompt": "Uppercase:", "completion": " apple river stone cloud green table music light"}
+    f.write_text("\n".join(json.dumps(r) for r in [
+        {"prompt": "What is 1 + 1?", "completion": " 2"}, long,
+        {"prompt": " ".join(["apple"] * 30), "completion": " x"}]) + "\n")
+    with pytest.raises(D.DatasetError) as err:
+        D.prepare(f, tiny_tokenizer, "auto", 12, "error")
+    assert [p.split(": ")[0] for p in err.value.problems] == [f"{f}:2", f"{f}:3"]
+    assert "longer than max_length=12" in err.value.problems[0]
+    assert "max_length_policy" in err.value.problems[0]
+    with pytest.raises(D.DatasetError) as err:  # truncation cannot save a prompt that fills it
+        D.prepare(f, tiny_tokenizer, "auto", 12, "truncate")
+    assert [p.split(": ")[0] for p in err.value.problems] == [f"{f}:3"]
+    _, enc, summary = D.prepare(f, tiny_tokenizer, "auto", 12, "drop")
+    assert (summary["records"], summary["examples"], summary["dropped"], summary["truncated"]) == (3, 1, 2, 0)
+    assert [e["index"] for e in enc] == [0]
+
+
+def test_summary_counts_tokens_and_histogram(tiny_tokenizer):
+    from .conftest import DATA
+    _, enc, summary = D.prepare(DATA / "train.jsonl", tiny_tokenizer, "auto", 64, "error")
+    assert summary["records"] == summary["examples"] == len(enc) == 400
+    assert summary["tokens"] == sum(len(e["input_ids"]) for e in enc)
+    assert sum(summary["histogram"].values()) == 400 and set(summary["histogram"]) == {"<=32"}
+    assert summary["max_tokens"] == max(len(e["input_ids"]) for e in enc)
+    assert 0 < summary["label_tokens"] < summary["tokens"]
+
+
+def test_pack_keeps_every_example_once_and_resets_positions():
+    exs = [{"input_ids": list(range(100 + i, 100 + i + n)), "labels": list(range(100 + i, 100 + i + n))}
+           for i, n in enumerate([5, 9, 3, 7, 2, 8, 4, 6])]
+    rows = D.pack(exs, max_length=12)
+    assert all(len(r["input_ids"]) <= 12 for r in rows)
+    assert len(rows) == 4  # 44 tokens in rows of 12: best fit needs the minimum, 4
+    seen = []
+    for r in rows:
+        start = 0
+        for n in r["lengths"]:
+            assert r["position_ids"][start:start + n] == list(range(n))
+            assert r["labels"][start] == D.IGNORE_INDEX  # never predicted from the previous example
+            assert r["labels"][start + 1:start + n] == r["input_ids"][start + 1:start + n]
+            seen.append(tuple(r["input_ids"][start:start + n]))
+            start += n
+    assert sorted(seen) == sorted(tuple(e["input_ids"]) for e in exs)
+    assert D.pack(exs, 12) == rows  # deterministic
+
+
+def test_collate_packed_rows_has_positions_and_no_mask():
+    rows = [{"input_ids": [5, 6, 7], "labels": [-100, 6, 7], "position_ids": [0, 0, 1], "lengths": [1, 2]},
+            {"input_ids": [8], "labels": [-100], "position_ids": [0], "lengths": [1]}]
+    out = D.collate(rows, pad_token_id=0)
+    assert "attention_mask" not in out
+    assert out["position_ids"].tolist() == [[0, 0, 1], [0, 0, 1]]  # padded tail: its own sequence
+    assert out["seq_mask"].tolist() == [[1, 1, 1], [1, 0, 0]]
+    assert out["labels"].tolist() == [[-100, 6, 7], [-100, -100, -100]]
+    assert D.padding_waste([out]) == pytest.approx(2 / 6)

@@ -74,7 +74,8 @@ def test_training_lowers_val_loss_and_saves_loadable_adapter(make_cfg, tmp_path)
     assert result["resumed_from_step"] is None and result["train_tokens"] > 0
     assert rec.steps() == list(range(1, 31))
     step = next(e for e in rec.events if e["type"] == "step")
-    assert set(step) == {"type", "step", "total_steps", "epoch", "loss", "lr", "tokens_per_s"}
+    assert set(step) == {"type", "step", "total_steps", "epoch", "loss", "lr", "tokens_per_s",
+                         "step_time_s", "padding_waste", "gpu_mem_peak_mib", "mfu"}
     assert [e["step"] for e in rec.events if e["type"] == "eval"] == [0, 15, 30]
     assert [e["step"] for e in rec.events if e["type"] == "checkpoint"] == [10, 20, 30]
     assert rec.saved[-1][1] == result  # last checkpoint carries the final metrics
@@ -89,13 +90,14 @@ def test_training_lowers_val_loss_and_saves_loadable_adapter(make_cfg, tmp_path)
     assert evaluate(model, batches, "cpu") == pytest.approx(result["eval_loss"], abs=1e-5)
 
 
-@pytest.mark.parametrize("method", ["lora", "full"])
-def test_resume_reproduces_uninterrupted_losses(make_cfg, tmp_path, method):
+@pytest.mark.parametrize("method,packing", [("lora", False), ("full", False), ("dora", True)])
+def test_resume_reproduces_uninterrupted_losses(make_cfg, tmp_path, method, packing):
     # 400 examples / 16 per batch = 25 micro-batches = 13 steps per epoch (last one
     # has a single micro-batch), so 16 steps cross an epoch boundary; dropout
     # checks that RNG state is restored.
-    cfg = make_cfg(method=method, max_steps=16, batch_size=16, grad_accum_steps=2,
-                   lora_dropout=0.1, learning_rate=3e-3, checkpoint_every_steps=100)
+    cfg = make_cfg(method=method, max_steps=16, batch_size=4 if packing else 16, grad_accum_steps=2,
+                   lora_dropout=0.1, learning_rate=3e-3, checkpoint_every_steps=100, packing=packing,
+                   eval_every_steps=4, early_stopping_patience=10)
     full = Recorder(tmp_path / "a")
     expected = train(cfg, full.hooks())
 
@@ -138,11 +140,16 @@ def _ddp_worker(rank: int, world: int, port: int, cfg_json: dict, tmp: str) -> N
     dist.destroy_process_group()
 
 
-def test_ddp_two_ranks_stop_together_and_resume_exactly(make_cfg, tmp_path):
+@pytest.mark.parametrize("method,parallelism", [
+    ("lora", "ddp"),
+    pytest.param("full", "fsdp", marks=pytest.mark.slow),  # FSDP2 on CPU through gloo
+])
+def test_two_ranks_stop_together_and_resume_exactly(make_cfg, tmp_path, method, parallelism):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    cfg = make_cfg(max_steps=5, batch_size=16, lora_dropout=0.1, learning_rate=3e-3)
+    cfg = make_cfg(max_steps=5, batch_size=16, lora_dropout=0.1, learning_rate=3e-3, method=method,
+                   grad_accum_steps=2)
     mp.spawn(_ddp_worker, args=(2, port, cfg.model_dump(mode="json"), str(tmp_path)), nprocs=2)
     runs = json.loads((tmp_path / "runs.json").read_text())
     assert runs["first"]["result"] == {"status": "preempted", "step": 2}
@@ -152,6 +159,11 @@ def test_ddp_two_ranks_stop_together_and_resume_exactly(make_cfg, tmp_path):
     assert len(joined) == 5
     assert runs["second"]["result"]["eval_loss"] == pytest.approx(
         runs["full"]["result"]["eval_loss"], abs=1e-5)
+    assert runs["full"]["result"]["parallelism"] == parallelism
+    assert runs["full"]["result"]["eval_loss"] < runs["full"]["result"]["eval_loss_initial"]
+    if method == "full":  # the gathered full weights load as a normal HF model
+        model = AutoModelForCausalLM.from_pretrained(cfg.output_dir, local_files_only=True)
+        assert sum(p.numel() for p in model.parameters()) > 100_000
 
 
 @pytest.mark.ray

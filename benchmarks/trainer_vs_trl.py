@@ -1,0 +1,262 @@
+"""Shoal's SFT loop against TRL's SFTTrainer: same model, data, seed and hyper-parameters.
+
+    python benchmarks/trainer_vs_trl.py [--records N] [--epochs E] [--threads T] [--gpu]
+
+Model: a Llama with hidden 256, 4 layers, 4 heads, built from a config (random init, seeded)
+with a byte-level BPE trained on the data, as trainer/tiny.py does. Data: a deterministic
+mixed-length copy task ("Repeat: w1 .. wk" -> " w1 .. wk", k from a long-tailed mix), so
+plain padding wastes many positions. Method: LoRA r=16 on all linear layers, fp32 on CPU.
+
+Both trainers get the SAME token ids and loss masks (TRL receives Shoal's encoding
+pre-tokenized: input_ids + completion_mask) and the SAME initial LoRA weights (one seeded
+PEFT model, built by Shoal's loader, is handed to TRL). TRL's differing SFTConfig defaults
+(bf16, gradient checkpointing, learning rate, packing, ...) are set explicitly. Each run is a
+separate process (clean peak memory) and covers whole epochs, so both see every example.
+
+Figures: tokens/s (non-padding tokens / time of the training loop: the process's CPU time by
+default, wall time with --clock wall), final validation
+loss on a held-out set (computed by the same function for both models), padding waste, peak
+resident memory (CPU) or peak CUDA memory. Runs: TRL (padding), Shoal (padding), Shoal
+(packing). --gpu: a ~0.5B model (hidden 1024, 24 layers), bf16, full fine-tuning, MFU
+(UNTESTED: written without access to a GPU).
+
+Ends with RESULT lines: trainer_tok_s_vs_trl, trainer_loss_diff_pct, trainer_packed_tok_s_vs_trl.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing as mp
+import os
+import random
+import resource
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+WORDS = ("apple river stone cloud green table music light house water paper tiger bread chair "
+         "smile ocean plant dream night happy storm quiet sugar horse lemon metal grape train "
+         "honey piano robot money field candy eagle juice lunch magic north olive pilot queen").split()
+
+
+def make_records(n: int, seed: int) -> list[dict]:
+    """Mixed lengths: 60 % short (2-8 words), 30 % medium (10-30), 10 % long (40-70)."""
+    rng = random.Random(seed)
+    out = []
+    for _ in range(n):
+        r = rng.random()
+        k = rng.randint(2, 8) if r < 0.6 else rng.randint(10, 30) if r < 0.9 else rng.randint(40, 70)
+        words = " ".join(rng.choice(WORDS) for _ in range(k))
+        out.append({"prompt": f"Repeat: {words}\n", "completion": f" {words}"})
+    return out
+
+
+def build_assets(work: Path, args) -> dict:
+    """Data files and the model directory, written once and shared by all runs."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from trainer.tiny import build_tokenizer
+
+    records = make_records(args.records + args.val_records, args.seed)
+    train, val = records[:args.records], records[args.records:]
+    for name, recs in (("train.jsonl", train), ("val.jsonl", val)):
+        (work / name).write_text("".join(json.dumps(r) + "\n" for r in recs))
+    tok = build_tokenizer([r["prompt"] + r["completion"] for r in records])
+    hidden, layers, heads = (1024, 24, 16) if args.gpu else (256, 4, 4)
+    config = LlamaConfig(vocab_size=len(tok), hidden_size=hidden, intermediate_size=hidden * 8 // 3,
+                         num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=heads,
+                         max_position_embeddings=args.max_length, tie_word_embeddings=False,
+                         bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+                         pad_token_id=tok.pad_token_id)
+    torch.manual_seed(args.seed)
+    model_dir = work / "model"
+    LlamaForCausalLM(config).save_pretrained(model_dir)
+    tok.save_pretrained(model_dir)
+    n_params = sum(p.numel() for p in LlamaForCausalLM(config).parameters())
+    return {"train": str(work / "train.jsonl"), "val": str(work / "val.jsonl"), "model": str(model_dir),
+            "params": n_params}
+
+
+def clock(args) -> float:
+    """Seconds: the process's CPU time (default; on a shared, oversubscribed machine the wall
+    clock mostly measures the neighbours) or the wall clock (--clock wall, e.g. on a GPU)."""
+    return time.process_time() if args.clock == "cpu" else time.perf_counter()
+
+
+def train_config(assets: dict, args, out: str, packing: bool):
+    from trainer.config import TrainConfig
+
+    return TrainConfig(
+        job_id=1, model_path=assets["model"], train_path=assets["train"], val_path=assets["val"],
+        output_dir=out, method="full" if args.gpu else "lora", lora_r=16, lora_alpha=32,
+        lora_dropout=0.0, lora_target_modules="all-linear", learning_rate=args.lr, warmup_steps=5,
+        lr_scheduler="cosine", epochs=args.epochs,
+        batch_size=args.packed_batch_size if packing else args.batch_size, grad_accum_steps=1,
+        max_length=args.max_length, max_length_policy="error", max_grad_norm=1.0, weight_decay=0.0,
+        seed=args.seed, checkpoint_every_steps=10**9, packing=packing, torch_threads=args.threads)
+
+
+def peak_memory_mib(device_type: str) -> float:
+    import torch
+    if device_type == "cuda":
+        return torch.cuda.max_memory_allocated() / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+
+
+def run_shoal(assets: dict, args, packing: bool, out: str) -> dict:
+    import torch
+
+    from trainer.loop import Hooks, train
+
+    torch.set_num_threads(args.threads)
+    cfg = train_config(assets, args, out, packing)
+    steps, start = [], []
+
+    def progress(event):
+        if event["type"] == "eval" and event["step"] == 0:
+            start.append(clock(args))  # the initial evaluation is done; the loop starts
+        if event["type"] == "step":
+            steps.append((clock(args), event))
+
+    result = train(cfg, Hooks(progress=progress))
+    seconds = steps[-1][0] - start[0]  # the training loop, as for TRL (its train() call)
+    tokens = sum(e["tokens_per_s"] * e["step_time_s"] for _, e in steps)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    return {"name": "shoal-packed" if packing else "shoal", "steps": len(steps), "seconds": seconds,
+            "tokens": round(tokens), "tokens_per_s": tokens / seconds, "eval_loss": result["eval_loss"],
+            "train_loss": result["train_loss"], "padding_waste": result["padding_waste"],
+            "mfu": result["mfu"], "peak_mib": peak_memory_mib(device)}
+
+
+def run_trl(assets: dict, args, out: str) -> dict:
+    import torch
+    from datasets import Dataset
+    from transformers import PrinterCallback, TrainerCallback
+    from trl import SFTConfig, SFTTrainer
+
+    from trainer import data as D
+    from trainer.loop import evaluate, seed_everything
+    from trainer.model import load_model_and_tokenizer
+
+    torch.set_num_threads(args.threads)
+    cfg = train_config(assets, args, out, packing=False)
+    seed_everything(cfg.seed)  # what Shoal's loop does before building the model
+    model, tok = load_model_and_tokenizer(cfg)  # identical initial (LoRA) weights
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    _, train_enc, _ = D.prepare(cfg.train_path, tok, "auto", cfg.max_length, "error")
+    _, val_enc, _ = D.prepare(cfg.val_path, tok, "auto", cfg.max_length, "error")
+    rows = [{"input_ids": e["input_ids"],
+             "completion_mask": [int(x != D.IGNORE_INDEX) for x in e["labels"]]} for e in train_enc]
+    tokens = sum(len(e["input_ids"]) for e in train_enc) * args.epochs
+    padded = {"positions": 0}
+
+    class Timer(TrainerCallback):
+        def on_train_begin(self, *a, **k):
+            self.t0 = clock(args)
+
+        def on_train_end(self, *a, **k):
+            self.seconds = clock(args) - self.t0
+
+    timer = Timer()
+    sft = SFTConfig(
+        output_dir=out, num_train_epochs=args.epochs, per_device_train_batch_size=args.batch_size,
+        gradient_accumulation_steps=1, learning_rate=cfg.learning_rate, lr_scheduler_type="cosine",
+        warmup_steps=5, weight_decay=0.0, max_grad_norm=1.0, optim="adamw_torch",
+        adam_beta1=0.9, adam_beta2=0.999, adam_epsilon=1e-8,
+        bf16=args.gpu, fp16=False, gradient_checkpointing=False,  # SFTConfig defaults: True, True
+        packing=False, padding_free=False, max_length=cfg.max_length, completion_only_loss=True,
+        assistant_only_loss=False, loss_type="nll", use_liger_kernel=False,
+        logging_steps=1, report_to="none", save_strategy="no", eval_strategy="no",
+        seed=cfg.seed, data_seed=cfg.seed, dataloader_num_workers=0, dataloader_drop_last=False,
+        use_cpu=device == "cpu", disable_tqdm=True)
+    trainer = SFTTrainer(model=model, args=sft, train_dataset=Dataset.from_list(rows),
+                         processing_class=tok, callbacks=[timer])
+    trainer.remove_callback(PrinterCallback)  # no per-step dict on stdout (log_history keeps it)
+    collator = trainer.data_collator
+
+    def counting(examples):  # padding waste of TRL's batches, measured on what it builds
+        batch = collator(examples)
+        padded["positions"] += batch["input_ids"].numel()
+        return batch
+
+    trainer.data_collator = counting
+    out_metrics = trainer.train()
+    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    val_batches = [D.collate(val_enc[i:i + cfg.batch_size], tok.pad_token_id)
+                   for i in range(0, len(val_enc), cfg.batch_size)]
+    eval_loss = evaluate(trainer.model, val_batches, device)
+    return {"name": "trl", "steps": out_metrics.global_step, "seconds": timer.seconds, "tokens": tokens,
+            "tokens_per_s": tokens / timer.seconds, "eval_loss": eval_loss,
+            "train_loss": sum(losses[-10:]) / len(losses[-10:]),
+            "padding_waste": 1 - tokens / padded["positions"] if padded["positions"] else None,
+            "mfu": None, "peak_mib": peak_memory_mib(device)}
+
+
+def _child(kind: str, assets: dict, args, queue) -> None:
+    import warnings
+    warnings.filterwarnings("ignore", category=FutureWarning)  # TRL's own deprecated-argument notes
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    from transformers.utils import logging as hf_logging
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    import datasets
+    datasets.disable_progress_bars()
+    with tempfile.TemporaryDirectory() as out:
+        if kind == "trl":
+            queue.put(run_trl(assets, args, out))
+        else:
+            queue.put(run_shoal(assets, args, kind == "shoal-packed", out))
+
+
+def in_process(kind: str, assets: dict, args) -> dict:
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    proc = ctx.Process(target=_child, args=(kind, assets, args, queue))
+    proc.start()
+    result = queue.get()
+    proc.join()
+    return result
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--records", type=int, default=160)
+    ap.add_argument("--val-records", type=int, default=32)
+    ap.add_argument("--epochs", type=int, default=1)
+    ap.add_argument("--batch-size", type=int, default=8)
+    ap.add_argument("--packed-batch-size", type=int, default=1,
+                    help="rows of max-length tokens per step with packing (1 row ~ the real tokens "
+                         "of a padded batch of 8 here)")
+    ap.add_argument("--max-length", type=int, default=256)
+    ap.add_argument("--lr", type=float, default=1e-3)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--clock", choices=("cpu", "wall"), default="cpu")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--gpu", action="store_true", help="~0.5B model, bf16, full FT, MFU (untested)")
+    args = ap.parse_args()
+    with tempfile.TemporaryDirectory() as work:
+        assets = build_assets(Path(work), args)
+        print(f"model: {assets['params'] / 1e6:.1f}M params; {args.records} train / {args.val_records} val "
+              f"records, mixed lengths; batch {args.batch_size}, {args.epochs} epoch(s), "
+              f"{args.threads} thread(s), {args.clock} clock")
+        runs = {k: in_process(k, assets, args) for k in ("trl", "shoal", "shoal-packed")}
+    print(f"{'run':<13}{'steps':>6}{'seconds':>9}{'tokens':>8}{'tok/s':>9}{'eval loss':>11}"
+          f"{'train loss':>11}{'pad waste':>10}{'peak MiB':>10}")
+    for r in runs.values():
+        print(f"{r['name']:<13}{r['steps']:>6}{r['seconds']:>9.1f}{r['tokens']:>8}{r['tokens_per_s']:>9.0f}"
+              f"{r['eval_loss']:>11.4f}{r['train_loss']:>11.4f}{r['padding_waste']:>10.1%}{r['peak_mib']:>10.0f}"
+              + (f"  MFU {r['mfu']:.1%}" if r.get("mfu") else ""))
+    trl, shoal, packed = runs["trl"], runs["shoal"], runs["shoal-packed"]
+    print(f"RESULT trainer_tok_s_vs_trl {shoal['tokens_per_s'] / trl['tokens_per_s']:.3f}")
+    print(f"RESULT trainer_loss_diff_pct {abs(shoal['eval_loss'] - trl['eval_loss']) / trl['eval_loss'] * 100:.3f}")
+    print(f"RESULT trainer_packed_tok_s_vs_trl {packed['tokens_per_s'] / trl['tokens_per_s']:.3f}")
+
+
+if __name__ == "__main__":
+    main()
