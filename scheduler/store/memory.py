@@ -17,8 +17,9 @@ from __future__ import annotations
 import threading
 from typing import Any, Iterable
 
+from scheduler.accounting import UsageRecord
 from scheduler.lifecycle import ACTIVE, JobState, check_transition
-from scheduler.store.db import _MUTABLE, Conflict, EventRecord, JobRecord, UnknownJob
+from scheduler.store.db import _MUTABLE, Conflict, EventRecord, JobRecord, NodeRecord, UnknownJob
 
 _DICT_FIELDS = ("placement", "progress", "result")
 
@@ -50,6 +51,9 @@ class MemoryStore:
         self._by_state: dict[JobState, dict[int, None]] = {s: {} for s in JobState}  # id sets
         self._cancel: set[int] = set()  # ids with cancel_requested, not terminal
         self._next_id = 1
+        self._usage: list[UsageRecord] = []  # the usage ledger, one record per attempt
+        self._open_usage: dict[int, int] = {}  # job id -> index of its open ledger record
+        self._nodes: dict[str, NodeRecord] = {}
 
     def close(self) -> None:
         pass
@@ -81,7 +85,7 @@ class MemoryStore:
         return {k: (_copy(v) if k in _DICT_FIELDS and v is not None else v) for k, v in changes.items()}
 
     def transition(self, job_id: int, src: JobState | Iterable[JobState], dst: JobState, *,
-                   reason: str, now: float, **changes: Any) -> JobRecord:
+                   reason: str, now: float, usage: dict | None = None, **changes: Any) -> JobRecord:
         """As Store.transition: move `job_id` from `src` to `dst`, apply `changes` and append the
         event atomically; IllegalTransition / Conflict / UnknownJob as there."""
         sources = {src} if isinstance(src, JobState) else set(src)
@@ -101,6 +105,15 @@ class MemoryStore:
             self._index_cancel(new)
             self._events[job_id].append(EventRecord(job_id, now, cur.value, dst.value,
                                                     changes.get("attempt", rec.attempt), reason))
+            if cur.active and not dst.active and (i := self._open_usage.pop(job_id, None)) is not None:
+                u = self._usage[i]
+                self._usage[i] = UsageRecord(u.job_id, u.attempt, u.team, u.user, u.gpu_model, u.node, u.gpus,
+                                             u.gpu_fraction, u.price_per_gpu_hour, u.started_at, now)
+            if usage is not None:
+                self._open_usage[job_id] = len(self._usage)
+                self._usage.append(UsageRecord(job_id, changes.get("attempt", rec.attempt), rec.team, rec.user,
+                                               usage.get("gpu_model"), usage.get("node"), usage["gpus"],
+                                               usage["gpu_fraction"], usage["price_per_gpu_hour"], now, None))
             return new
 
     def _index_cancel(self, rec: JobRecord) -> None:
@@ -184,3 +197,52 @@ class MemoryStore:
                 key = (rec.state.value, rec.team)
                 out[key] = out.get(key, 0) + 1
             return out
+
+    # -- the usage ledger, nodes, teams (as Store) ------------------------------------------------
+
+    def usage(self, since: float | None = None, until: float | None = None, team: str | None = None,
+              user: str | None = None) -> list[UsageRecord]:
+        with self._lock:
+            return [u for u in self._usage
+                    if (since is None or u.ended_at is None or u.ended_at > since)
+                    and (until is None or u.started_at < until)
+                    and (team is None or u.team == team) and (user is None or u.user == user)]
+
+    def nodes(self) -> dict[str, NodeRecord]:
+        with self._lock:
+            return dict(self._nodes)
+
+    def upsert_node(self, node_id: str, name: str, now: float) -> NodeRecord:
+        with self._lock:
+            rec = self._nodes.get(node_id)
+            if rec is None:
+                rec = NodeRecord(node_id, name, False, None, False, None, None, now)
+            elif rec.lost or rec.name != name:
+                rec = NodeRecord(node_id, name, rec.drained, rec.drain_reason, False, None, rec.xid_ack, now)
+            self._nodes[node_id] = rec
+            return rec
+
+    def mark_node_lost(self, node_id: str, now: float) -> None:
+        with self._lock:
+            if (r := self._nodes.get(node_id)) is not None:
+                self._nodes[node_id] = NodeRecord(node_id, r.name, r.drained, r.drain_reason, True, now, r.xid_ack, now)
+
+    def set_drained(self, node_id: str, drained: bool, *, reason: str | None, now: float,
+                    xid_ack: dict | None = None) -> NodeRecord:
+        with self._lock:
+            r = self._nodes.get(node_id)
+            if r is None:
+                raise KeyError(f"node {node_id} is not known to Shoal")
+            rec = NodeRecord(node_id, r.name, drained, reason if drained else None, r.lost, r.lost_at,
+                             xid_ack if xid_ack is not None else r.xid_ack, now)
+            self._nodes[node_id] = rec
+            return rec
+
+    def quarantine_corrupt(self, now: float, scan: bool = True) -> list[tuple[int, str]]:
+        return []  # records in memory are never corrupted (they are never parsed)
+
+    def team_configs(self, config):
+        return dict(sorted(config.teams.items()))  # no admin edits in memory: the config's teams
+
+    def cohort_configs(self, config):
+        return dict(sorted(config.cohorts.items()))
