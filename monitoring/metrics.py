@@ -34,12 +34,13 @@ Readings = Mapping[str, tuple[str, list[GpuReading]]]  # node_id -> (hostname, r
 
 
 def reason_category(reason: str | None) -> str:
-    """A bounded label for a free-text pending reason: its leading 'word:' (e.g. 'quota',
-    'resources'), else 'other'. The full reason is in `shoal queue` and the job's events."""
+    """A bounded label for a free-text pending reason: its leading 'words:' without "waiting for"
+    (e.g. 'quota', 'resources', 'reserved', 'infeasible', 'over_budget'), else 'other'. The full
+    reason is in `shoal queue` and the job's events."""
     if not reason:
         return "none"
-    m = re.match(r"^([a-z][a-z_-]{0,23}):", reason)
-    return m.group(1) if m else "other"
+    m = re.match(r"^(?:waiting for )?([a-z][a-z_ -]{0,23}):", reason)
+    return m.group(1).replace(" ", "_") if m else "other"
 
 
 def _holders(running: Iterable) -> dict[tuple[str, int], list[tuple[int, str]]]:

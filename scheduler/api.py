@@ -834,7 +834,7 @@ def _register_nodes(app: FastAPI, service: Service, Who) -> None:
         (the same drain a GPU fault triggers, recorded in the store)."""
         node_id = find(name)
         service.note_node(node_id)
-        service.drain(node_id, f"{body.reason} (by {p.user})")
+        service.drain(node_id, body.reason)
         return next(n for n in nodes(p) if n.id == node_id)
 
     @app.post("/v1/nodes/{name}/undrain")

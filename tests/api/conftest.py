@@ -47,7 +47,8 @@ class LiveServer:
 CLUSTER = {
     "gpu_models": {"H100 80GB": {"memory_gib": 80, "price_per_hour": 2.0}},
     "local": {"gpus": 4},
-    "teams": {"a": {"gpus": 2, "cohort": "research"}, "b": {"gpus": 2, "cohort": "research"}},
+    # team a may not borrow, so a third GPU for it waits for quota (b may borrow a's idle GPUs)
+    "teams": {"a": {"gpus": 2, "cohort": "research", "borrowing_limit": 0}, "b": {"gpus": 2, "cohort": "research"}},
     "cohorts": {"research": {}},
 }
 

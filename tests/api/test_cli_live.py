@@ -15,7 +15,9 @@ from tests.api.conftest import REPO
 from tests.integration.harness import write_spec
 
 SHOAL = [sys.executable, "-m", "scheduler.cli"]
-CLUSTER = {"local": {"gpus": 4}, "teams": {"a": {"gpus": 2, "cohort": "lab"}, "b": {"gpus": 2, "cohort": "lab"}},
+# Team a may not borrow (borrowing_limit 0), so its second job waits for quota with a reason.
+CLUSTER = {"local": {"gpus": 4}, "teams": {"a": {"gpus": 2, "cohort": "lab", "borrowing_limit": 0},
+                                            "b": {"gpus": 2, "cohort": "lab"}},
            "cohorts": {"lab": {}}}
 
 
@@ -84,7 +86,7 @@ def test_submit_dry_run_overrides_and_output_formats(cli, tmp_path):
     assert "--set resources.gpu=2: resources.gpu: unknown field" in p.stderr
     p = cli("submit", spec, "--set", "oops", code=2)
     assert "--set oops: expected key.path=value" in p.stderr
-    p = cli("submit", spec, "--dry-run", "--set", "resources.gpus=3", code=2)
+    p = cli("submit", spec, "--dry-run", "--set", "resources.gpus=3", code=2)  # team a may hold 2 at most
     assert "would be refused" in p.stderr and "resources: can never run here" in p.stderr
     assert cli.json("queue", "--all") == []  # nothing was queued by any of that
     job = cli.json("submit", spec, "--set", "priority=7", "--set", "name=prio")
@@ -100,7 +102,7 @@ def test_hold_release_requeue_cancel_and_queue_columns(cli, tmp_path):
     waiting = cli.json("submit", _spec(tmp_path, "wait"))
     cli.wait(running["id"], lambda j, c: j.state.value == "RUNNING")
     table = cli("queue", "--start").stdout
-    assert "POS" in table and "START" in table and "quota: team a holds 2 of 2 GPUs" in table
+    assert "POS" in table and "START" in table and "team a uses 2/2 GPUs" in table
     assert [e["id"] for e in cli.json("queue", "--start")] == [waiting["id"]]
     assert "HELD" in cli("hold", str(waiting["id"])).stdout
     p = cli("hold", str(running["id"]), code=2)

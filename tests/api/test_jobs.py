@@ -50,14 +50,14 @@ def test_dry_run_validates_estimates_and_predicts_without_queuing(world):
     world.service.tick()
     d = world.http("bob").post("/v1/jobs/dry-run", json={"spec": world.spec(team="a")}).json()
     assert d["valid"] and not d["would_start_now"]
-    assert d["pending_reason"].startswith("quota: team a holds 2 of 2 GPUs"), d
+    assert d["pending_reason"].startswith("waiting for quota: team a uses 2/2 GPUs"), d
     # Invalid specs come back as problems, each naming its field; nothing is queued.
     d = world.http("bob").post("/v1/jobs/dry-run", json={"spec": world.spec(
         team="a", **{"hyperparameters.learning_rate": -1, "resources.gpus": 3})}).json()
     assert not d["valid"] and any(p.startswith("hyperparameters.learning_rate") for p in d["problems"])
     d = world.http("bob").post("/v1/jobs/dry-run", json={"spec": world.spec(team="a", **{"resources.gpus": 3})}).json()
     assert not d["valid"] and len(d["problems"]) == 1, d
-    assert d["problems"][0].startswith("resources: can never run here:") and "quota" in d["problems"][0], d
+    assert d["problems"][0].startswith("resources: can never run here:") and "team a may hold at most 2" in d["problems"][0], d
     assert [j.id for j in world.store.jobs()] == [1]
 
 
@@ -201,7 +201,7 @@ def test_queue_positions_reasons_and_estimated_start(world):
     q = world.sdk("bob").queue()
     assert [e.id for e in q] == [w.id for w in waiting]
     assert [e.position for e in q] == [1, 2]
-    assert all(e.pending_reason.startswith("quota: team a holds 2 of 2 GPUs") for e in q)
+    assert all(e.pending_reason.startswith("waiting for quota: team a uses 2/2 GPUs") for e in q)
     assert world.store.get(theirs.id).state is S.STARTING and first.id not in [e.id for e in q]
     assert world.sdk("bea").queue() == []
 

@@ -185,6 +185,8 @@ def test_borrowed_and_lent_in_a_cohort(tmp_path):
 
 @pytest.mark.parametrize("reason,category", [
     ("quota: team a holds 3 of 3 GPUs; job needs 1", "quota"),
+    ("waiting for quota: team a uses 2/2 GPUs, job needs 1; no cohort to borrow from", "quota"),
+    ("over budget: team a spent $12.00 of $10.00", "over_budget"),
     ("resources: needs 4 CPUs on one node", "resources"),
     ("no schedulable nodes", "other"),
     (None, "none"),
