@@ -136,6 +136,13 @@ class FakeCluster:
                                listeners=[load, self.metrics.events], on_cycle=self.metrics.cycle.observe,
                                policy=self.policy)
         self.service.usage_refresh_s = 0.5
+        # node-a's GPU 3 starts with an XID (the health panels need one): an operator has already
+        # seen it, so the node is not drained for it (only new faults drain a node); the faulty GPU
+        # itself stays unhealthy and gets no job.
+        now = self.clock.now()
+        self.store.upsert_node("na", "node-a", now)
+        self.store.set_drained("na", False, reason=None, now=now,
+                               xid_ack={str(r.index): r.xid_errors for r in ra.read()})
         self.metrics.attach(self.service)
         self.server, _ = start_http_server(0, addr="127.0.0.1", registry=self.metrics.registry)
         self.port = self.server.server_port
