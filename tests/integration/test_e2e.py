@@ -157,14 +157,16 @@ def test_bad_spec_is_refused_with_every_field_named_and_nothing_queued(server, t
 
 
 def test_training_error_fails_the_job_with_its_cause(server, tmp_path):
-    """The dataset disappears after submit: the trainer raises on the worker, Ray Train reports
-    it, the job ends FAILED (no retries left) with the cause, and the server keeps serving."""
+    """The dataset is overwritten with a bad record after submit (the launch preflight only checks
+    that files exist; a removed file fails before launch, tests/reliability): the trainer raises
+    on the worker, Ray Train reports it, the job ends FAILED (no retries left) with the cause,
+    and the server keeps serving."""
     client = server.client()
     data = tmp_path / "train.jsonl"
     data.write_text((REPO / "examples/data/tiny-sft/train.jsonl").read_text())
     job = client.submit_file(write_spec(tmp_path / "j.yaml", name="doomed", max_retries=0,
                                         **{"dataset.train": str(data)}))
-    data.unlink()
+    data.write_text('{"prompt": "only a prompt"}\n')
     final = client.wait(job.id, timeout=180)
     assert final.state is JobState.FAILED, server.log()[-3000:]
     assert "train.jsonl" in final.failure_reason

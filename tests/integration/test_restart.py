@@ -15,7 +15,9 @@ from scheduler.lifecycle import JobState
 from scheduler.store import Store
 from tests.integration.harness import ShoalServer, write_spec
 
-pytestmark = pytest.mark.ray
+# ~6 min together on 2 cores: slow (CI runs them in `make test-slow`); the crash-point and chaos
+# suites in tests/reliability cover the same guarantees faster and more thoroughly.
+pytestmark = [pytest.mark.ray, pytest.mark.slow]
 STEPS = 600
 
 

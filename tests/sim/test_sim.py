@@ -63,7 +63,7 @@ def test_jobs_that_can_never_fit_are_refused_like_the_api_does():
     sc = cluster(nodes=1, gpus=2, teams={"x": 2})
     r = run(sc, trace((0, 10, 1, "x"), (1, 10, 4, "x")), fifo)
     assert [j["index"] for j in r.jobs] == [0]
-    assert r.rejected[0]["index"] == 1 and "needs 4 GPUs" in r.rejected[0]["reason"]
+    assert r.rejected[0]["index"] == 1 and "needs 4×" in r.rejected[0]["reason"]
     assert summarize(r)["jobs_rejected"] == 1
 
 
