@@ -41,6 +41,8 @@ def start_order(starts: dict[int, float]) -> list[int]:
     return [i for g in groups for i, _ in sorted(g)]
 
 
+@pytest.mark.skip(reason="issue 4, open: never seen completing; over 9 min on the 2-core VM and not yet "
+                  "checked against its 10 % bound")
 def test_simulator_reproduces_a_real_run(tmp_path, tiny_model_dir):
     config = {"local": {"gpus": GPUS, "gpu_model": "H100 80GB", "reader": "fake"},
               "teams": {"default": {"gpus": GPUS}}, "scheduler": {"interval_s": 0.5}}
