@@ -9,7 +9,6 @@ from pathlib import Path
 import httpx
 import pytest
 import uvicorn
-import yaml
 from prometheus_client import CollectorRegistry
 
 from monitoring.gpu import FakeGpuReader
@@ -23,6 +22,7 @@ from scheduler.models import Role
 from scheduler.service import Service
 from scheduler.spec import ClusterConfig
 from scheduler.store import Store
+from tests.integration.harness import example_spec
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -89,21 +89,8 @@ class ApiWorld:
         return c
 
     def spec(self, **changes) -> dict:
-        """The example spec (absolute paths) as a dict, with dotted-key changes."""
-        spec = yaml.safe_load((REPO / "examples" / "tiny-lora.yaml").read_text())
-        base = REPO / "examples"
-        spec["model"] = str(base / spec["model"])
-        spec["dataset"] = {k: str(base / v) for k, v in spec["dataset"].items()}
-        for key, value in changes.items():
-            target = spec
-            *parents, leaf = key.split(".")
-            for p in parents:
-                target = target.setdefault(p, {})
-            if value is None:
-                target.pop(leaf, None)
-            else:
-                target[leaf] = value
-        return spec
+        """The example spec (absolute paths) as a dict, with dotted-key changes (None removes)."""
+        return example_spec(changes, none_removes=True)
 
     def job(self, team: str = "a", gpus: int = 1, user: str = "bob", name: str = "j"):
         """A queued job put straight into the store (no API call)."""

@@ -54,8 +54,9 @@ class ShoalServer:
         return p.read_text(errors="replace") if p.exists() else ""
 
 
-def write_spec(path: Path, **changes) -> Path:
-    """The example spec with some fields changed; paths made absolute."""
+def example_spec(changes: dict, none_removes: bool = False) -> dict:
+    """The example spec (absolute paths) as a dict, with dotted-key changes; with `none_removes`
+    a None value removes the key instead of setting it to null."""
     spec = yaml.safe_load((REPO / "examples" / "tiny-lora.yaml").read_text())
     base = REPO / "examples"
     spec["model"] = str(base / spec["model"])
@@ -65,6 +66,14 @@ def write_spec(path: Path, **changes) -> Path:
         *parents, leaf = key.split(".")
         for p in parents:
             target = target.setdefault(p, {})
-        target[leaf] = value
-    path.write_text(yaml.safe_dump(spec))
+        if value is None and none_removes:
+            target.pop(leaf, None)
+        else:
+            target[leaf] = value
+    return spec
+
+
+def write_spec(path: Path, **changes) -> Path:
+    """The example spec with some fields changed; paths made absolute."""
+    path.write_text(yaml.safe_dump(example_spec(changes)))
     return path
