@@ -68,9 +68,11 @@ class Scheduler:
     """The Shoal daemon as a process we can SIGKILL."""
 
     def __init__(self, home: Path, ray_address: str, config: Path, db: str | None = None,
-                 extra: list[str] | None = None):
+                 extra: list[str] | None = None, secret: str | None = None):
+        """`secret`: the server secret (SHOAL_SECRET); replicas sharing a database need the same."""
         self.home, self.ray_address, self.config, self.db = home, ray_address, config, db
         self.extra = extra or []
+        self.env = {**os.environ, **({"SHOAL_SECRET": secret} if secret else {})}
         self.proc: subprocess.Popen | None = None
 
     def start(self, timeout: float = 120) -> Client:
@@ -80,7 +82,7 @@ class Scheduler:
                 *(["--db", self.db] if self.db else []), *self.extra]
         log = (self.home / "shoal.log").open("ab")
         self.proc = subprocess.Popen(args, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                     start_new_session=True)
+                                     start_new_session=True, env=self.env)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
@@ -88,7 +90,8 @@ class Scheduler:
             try:
                 info = json.loads((self.home / "daemon.json").read_text())
                 if info["pid"] == self.proc.pid:
-                    client = Client(info["url"], timeout=60)
+                    token = (self.home / "admin.token").read_text().strip()
+                    client = Client(info["url"], token=token, timeout=60)
                     if client.health():
                         return client
             except (OSError, ValueError, KeyError):

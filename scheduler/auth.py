@@ -7,6 +7,11 @@ nothing against guessing; the keyed HMAC means a stolen database alone cannot be
 guesses, and verifying costs microseconds (it runs on every request). The server secret lives in
 `$SHOAL_HOME/server.secret` (mode 0600) or the `SHOAL_SECRET` environment variable; losing it
 invalidates every token (create new ones with the admin token the server writes on start).
+Replicas sharing one database (HA) must share the secret too: the database keeps a fingerprint of
+the secret its tokens were made with (`TokenAuthority.check_secret`), and a server started with
+another secret refuses to start rather than reject every token after a fail-over. After a lost
+secret, `shoal up --rotate-secret` adopts the new one and revokes every old token (they cannot
+verify any more anyway); the server then writes a fresh admin token.
 
 Roles, from most to least power:
   admin       cluster admin: everything, every team
@@ -63,6 +68,13 @@ class AuthError(Exception):
     """Missing, unknown, expired or revoked token (HTTP 401)."""
 
 
+SECRET_FINGERPRINT_KEY = "token_secret_fingerprint"
+
+
+class SecretMismatch(RuntimeError):
+    """The server secret differs from the one the database's tokens were made with."""
+
+
 def load_or_create_secret(home: Path) -> bytes:
     if env := os.environ.get("SHOAL_SECRET"):
         return env.encode()
@@ -102,6 +114,35 @@ class TokenAuthority:
         self._cache_s = cache_s
         self._cache: dict[str, tuple[float, Principal, float | None]] = {}
         self._lock = threading.Lock()
+
+    def _fingerprint(self) -> str:
+        return hmac.new(self._secret, b"shoal-secret-fingerprint", hashlib.sha256).hexdigest()[:16]
+
+    def check_secret(self) -> None:
+        """Refuse a secret other than the one this database's tokens were made with (raises
+        SecretMismatch); the first server to start records its secret's fingerprint."""
+        mine = self._fingerprint()
+        stored = self.store.claim_meta(SECRET_FINGERPRINT_KEY, mine)
+        if stored != mine:
+            raise SecretMismatch(
+                "this database's API tokens were made with another server secret (fingerprint "
+                f"{stored}, this server's {mine}): give every server that shares the database the same "
+                "secret (the SHOAL_SECRET environment variable, or the same $SHOAL_HOME/server.secret); "
+                "if the old secret is lost, start once with --rotate-secret (revokes every token)")
+
+    def rotate_secret(self) -> int:
+        """Adopt this server's secret for the database and revoke every token made with another
+        (all of them, unless the secret is unchanged). Returns how many were revoked."""
+        if self.store.claim_meta(SECRET_FINGERPRINT_KEY, self._fingerprint()) == self._fingerprint():
+            return 0
+        now = self._clock()
+        revoked = 0
+        for tok in self.store.tokens():
+            if tok.revoked_at is None and self.store.revoke_token(tok.id, now) is not None:
+                revoked += 1
+        self.store.set_meta(SECRET_FINGERPRINT_KEY, self._fingerprint())
+        self.forget()
+        return revoked
 
     def digest(self, token: str) -> str:
         return hmac.new(self._secret, token.encode(), hashlib.sha256).hexdigest()

@@ -169,6 +169,8 @@ def up(config: Optional[Path] = typer.Option(None, help="cluster config YAML (te
                                                       "starting a local one"),
        host: str = typer.Option("127.0.0.1", help="API bind address (0.0.0.0: every interface; tokens required)"),
        foreground: bool = typer.Option(False, help="run in this terminal instead of the background"),
+       rotate_secret: bool = typer.Option(False, "--rotate-secret", help="after a lost server.secret: adopt "
+                                          "this server's secret and revoke every API token (a new admin token is written)"),
        timeout: float = typer.Option(180, help="seconds to wait for the server to come up")) -> None:
     """Start the embedded Shoal server: local Ray, scheduler, REST API and /metrics."""
     home = default_home()
@@ -182,6 +184,8 @@ def up(config: Optional[Path] = typer.Option(None, help="cluster config YAML (te
         args += ["--db", db]
     if ray_address:
         args += ["--ray-address", ray_address]
+    if rotate_secret:
+        args.append("--rotate-secret")
     if foreground:
         os.execv(sys.executable, args)
     home.mkdir(parents=True, exist_ok=True)

@@ -91,8 +91,9 @@ class Daemon:
 
     def __init__(self, home: Path, config: ClusterConfig, db_url: str | None, host: str, port: int,
                  ray_address: str | None = None, workload: str = "train", replica_id: str | None = None,
-                 lease_ttl_s: float = 8.0):
+                 lease_ttl_s: float = 8.0, rotate_secret: bool = False):
         self.home, self.config, self.host, self.port = home, config, host, port
+        self.rotate_secret = rotate_secret
         self.db_url = db_url or f"sqlite:///{home / 'shoal.db'}"
         self.ray_address, self.workload, self.lease_ttl_s = ray_address, workload, lease_ttl_s
         self.replica_id = replica_id
@@ -146,6 +147,11 @@ class Daemon:
             readers = {node_id: self.reader}
 
         self.store = Store(self.db_url)
+        self.auth = TokenAuthority(self.store, load_or_create_secret(self.home))
+        if self.rotate_secret:
+            log.warning("--rotate-secret: this server's secret is now the database's; %d old tokens revoked",
+                        self.auth.rotate_secret())
+        self.auth.check_secret()  # before taking the lease: a replica with another secret must not lead
         self.elector = LeaderElector(self.store, self.replica_id or default_replica_id(str(self.home)), WallClock(),
                                      ttl_s=self.lease_ttl_s, renew_s=min(2.0, self.lease_ttl_s / 4))
         metrics = ShoalMetrics()
@@ -167,7 +173,6 @@ class Daemon:
         metrics.attach(self.service)
         if self.elector.try_acquire():  # else a follower: serves the API, takes over in run()
             self.service.recover()
-        self.auth = TokenAuthority(self.store, load_or_create_secret(self.home))
         self.admin_token = self.home / "admin.token"
         if self.auth.ensure_admin_token(self.admin_token):
             log.info("created the admin API token in %s (mode 0600)", self.admin_token)
@@ -248,12 +253,14 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--replica-id", default=None, help="this replica's name in the leader lease "
                     "(default host:home; replicas sharing a database need distinct ones)")
     ap.add_argument("--lease-ttl", type=float, default=8.0, help="seconds a leader lease lasts without renewal")
+    ap.add_argument("--rotate-secret", action="store_true", help="adopt this server's secret for the database "
+                    "and revoke every token made with another (after a lost server.secret)")
     args = ap.parse_args(argv)
     args.home.mkdir(parents=True, exist_ok=True)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     daemon = Daemon(args.home.resolve(), load_cluster_config(args.config), args.db, args.host, args.port,
                     ray_address=args.ray_address, workload=args.workload, replica_id=args.replica_id,
-                    lease_ttl_s=args.lease_ttl)
+                    lease_ttl_s=args.lease_ttl, rotate_secret=args.rotate_secret)
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: daemon.stop.set())
     try:

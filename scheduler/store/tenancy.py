@@ -82,6 +82,20 @@ class TenancyStore:
             s.add(MetaRow(key="tenancy_seeded", value=str(now)))
             return True
 
+    def claim_meta(self, key: str, value: str) -> str:
+        """Store `value` under `key` unless a value is already there; returns the stored one
+        (so concurrent first starts agree on a single value)."""
+        with self._session.begin() as s:
+            row = s.get(MetaRow, key)
+            if row is None:
+                s.add(MetaRow(key=key, value=value))
+                return value
+            return row.value
+
+    def set_meta(self, key: str, value: str) -> None:
+        with self._session.begin() as s:
+            s.merge(MetaRow(key=key, value=value))
+
     def team_configs(self, config: ClusterConfig) -> dict[str, TeamConfig]:
         """The cluster's teams: those of `config`, with the database's rows applied (added,
         changed or deleted by admins through the API)."""

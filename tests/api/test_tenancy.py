@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import stat
 
-from scheduler.auth import TokenAuthority, load_or_create_secret
+import pytest
+
+from scheduler.auth import AuthError, SecretMismatch, TokenAuthority, load_or_create_secret
 from scheduler.lifecycle import JobState as S
 from scheduler.models import Role
 
@@ -113,6 +115,27 @@ def test_admin_token_bootstrap_writes_a_private_file_once(tmp_path, world):
     # and a start writes a new one.
     other = TokenAuthority(world.store, b"another")
     assert other.ensure_admin_token(path) is True and path.read_text().strip() != token
+
+
+def test_a_server_with_another_secret_is_refused_until_it_rotates(world):
+    """Replicas sharing a database must share the secret: the second secret is refused with a
+    message naming the fix, and --rotate-secret adopts it while revoking every older token."""
+    first = TokenAuthority(world.store, b"first-secret")
+    first.check_secret()
+    first.check_secret()  # same secret again: fine
+    token, rec = first.create("alice", "nlp", Role.member)
+    other = TokenAuthority(world.store, b"second-secret")
+    with pytest.raises(SecretMismatch, match="SHOAL_SECRET.*--rotate-secret"):
+        other.check_secret()
+    assert first.rotate_secret() == 0  # the recorded secret: nothing to revoke
+    live = [t for t in world.store.tokens() if t.revoked_at is None]
+    assert other.rotate_secret() == len(live) and len(live) >= 1
+    other.check_secret()
+    assert all(t.revoked_at is not None for t in world.store.tokens())
+    with pytest.raises(SecretMismatch):
+        first.check_secret()
+    with pytest.raises(AuthError, match=f"token {rec.id} was revoked|unknown token"):
+        first.verify(token)
 
 
 def test_drain_keeps_new_jobs_off_a_node(world):

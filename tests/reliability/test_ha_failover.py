@@ -3,11 +3,13 @@ other serves the read API; SIGKILL the leader and the follower takes over within
 the runs the dead leader launched, and finishes every job with none run twice."""
 from __future__ import annotations
 
+import secrets
 import time
 
 import pytest
 
 from benchmarks.chaos import Scheduler, job_spec, ledger_check, start_cluster, write_config
+from scheduler.client import Client
 from scheduler.store import Store
 from tests.reliability.db import pg_database, reset_pg, sqlalchemy_url  # noqa: F401 - fixtures
 
@@ -25,8 +27,11 @@ def test_leader_killed_follower_takes_over_within_15s(tmp_path, pg_database, tin
     homes = [tmp_path / "a", tmp_path / "b"]
     for h in homes:
         h.mkdir()
-    a = Scheduler(homes[0], cluster.address, config, db=url, extra=["--replica-id", "a", "--lease-ttl", "8"])
-    b = Scheduler(homes[1], cluster.address, config, db=url, extra=["--replica-id", "b", "--lease-ttl", "8"])
+    secret = secrets.token_hex(16)  # replicas sharing a database share the server secret
+    a = Scheduler(homes[0], cluster.address, config, db=url, extra=["--replica-id", "a", "--lease-ttl", "8"],
+                  secret=secret)
+    b = Scheduler(homes[1], cluster.address, config, db=url, extra=["--replica-id", "b", "--lease-ttl", "8"],
+                  secret=secret)
     store = Store(url)
     try:
         leader = a.start()
@@ -34,6 +39,8 @@ def test_leader_killed_follower_takes_over_within_15s(tmp_path, pg_database, tin
         assert store.lease().holder == "a"
         ids = [leader.submit(job_spec(i, steps=30), source=f"ha-{i}").id for i in range(10)]
         assert [j.id for j in follower.jobs()] == ids  # the follower serves reads
+        # one secret: a token the leader wrote is honoured by the follower (and after fail-over)
+        assert [j.id for j in Client(follower.url, token=leader.token).jobs()] == ids
         deadline = time.monotonic() + 300
         while sum(store.get(i).state.value == "RUNNING" for i in ids) < 2:
             assert time.monotonic() < deadline, a.log()[-3000:]
