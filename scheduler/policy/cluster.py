@@ -9,7 +9,10 @@ A *unit* is the GPUs of one flavor on one node (a gang never mixes flavors). For
               many GPUs have >= m MiB free" is O(log 8), and the chosen GPUs are the ones with
               the LEAST free memory that still fit (best fit by memory).
   shared      a sorted list of (free MiB, unit, index) of GPUs that host only shareable jobs and
-              run under the utilization threshold: a shareable job takes the fullest one that fits.
+              run under the utilization threshold: a shareable job takes the fullest one that fits
+              - first while GPUs are scarce (`pack_shared`: the cycle's waiting jobs want more GPUs
+              than are free), else only when no GPU of its own fits, since co-tenants slow each
+              other down and sharing pays only when it lets more work run.
   failures    (gpus, MiB, CPUs per GPU, avoids-reservation) that did not fit this cycle. Free
               capacity only shrinks during a cycle, so any request at least as large fails too and
               is answered in O(#failures) without looking at a node.
@@ -53,6 +56,9 @@ class Cluster:
     def __init__(self, snap: Snapshot, tenants: dict[int, RunningJob]):
         self.headroom = snap.memory_headroom_mib
         self.share_max_util = snap.settings.share_max_utilization
+        # Pack shareable jobs onto shared GPUs first only while GPUs are scarce (set per cycle by
+        # the policy); with GPUs to spare they take a GPU of their own and share only if none fits.
+        self.pack_shared = True
         self.units: list[Unit] = []
         self.flavors: dict[str, Flavor] = {}
         self.cpus_free: dict[str, float] = {}
@@ -138,13 +144,15 @@ class Cluster:
         unit to GPU indices this job must not take (a reservation it would delay)."""
         if flavor not in self.flavors:
             return None
-        if shareable and g == 1:
+        share = shareable and g == 1
+        if share and self.pack_shared:
             hit = self._fit_shared(flavor, m, cpg, avoid)
             if hit is not None:
                 return [hit]
         avoiding = bool(avoid)
         if g > self.free_count(flavor) or self._failed_before(flavor, g, m, cpg, avoiding):
-            return None
+            hit = self._fit_shared(flavor, m, cpg, avoid) if share and not self.pack_shared else None
+            return None if hit is None else [hit]
         buckets = self.buckets[flavor]
         for c in range(g, len(buckets)):
             for o in buckets[c]:
@@ -154,6 +162,8 @@ class Cluster:
                 fits = self._fitting(u, m, avoid.get(o))
                 if len(fits) >= g:
                     return [(o, tuple(sorted(fits[:g])))]
+        if share and not self.pack_shared and (hit := self._fit_shared(flavor, m, cpg, avoid)) is not None:
+            return [hit]
         if multi_node:
             parts = self._fit_spread(flavor, g, m, cpg, avoid)
             if parts is not None:

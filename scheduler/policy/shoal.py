@@ -27,8 +27,9 @@ One cycle, in numbered steps:
     within nominal, or borrowing within the cohort (quota.py). A team at or over its budget
     starts no borrowed work (over_budget="none": nothing new).
  6. Fit (cluster.py): all GPUs at once or none; one unit when one holds the gang, fullest first,
-    least free memory first; else the fewest units when `multi_node`; shareable 1-GPU jobs first
-    join a GPU shared only by shareable jobs under `share_max_utilization`.
+    least free memory first; else the fewest units when `multi_node`; shareable 1-GPU jobs join a
+    GPU shared only by shareable jobs under `share_max_utilization` - first, when the cycle's
+    waiting jobs want more GPUs than are free; else only when no GPU of their own fits.
  7. Blocked by resources: (a) if GPUs of jobs already stopping would hold it, it claims them and
     waits; (b) preemption (rules.py decides who may be a victim, preempt.py picks) - reclaim nominal quota from borrowers of the cohort tree,
     lower priority of the same team, or (las_preempt_factor > 0) a same-priority job of a team
@@ -237,6 +238,7 @@ def plan(snap: Snapshot) -> tuple[Decision, tuple[tuple[str, tuple[int, ...], fl
         jobs.append(job)
         book.want(req.team, job.dkey, amount(c, flavors[0], req.gpus, req.memory_per_gpu_mib, req.shareable))
     book.build()
+    c.pack_shared = sum(j.req.gpus for j in jobs) > sum(c.free_count(f) for f in c.flavors)
     for job, fs in _ordered(cy, jobs):
         _one(cy, job, fs)
     r = cy.reservation

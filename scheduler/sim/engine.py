@@ -76,17 +76,32 @@ class SimStore(MemoryStore):
         return rec
 
 
+class _Dirty(set):
+    """The nodes whose fake GPUs changed: marking one marks it for the node views and for the
+    readings alike (each cache clears its own copy)."""
+
+    def __init__(self, nodes):
+        super().__init__(nodes)
+        self.readings: set[str] = set(nodes)
+
+    def add(self, node_id) -> None:
+        super().add(node_id)
+        self.readings.add(node_id)
+
+
 class CachingInventory(Inventory):
-    """Inventory whose node views are rebuilt only for nodes marked dirty (a job was placed there
-    or released from there: `ReaderLoad` marks them). The fake readers change only then, and so
-    do the running jobs on the node, so the views are exactly what `Inventory` would build, and a
-    cycle costs O(changed nodes), not O(GPUs)."""
+    """Inventory whose node views and GPU readings are rebuilt only for nodes marked dirty (a job
+    was placed there or released from there: `ReaderLoad` marks them). The fake readers change
+    only then, and so do the running jobs on the node, so the views and readings are what
+    `Inventory` would build (bar the energy counters' accrual, which nothing in the loop reads),
+    and a cycle costs O(changed nodes), not O(GPUs)."""
 
     def __init__(self, nodes: list[NodeInfo], readers: dict[str, FakeGpuReader]):
         super().__init__(lambda: nodes, readers)
         self._node_list = nodes
         self._cache: dict[str, object] = {}
-        self.dirty: set[str] = {n.node_id for n in nodes}
+        self.dirty = _Dirty(n.node_id for n in nodes)
+        self._readings: dict[str, list] = {}
         self._names = {n.node_id: n.name for n in nodes}
         self._models = {nid: r.read()[0].model for nid, r in readers.items()}
 
@@ -102,6 +117,15 @@ class CachingInventory(Inventory):
                     self._cache[node.node_id] = one.node_views(by_node.get(node.node_id, []))[0]
             self.dirty.clear()
         return tuple(self._cache[n.node_id] for n in self._node_list)
+
+    def read(self):
+        stale = self.dirty.readings
+        if stale:
+            for node in self._node_list:
+                if node.node_id in stale:
+                    self._readings[node.node_id] = self.readers[node.node_id].read() if node.alive else []
+            stale.clear()
+        return dict(self._readings)
 
     def gpu_model(self, node_id, gpu_indices):
         return self._models.get(node_id)

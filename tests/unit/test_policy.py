@@ -159,9 +159,21 @@ def test_shareable_jobs_share_exclusive_never():
 
 def test_sharing_needs_low_live_utilization():
     r = [run(1, "n1", (0,), share=True)]
-    d = schedule(snap([node("n1", gpus=2, util={0: 0.95})], [job(2, share=True)], r))
-    assert started(d)[2] == ("n1", (1,))
+    # GPUs are scarce (2 wanted, 1 free): the shareable job packs where utilization allows
+    d = schedule(snap([node("n1", gpus=2, util={0: 0.95})], [job(2, share=True), job(3)], r))
+    assert started(d) == {2: ("n1", (1,))}
+    d = schedule(snap([node("n1", gpus=2, util={0: 0.2})], [job(2, share=True), job(3)], r))
+    assert started(d) == {2: ("n1", (0,)), 3: ("n1", (1,))}
+
+
+def test_shareable_job_takes_its_own_gpu_while_gpus_are_spare():
+    """Co-tenants slow each other down: with a free GPU for everyone waiting, no sharing; the
+    shareable job shares only when no GPU of its own fits."""
+    r = [run(1, "n1", (0,), share=True)]
     d = schedule(snap([node("n1", gpus=2, util={0: 0.2})], [job(2, share=True)], r))
+    assert started(d)[2] == ("n1", (1,))
+    full = [run(1, "n1", (0,), share=True), run(4, "n1", (1,))]
+    d = schedule(snap([node("n1", gpus=2, util={0: 0.2})], [job(2, share=True)], full))
     assert started(d)[2] == ("n1", (0,))
 
 
