@@ -19,7 +19,7 @@ import math
 from collections import defaultdict
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
-from typing import Iterable, Literal
+from typing import Callable, Iterable, Literal
 
 Period = Literal["day", "week", "month"]
 GROUP_KEYS = ("team", "user", "job_id", "gpu_model", "node")
@@ -116,3 +116,68 @@ def period_start(now: float, period: Period) -> float:
     elif period != "day":
         raise ValueError(f"budget_period: {period!r} is not one of day, week, month")
     return calendar.timegm(t.timetuple())
+
+
+class TeamUsage:
+    """Decayed GPU-seconds (fair share) and spend in the current budget period, per team, kept
+    incrementally from the ledger so that a cycle costs O(open attempts + attempts closed since
+    the last refresh), not O(ledger).
+
+    Closed attempts never change: their decayed sum is carried forward by one factor
+    2^(-elapsed/half-life) (exact: every record's integral decays by the same factor) and their
+    spend within the period is fixed. Open attempts are recomputed at each refresh. The ledger is
+    read with a 1 s overlap (a record closed at the very instant of the last refresh is not
+    missed; the ones already counted are remembered by (job, attempt)); a full recount happens at
+    the start of each budget period and every `full_every_s`, so that another writer's late
+    records (an HA fail-over) are picked up.
+    """
+
+    OVERLAP_S = 1.0
+
+    def __init__(self, read: Callable[[float | None], list[UsageRecord]], half_life_s: float, period: Period,
+                 full_every_s: float = 86_400.0):
+        self.read = read  # since -> ledger records ending after `since` or still open
+        self.half_life_s, self.period, self.full_every_s = half_life_s, period, full_every_s
+        self._k = math.log(2) / half_life_s
+        self._period_start: float | None = None
+        self._full_at = -math.inf
+        self._at = 0.0  # time of the last refresh
+        self._decayed: dict[str, float] = {}  # closed records, decayed to self._at
+        self._spent: dict[str, float] = {}  # closed records' spend in the period
+        self._recent: dict[tuple[int, int], float] = {}  # counted closed records near self._at -> ended_at
+
+    def _add_closed(self, r: UsageRecord, now: float, start: float) -> None:
+        end = min(r.ended_at, now)
+        if end > r.started_at:
+            self._decayed[r.team] = self._decayed.get(r.team, 0.0) + r.gpus * r.gpu_fraction * (
+                math.exp(-self._k * (now - end)) - math.exp(-self._k * (now - r.started_at))) / self._k
+        self._spent[r.team] = self._spent.get(r.team, 0.0) + cost_usd(r, start, now)
+
+    def refresh(self, now: float) -> tuple[dict[str, float], dict[str, float]]:
+        start = period_start(now, self.period)
+        if start != self._period_start or now - self._full_at >= self.full_every_s or now < self._at:
+            records = self.read(min(start, now - 10 * self.half_life_s))  # older usage weighs < 0.1 %
+            self._decayed, self._spent, self._recent = {}, {}, {}
+            self._period_start, self._full_at = start, now
+        else:
+            records = self.read(self._at - self.OVERLAP_S)
+            f = math.exp(-self._k * (now - self._at))
+            self._decayed = {t: v * f for t, v in self._decayed.items()}
+        decayed, spent = dict(self._decayed), dict(self._spent)
+        for r in records:
+            if r.ended_at is None or r.ended_at > now:  # open: recomputed every time
+                end = now if r.ended_at is None else min(r.ended_at, now)
+                if end > r.started_at:
+                    decayed[r.team] = decayed.get(r.team, 0.0) + r.gpus * r.gpu_fraction * (
+                        math.exp(-self._k * (now - end)) - math.exp(-self._k * (now - r.started_at))) / self._k
+                spent[r.team] = spent.get(r.team, 0.0) + cost_usd(r, start, now)
+            elif (r.job_id, r.attempt) not in self._recent:
+                self._recent[(r.job_id, r.attempt)] = r.ended_at
+                before_d, before_s = self._decayed.get(r.team, 0.0), self._spent.get(r.team, 0.0)
+                self._add_closed(r, now, start)
+                decayed[r.team] = decayed.get(r.team, 0.0) + self._decayed.get(r.team, 0.0) - before_d
+                spent[r.team] = spent.get(r.team, 0.0) + self._spent[r.team] - before_s
+        horizon = now - self.OVERLAP_S
+        self._recent = {k: e for k, e in self._recent.items() if e >= horizon}
+        self._at = now
+        return decayed, spent

@@ -19,7 +19,7 @@ from dataclasses import replace as dc_replace
 from pathlib import Path
 from typing import Callable, Protocol
 
-from scheduler.accounting import charge_fraction, decayed_gpu_seconds, period_start, spend_by_team
+from scheduler.accounting import TeamUsage, charge_fraction
 from scheduler.clock import Clock
 from scheduler.executor import Executor, LaunchRequest, Outcome, ProgressEvent
 from scheduler.inventory import Inventory
@@ -100,6 +100,7 @@ class Service:
         self._stopping = False
         self.usage_refresh_s = 10.0
         self._usage_cache: tuple[float, tuple[dict[str, float], dict[str, float]]] | None = None
+        self._team_usage: TeamUsage | None = None
         self._backlog: list[Outcome] = []  # outcomes polled but not yet recorded (store errors)
         self._reconcile = False  # a cycle failed half-way: reconcile store and executor first
         self._scanned_at = float("-inf")  # last full scan for rows with an unknown state
@@ -255,17 +256,18 @@ class Service:
                 self.executor.kill(job.id, job.attempt)
 
     def team_usage(self) -> tuple[dict[str, float], dict[str, float]]:
-        """(decayed GPU-seconds, $ spent this budget period) per team, from the usage ledger.
-        Recomputed at most every `usage_refresh_s` of clock time: fair share and budgets move
-        slowly, and reading the ledger every cycle would cost more than the decision."""
+        """(decayed GPU-seconds, $ spent this budget period) per team, from the usage ledger
+        (kept incrementally by accounting.TeamUsage). Refreshed at most every `usage_refresh_s`
+        of clock time: fair share and budgets move slowly."""
         now = self.clock.now()
         if self._usage_cache is not None and now - self._usage_cache[0] < self.usage_refresh_s:
             return self._usage_cache[1]
         sched = self.config.scheduler
-        start = period_start(now, sched.budget_period)
-        horizon = min(start, now - 10 * sched.fair_share_half_life_s)  # older usage weighs < 0.1 %
-        records = self.store.usage(since=horizon)
-        result = (decayed_gpu_seconds(records, now, sched.fair_share_half_life_s), spend_by_team(records, start, now))
+        if self._team_usage is None or (self._team_usage.half_life_s, self._team_usage.period) != (
+                sched.fair_share_half_life_s, sched.budget_period):
+            self._team_usage = TeamUsage(lambda since: self.store.usage(since=since),
+                                         sched.fair_share_half_life_s, sched.budget_period)
+        result = self._team_usage.refresh(now)
         self._usage_cache = (now, result)
         return result
 

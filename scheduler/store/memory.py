@@ -14,6 +14,8 @@ not O(all jobs ever submitted).
 """
 from __future__ import annotations
 
+import bisect
+import math
 import threading
 from typing import Any, Iterable
 
@@ -53,6 +55,10 @@ class MemoryStore:
         self._next_id = 1
         self._usage: list[UsageRecord] = []  # the usage ledger, one record per attempt
         self._open_usage: dict[int, int] = {}  # job id -> index of its open ledger record
+        # closed ledger records in the order they closed: (ended_at, index); sorted while the clock
+        # never goes back, so "closed after t" is a bisect (the simulator asks every refresh)
+        self._closed: list[tuple[float, int]] = []
+        self._closed_sorted = True
         self._nodes: dict[str, NodeRecord] = {}
 
     def close(self) -> None:
@@ -109,6 +115,9 @@ class MemoryStore:
                 u = self._usage[i]
                 self._usage[i] = UsageRecord(u.job_id, u.attempt, u.team, u.user, u.gpu_model, u.node, u.gpus,
                                              u.gpu_fraction, u.price_per_gpu_hour, u.started_at, now)
+                if self._closed and now < self._closed[-1][0]:
+                    self._closed_sorted = False
+                self._closed.append((now, i))
             if usage is not None:
                 self._open_usage[job_id] = len(self._usage)
                 self._usage.append(UsageRecord(job_id, changes.get("attempt", rec.attempt), rec.team, rec.user,
@@ -203,6 +212,10 @@ class MemoryStore:
     def usage(self, since: float | None = None, until: float | None = None, team: str | None = None,
               user: str | None = None) -> list[UsageRecord]:
         with self._lock:
+            if since is not None and until is None and team is None and user is None and self._closed_sorted:
+                pos = bisect.bisect_right(self._closed, (since, math.inf))
+                idx = sorted([i for _, i in self._closed[pos:]] + list(self._open_usage.values()))
+                return [self._usage[i] for i in idx]
             return [u for u in self._usage
                     if (since is None or u.ended_at is None or u.ended_at > since)
                     and (until is None or u.started_at < until)

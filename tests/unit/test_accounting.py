@@ -64,8 +64,11 @@ def test_period_start_is_utc_calendar_boundary():
     assert period_start(now, "month") == calendar.timegm(datetime(2026, 11, 1).timetuple())
 
 
-def test_store_ledger_opens_and_closes_with_the_attempt_in_one_transaction(tmp_path):
-    store = Store(f"sqlite:///{tmp_path / 's.db'}")
+@pytest.mark.parametrize("kind", ["sqlite", "memory"])
+def test_store_ledger_opens_and_closes_with_the_attempt_in_one_transaction(tmp_path, kind):
+    from scheduler.store.memory import MemoryStore
+
+    store = Store(f"sqlite:///{tmp_path / 's.db'}") if kind == "sqlite" else MemoryStore()
     job = store.submit(spec={}, name="j", team="a", user="ann", priority=0, gpus=2, memory_per_gpu_mib=1, now=0.0)
     store.transition(job.id, S.QUEUED, S.ADMITTED, reason="r", now=10.0, attempt=1,
                      usage={"gpu_model": "L4", "node": "n", "gpus": 2, "gpu_fraction": 1.0, "price_per_gpu_hour": 1.0})
@@ -77,6 +80,20 @@ def test_store_ledger_opens_and_closes_with_the_attempt_in_one_transaction(tmp_p
     assert closed.ended_at == 50.0
     assert store.usage(since=60.0) == [] and store.usage(until=5.0) == []
     assert store.usage(team="b") == [] and store.usage(user="ann") == [closed]
+    # `since` keeps open attempts and those closed after it, oldest first (the memory store
+    # answers from its closing-order index while the clock only moves forward, and by a scan after
+    # a record closes back in time)
+    usage = {"gpu_model": "L4", "node": "n", "gpus": 1, "gpu_fraction": 1.0, "price_per_gpu_hour": 1.0}
+    ids = [store.submit(spec={}, name=f"j{i}", team="a", user="ann", priority=0, gpus=1, memory_per_gpu_mib=1,
+                        now=60.0).id for i in range(3)]
+    for i in ids:
+        store.transition(i, S.QUEUED, S.ADMITTED, reason="r", now=60.0, attempt=1, usage=usage)
+    store.transition(ids[1], S.ADMITTED, S.QUEUED, reason="r", now=70.0)
+    assert [u.job_id for u in store.usage(since=69.0)] == ids
+    assert [u.job_id for u in store.usage(since=70.0)] == [ids[0], ids[2]]
+    store.transition(ids[0], S.ADMITTED, S.QUEUED, reason="r", now=65.0)  # a clock that went back
+    assert [u.job_id for u in store.usage(since=64.0)] == ids
+    assert [u.job_id for u in store.usage(since=66.0)] == ids[1:]
     store.close()
 
 
@@ -95,3 +112,43 @@ def test_service_charges_price_times_time_and_feeds_the_policy(tmp_path):
     quotas = {q.team: q for q in w.service.quotas()}
     assert quotas["a"].spent_usd == pytest.approx(2 * held * 0.001)
     assert quotas["a"].usage_gpu_s == pytest.approx(2 * held, rel=1e-3) and quotas["b"].usage_gpu_s == 0.0
+
+
+def test_incremental_team_usage_equals_a_full_recount_of_the_ledger():
+    """TeamUsage carries closed attempts forward instead of re-reading the ledger: at every
+    refresh it must equal decayed_gpu_seconds + spend_by_team over the whole ledger, including
+    attempts that close at the very instant of a refresh, across a budget-period boundary."""
+    import random
+
+    from scheduler.accounting import TeamUsage
+
+    rng = random.Random(4)
+    h = 3 * 86400.0
+    t = calendar.timegm((2026, 3, 30, 12, 0, 0))  # two days before a month starts
+    ledger: list[UsageRecord] = []
+    open_: dict[int, int] = {}
+
+    def read(since):
+        return [r for r in ledger if r.ended_at is None or since is None or r.ended_at > since]
+
+    usage = TeamUsage(read, h, "month", full_every_s=10 * 86400.0)
+    for step in range(600):
+        t += rng.choice([0.0, 0.5, 30.0, 600.0, 3600.0])  # repeated instants included
+        for job in [j for j in list(open_) if rng.random() < 0.15]:
+            i = open_.pop(job)
+            r = ledger[i]
+            ledger[i] = UsageRecord(r.job_id, r.attempt, r.team, r.user, r.gpu_model, r.node, r.gpus,
+                                    r.gpu_fraction, r.price_per_gpu_hour, r.started_at, t)
+        if rng.random() < 0.3:
+            job = len(ledger) + 1
+            open_[job] = len(ledger)
+            ledger.append(rec(job=job, team=rng.choice("abc"), gpus=rng.choice([1, 2, 8]),
+                              frac=rng.choice([1.0, 0.25]), start=t))
+        decayed, spent = usage.refresh(t)
+        want_d = decayed_gpu_seconds(ledger, t, h)
+        want_s = spend_by_team(ledger, period_start(t, "month"), t)
+        for team in set(want_d) | set(decayed):
+            assert decayed.get(team, 0.0) == pytest.approx(want_d.get(team, 0.0), rel=1e-9, abs=1e-6), (step, team)
+        for team in set(want_s) | set(spent):
+            assert spent.get(team, 0.0) == pytest.approx(want_s.get(team, 0.0), rel=1e-9, abs=1e-9), (step, team)
+    assert t > calendar.timegm((2026, 4, 1, 0, 0, 0)) and len(ledger) > 100
