@@ -10,7 +10,9 @@ One cycle, in numbered steps:
     may ever hold) waits with an "infeasible: ..." reason and takes no further part.
  3. Claims. Each team's waiting within-nominal demand claims its idle nominal quota so that it is
     not lent away under it (quota.py).
- 4. Order. Priority first (higher first). Then fair share between teams: a team's share is
+ 4. Order. Priority first (higher first); inside a priority level, a job long enough to set the
+    makespan (longer than the backlog's drain time and every running job's expected end:
+    _critical_length, `makespan_guard`) goes first, longest first. Then fair share between teams: a team's share is
     (1-w) * its dominant GPU share now (max over flavors of held/healthy GPUs) + w * its share of
     the cluster's decayed GPU-seconds (TeamQuota.usage_gpu_s, w = fair_share_history_weight),
     divided by its entitlement weight/sum(weights of teams with work); teams are grouped in bands
@@ -156,6 +158,30 @@ def _job_key(req: JobRequest, now: float, s: PolicySettings) -> tuple[tuple, flo
     return (-req.priority, effective, req.submitted_at, req.job_id), score, wait >= horizon
 
 
+def _critical_length(snap: Snapshot, c: Cluster) -> float:
+    """Makespan guard: the expected duration from which a waiting job would end after everything
+    else even if it started now - longer than both the latest expected end of a running job and
+    the time the cluster needs to drain all known work (running remaining + pending, in GPU-seconds,
+    over the healthy GPUs). Such a job sets the makespan, so it goes first within its priority
+    level (ahead of shorter work, longest first): shortest-work-first alone would leave it to the
+    end and stretch the makespan (SRTF's weakness). Few jobs qualify - only those longer than the
+    whole backlog - so mean completion time barely moves. Returns inf when nothing is known."""
+    now = snap.now
+    latest, work = 0.0, 0.0
+    for r in snap.running:
+        if r.expected_end_at is not None:
+            left = max(0.0, r.expected_end_at - now)
+            latest = max(latest, left)
+            work += left * sum(len(ix) for _, ix in r.placements())
+    for p in snap.pending:
+        if p.expected_duration_s is not None:
+            work += p.expected_duration_s * p.gpus
+    gpus = sum(fl.healthy for fl in c.flavors.values())
+    if gpus <= 0:
+        return math.inf
+    return max(latest, work / gpus)
+
+
 class _FairShare:
     def __init__(self, cy: Cycle, teams: set[str]):
         s = cy.snap.settings
@@ -228,12 +254,15 @@ def plan(snap: Snapshot) -> tuple[Decision, tuple[tuple[str, tuple[int, ...], fl
     cy = _index(snap)
     s, now, c, book = snap.settings, snap.now, cy.cluster, cy.book
     jobs = []
+    critical = _critical_length(snap, c) if s.makespan_guard else math.inf
     for req in snap.pending:
         flavors, why = _infeasible(cy, req)
         if why is not None:
             cy.pending[req.job_id] = why
             continue
         key, score, aged = _job_key(req, now, s)
+        if req.expected_duration_s is not None and req.expected_duration_s >= critical:
+            key = (key[0], -req.expected_duration_s, *key[2:])  # ahead of its priority level, longest first
         job = Job(req, flavors, key, score, _demand_key(cy, req, flavors), aged)
         jobs.append(job)
         book.want(req.team, job.dkey, amount(c, flavors[0], req.gpus, req.memory_per_gpu_mib, req.shareable))

@@ -84,6 +84,17 @@ def test_shortest_remaining_work_first_within_a_team():
     assert list(started(d)) == [2]
 
 
+def test_makespan_guard_starts_a_job_that_would_end_after_everything_else():
+    """A job longer than the backlog's drain time (12.5 GPU-h over 2 GPUs = 6.25 h) sets the
+    makespan: it goes ahead of shorter work. Short jobs that fit in the drain time do not."""
+    running = [run(9, "n1", (0,), end=NOW + 3600)]
+    pend = [job(1, dur=10 * 3600), job(2, dur=1800), job(3, dur=1800), job(4, dur=1800)]
+    assert list(started(schedule(snap([node("n1", gpus=2)], pend, running)))) == [1]
+    assert list(started(schedule(snap([node("n1", gpus=2)], pend, running, makespan_guard=False)))) == [2]
+    pend = [job(1, dur=2 * 3600), job(2, dur=1800), job(3, dur=1800), job(4, dur=1800)]  # 2 h < 4.5 GPU-h / 2
+    assert list(started(schedule(snap([node("n1", gpus=2)], pend, running)))) == [2]
+
+
 def test_least_attained_service_when_duration_unknown():
     pend = [job(1, attained=5000), job(2, attained=10)]
     assert list(started(schedule(snap([node("n1", gpus=1)], pend)))) == [2]
@@ -281,7 +292,8 @@ def test_reservation_and_backfill():
     # 5 GPUs: 3 busy until NOW+600; a 4-GPU job reserves; a short 1-GPU job backfills, a long one waits.
     running = [run(10 + i, "n1", (i,), team="b", end=NOW + 600) for i in range(3)]
     pend = [job(1, gpus=4, t=NOW - 50, dur=100), job(2, dur=300, t=NOW - 40), job(3, dur=3000, t=NOW - 30)]
-    d = schedule(snap([node("n1", gpus=5)], pend, running, teams=[team("a", 8), team("b", 8)]))
+    # (job 3 would end after everything else: the makespan guard would start it first; off here)
+    d = schedule(snap([node("n1", gpus=5)], pend, running, teams=[team("a", 8), team("b", 8)], makespan_guard=False))
     assert d.pending[1].startswith("reserved: starts at ~") and "on n1 GPUs 0,1,3,4" in d.pending[1]
     named = [NodeView("id-7f3a", "node-3", n.gpus) for n in [node("n1", gpus=5)]]
     r2 = [run(10 + i, "id-7f3a", (i,), team="b", end=NOW + 600) for i in range(3)]
