@@ -8,9 +8,9 @@ from scheduler.policy.types import (
     Cohort, Decision, GpuView, JobRequest, NodeView, Placement, PolicySettings, Preempt, RunningJob, Snapshot, Start,
     TeamQuota,
 )
-from scheduler.policy.shoal import never_fits, schedule
+from scheduler.policy.shoal import forecast, never_fits, schedule
 
 __all__ = [
     "Cohort", "Decision", "PolicySettings", "GpuView", "JobRequest", "NodeView", "Placement", "Preempt", "RunningJob", "Snapshot",
-    "Start", "TeamQuota", "never_fits", "schedule",
+    "Start", "TeamQuota", "forecast", "never_fits", "schedule",
 ]

@@ -251,6 +251,62 @@ def schedule(snap: Snapshot) -> Decision:
 def plan(snap: Snapshot) -> tuple[Decision, tuple[tuple[str, tuple[int, ...], float, int], ...] | None]:
     """The decision plus the cycle's reservation as (node_id, GPUs, start time, job id) per part
     (for tests and the simulator's traces)."""
+    cy = _cycle(snap)
+    c, r = cy.cluster, cy.reservation
+    held = tuple((*c.gpus_of(p), r.at, r.job_id) for p in r.parts) if r else None
+    return Decision(tuple(cy.starts), tuple(cy.preempts), cy.pending, cy.eta), held
+
+
+def forecast(snap: Snapshot, depth: int = 64) -> dict[int, float]:
+    """Estimated start times (clock) of the jobs the cycle leaves waiting for GPUs - what `squeue
+    --start` shows - for the first `depth` of them in policy order, beyond the one reservation the
+    cycle makes. Conservative-backfill style: after the cycle's own starts, each waiting job in
+    rank order takes the earliest GPUs that fit it (as a reservation would) and holds them until
+    its expected end, so later jobs plan around it. A job whose start depends on a running or
+    planned job with no expected duration gets no estimate, nor does a job waiting for quota or
+    budget (its start depends on other teams' work, not on GPUs freeing up). Pure like
+    `schedule`, and separate from it: it costs O(depth x GPUs), so the service runs it at a
+    slower cadence than the cycle."""
+    cy = _cycle(snap)
+    c, now, s = cy.cluster, snap.now, snap.settings
+    out = dict(cy.eta)
+    ends = dict(cy.ends)
+    cpu_ends = {k: list(v) for k, v in cy.cpu_ends.items()}
+    by_id = {job.req.job_id: job for job in cy.order}
+
+    def hold(req: JobRequest, at: float, parts) -> None:  # in the plan, from now until its end
+        end = at + req.expected_duration_s if req.expected_duration_s is not None else INF
+        for o, ix in parts:
+            u = c.units[o]
+            u.free[:] = [e for e in u.free if e[1] not in ix]
+            for i in ix:
+                ends[(o, i)] = max(ends.get((o, i), 0.0), end)
+            c.cpus_free[u.node_id] -= len(ix) * req.cpus_per_gpu
+            cpu_ends.setdefault(u.node_id, []).append((end, float(len(ix) * req.cpus_per_gpu)))
+
+    if cy.reservation is not None and cy.reservation.job_id in by_id:
+        hold(by_id[cy.reservation.job_id].req, cy.reservation.at, cy.reservation.parts)
+    planned = 0
+    for job in cy.order:
+        if planned >= depth:
+            break
+        req = job.req
+        if req.job_id in out:
+            planned += 1
+            continue
+        if not cy.pending.get(req.job_id, "").startswith(("waiting for resources", "backfill:")):
+            continue
+        planned += 1
+        res = reserve(c, req.job_id, job.flavors, req.gpus, req.memory_per_gpu_mib, now, ends, s.multi_node,
+                      req.cpus, cpu_ends)
+        if res is None or res.at == INF:
+            continue
+        out[req.job_id] = res.at
+        hold(req, res.at, res.parts)
+    return out
+
+
+def _cycle(snap: Snapshot) -> Cycle:
     cy = _index(snap)
     s, now, c, book = snap.settings, snap.now, cy.cluster, cy.book
     jobs = []
@@ -269,10 +325,9 @@ def plan(snap: Snapshot) -> tuple[Decision, tuple[tuple[str, tuple[int, ...], fl
     book.build()
     c.pack_shared = sum(j.req.gpus for j in jobs) > sum(c.free_count(f) for f in c.flavors)
     for job, fs in _ordered(cy, jobs):
+        cy.order.append(job)
         _one(cy, job, fs)
-    r = cy.reservation
-    held = tuple((*c.gpus_of(p), r.at, r.job_id) for p in r.parts) if r else None
-    return Decision(tuple(cy.starts), tuple(cy.preempts), cy.pending, cy.eta), held
+    return cy
 
 
 def _demand_key(cy: Cycle, req: JobRequest, flavors: list[str]) -> str:

@@ -46,6 +46,7 @@ class Cycle:
     attempts: int = 0
     memo: dict = field(default_factory=dict)  # feasibility facts that depend on the request's shape only
     fair: Any = None  # the cycle's fair-share view (shoal._FairShare)
+    order: list[Any] = field(default_factory=list)  # the jobs in the order the cycle considered them
 
 
 def amount(c: Cluster, flavor: str, g: int, m: int, shareable: bool) -> float:

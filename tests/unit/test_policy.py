@@ -303,6 +303,31 @@ def test_reservation_and_backfill():
     assert "would delay job 1's reservation" in d.pending[3]
 
 
+def test_forecast_estimates_starts_beyond_the_reservation_in_rank_order():
+    """squeue --start: 4 GPUs busy until +600/+1200/+1800/+2400; three 2-GPU jobs of 1000 s wait.
+    The first reserves the GPUs freeing at +600 and +1200 (starts +1200, ends +2200); the second
+    takes the earliest pair left, GPU 2 (+1800) and one of job 1's (+2200), so starts +2200; the
+    third gets job 1's other GPU (+2200) and GPU 3 (+2400): +2400. No estimate where the GPUs it
+    needs belong to running jobs with no expected end."""
+    from scheduler.policy import forecast
+
+    running = [run(10 + i, "n1", (i,), team="b", end=NOW + 600 * (i + 1)) for i in range(4)]
+    pend = [job(1, gpus=2, dur=1000, t=NOW - 50), job(2, gpus=2, dur=1000, t=NOW - 40),
+            job(3, gpus=2, dur=1000, t=NOW - 30)]
+    sn = snap([node("n1", gpus=4)], pend, running, teams=[team("a", 8), team("b", 8)], makespan_guard=False)
+    d = schedule(sn)
+    assert d.estimated_start == {1: NOW + 1200}  # the cycle itself: one reservation
+    est = forecast(sn)
+    assert est == {1: NOW + 1200, 2: NOW + 2200, 3: NOW + 2400}
+    assert forecast(sn, depth=2) == {1: NOW + 1200, 2: NOW + 2200}
+    unknown = [run(10 + i, "n1", (i,), team="b", end=None if i >= 2 else NOW + 600 * (i + 1)) for i in range(4)]
+    est = forecast(snap([node("n1", gpus=4)], pend, unknown, teams=[team("a", 8), team("b", 8)], makespan_guard=False))
+    assert est == {1: NOW + 1200, 2: NOW + 2200, 3: NOW + 3200}  # after job 2, on GPUs 0-1 again
+    pend[1] = job(2, gpus=2, dur=None, t=NOW - 40)  # no duration: ranks first, holds GPUs 0-1 for good
+    est = forecast(snap([node("n1", gpus=4)], pend, unknown, teams=[team("a", 8), team("b", 8)], makespan_guard=False))
+    assert est == {2: NOW + 1200}
+
+
 def test_no_reservation_without_end_times_unless_aged():
     running = [run(10 + i, "n1", (i,), team="b") for i in range(3)]
     d = schedule(snap([node("n1", gpus=4)], [job(1, gpus=4), job(2)], running))
