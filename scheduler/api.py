@@ -818,7 +818,8 @@ def _register_nodes(app: FastAPI, service: Service, Who) -> None:
                                    utilization=g.utilization, healthy=g.healthy, jobs=seen,
                                    hidden_jobs=len(g.allocated_to) - len(seen)))
             out.append(NodeOut(id=n.node_id, name=n.name, schedulable=n.schedulable and d is None,
-                               drained=d is not None, drain_reason=d.drain_reason if d else None, cpus=n.cpus,
+                               drained=d is not None, drain_reason=d.drain_reason if d else None,
+                               lost=rec is not None and rec.lost, cpus=n.cpus,
                                cpus_held=n.cpus_held, gpus=gpus))
         return out
 

@@ -105,6 +105,7 @@ class Daemon:
         import uvicorn
 
         from monitoring.agent import NodeAgent
+        from monitoring.fault_file import FaultFile
         from monitoring.metrics import ShoalMetrics
         from scheduler.api import create_app
         from scheduler.auth import TokenAuthority, load_or_create_secret
@@ -156,6 +157,8 @@ class Daemon:
                                      ttl_s=self.lease_ttl_s, renew_s=min(2.0, self.lease_ttl_s / 4))
         metrics = ShoalMetrics()
         fake = local.reader == "fake"
+        if fake:  # failure drills: faults appended to this file hit the fake GPUs (monitoring/fault_file.py)
+            FaultFile(self.home / "fake-faults.jsonl").watch(readers, self.stop)
         if self.reader is not None:
             # The node agent polls this node's GPUs (SHOAL_AGENT_INTERVAL_S, default 1 s) and is the
             # inventory's reader for it; its health series join /metrics.

@@ -101,6 +101,11 @@ class InMemoryExecutor:
         if self.runs.pop((job_id, attempt), None) is not None:
             self._done.append(Outcome(job_id, attempt, "killed"))
 
+    def fail(self, job_id: int, attempt: int, error: str) -> None:
+        """The run dies now with `error` (e.g. its node went away under it)."""
+        if self.runs.pop((job_id, attempt), None) is not None:
+            self._done.append(Outcome(job_id, attempt, "failed", error=error))
+
     def is_active(self, job_id: int, attempt: int) -> bool:
         return (job_id, attempt) in self.runs
 

@@ -31,6 +31,16 @@ class Inventory:
     def nodes(self) -> list[NodeInfo]:
         return self._nodes()
 
+    def node_down(self, node_id: str) -> bool:
+        """Whether the node is gone now: its source lists it dead, or (a source that can probe,
+        e.g. RayNodes) the node does not answer. Asked when a job on it failed, since a node that
+        dies may end its jobs before the cluster declares it dead. A node not listed at all is
+        not known to be down (False)."""
+        probe = getattr(self._nodes, "probe", None)
+        if probe is not None and not probe(node_id):
+            return True
+        return any(n.node_id == node_id and not n.alive for n in self._nodes())
+
     def read(self) -> dict[str, list[GpuReading]]:
         out = {}
         for node in self._nodes():

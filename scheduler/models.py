@@ -215,6 +215,7 @@ class NodeOut(BaseModel):
     schedulable: bool
     drained: bool
     drain_reason: str | None
+    lost: bool = False  # the node died (Ray reports it dead or it stopped answering); a returning node is new
     cpus: int | None
     cpus_held: int
     gpus: list[GpuOut]

@@ -206,13 +206,44 @@ class RayNodes:
     node source: every node that offers GPUs, alive or (once seen) dead, with a GpuReader each
     from `make_reader(node_id, gpu_count)` (fake GPUs sized by the node's GPU resource, until
     node agents report real readings). A dead node keeps no GPUs in the snapshot; a node that
-    comes back is a new Ray node with its own id, so nothing is counted twice."""
+    comes back is a new Ray node with its own id, so nothing is counted twice.
 
-    def __init__(self, make_reader: Callable[[str, int], object], cache_s: float = 0.5):
+    `probe(node_id)` asks the node's raylet directly (a TCP connect to its port): Ray declares a
+    node dead only after missed health checks (seconds), while its jobs' failures arrive at once.
+    A node that does not answer is listed dead from then on (re-probed at each refresh, so one that
+    answers again is alive again) until Ray itself declares it dead."""
+
+    def __init__(self, make_reader: Callable[[str, int], object], cache_s: float = 0.5,
+                 probe_timeout_s: float = 2.0):
         self.readers: dict[str, object] = {}
         self._make_reader = make_reader
         self._cache_s = cache_s
         self._cached: tuple[float, list[NodeInfo]] = (0.0, [])
+        self._probe_timeout_s = probe_timeout_s
+        self._raylets: dict[str, tuple[str, int]] = {}  # node id -> raylet (host, port)
+        self.unreachable: set[str] = set()  # alive to Ray, but its raylet did not answer a probe
+
+    def _answers(self, node_id: str) -> bool:
+        addr = self._raylets.get(node_id)
+        if addr is None:
+            return True  # never seen alive: nothing to ask
+        try:
+            socket.create_connection(addr, timeout=self._probe_timeout_s).close()
+            return True
+        except OSError:
+            return False
+
+    def probe(self, node_id: str) -> bool:
+        """Whether the node's raylet answers now; one that does not is listed dead from now on."""
+        if self._answers(node_id):
+            self.unreachable.discard(node_id)
+            return True
+        if node_id not in self.unreachable:
+            log.warning("node %s: its raylet at %s:%s does not answer; treating the node as lost",
+                        node_id[:8], *self._raylets[node_id])
+            self.unreachable.add(node_id)
+            self._cached = (0.0, [])
+        return False
 
     def __call__(self) -> list[NodeInfo]:
         at, nodes = self._cached
@@ -222,6 +253,14 @@ class RayNodes:
         for n in ray.nodes():
             node_id, alive = n["NodeID"], bool(n["Alive"])
             name = f"{n.get('NodeManagerHostname', 'node')}:{node_id[:8]}"
+            if alive and n.get("NodeManagerPort"):
+                self._raylets[node_id] = (n["NodeManagerAddress"], int(n["NodeManagerPort"]))
+            if not alive:
+                self.unreachable.discard(node_id)  # Ray agrees now
+            elif node_id in self.unreachable and not self._answers(node_id):
+                alive = False
+            else:
+                self.unreachable.discard(node_id)
             if not alive:
                 if node_id in self.readers:
                     nodes.append(NodeInfo(node_id, name, alive=False, cpus=0))
@@ -249,10 +288,14 @@ class RayExecutor:
         self.backend = backend
         self.workload = workload
         # Detached: the hub and the runners outlive a scheduler process that dies (adoption).
-        # The hub restarts elsewhere if its node dies (its queued events and stop flags are lost:
-        # progress resumes with the next report, stops are re-sent by recover()).
+        # Created on the scheduler's own node when it can be (soft): on a worker node, a node
+        # loss would also take the hub away until Ray declares the node dead, and each cycle's
+        # drain would wait for it. It restarts elsewhere if its node dies (its queued events and
+        # stop flags are lost: progress resumes with the next report, stops are re-sent by recover()).
+        here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=True)
         self.hub = ProgressHub.options(name=self.HUB, namespace=namespace, get_if_exists=True,
-                                       lifetime="detached", max_restarts=-1, max_task_retries=-1).remote()
+                                       lifetime="detached", max_restarts=-1, max_task_retries=-1,
+                                       scheduling_strategy=here).remote()
         self._runs: dict[tuple[int, int], tuple[ray.actor.ActorHandle, ray.ObjectRef]] = {}
         self._killed: set[tuple[int, int]] = set()
         self._finished: list[ray.actor.ActorHandle] = []  # ended at the next poll (see docstring)
@@ -273,10 +316,12 @@ class RayExecutor:
             return
         actor = self._existing(*key)  # adopt a run launched before a crash
         if actor is None:
-            opts = {}
+            # The runner lives on the job's node: it shares the fate of the job's workers (a node
+            # loss ends both, and is told apart from a job failure by probing that node), and it
+            # never lands on a node Ray still lists but Shoal already knows to be lost.
+            opts = {"scheduling_strategy": NodeAffinitySchedulingStrategy(req.node_id, soft=False)}
             if self.workload == "probe":  # the runner itself holds the job's GPUs on its node
-                opts = {"num_gpus": len(req.gpu_indices),
-                        "scheduling_strategy": NodeAffinitySchedulingStrategy(req.node_id, soft=False)}
+                opts["num_gpus"] = len(req.gpu_indices)
             try:
                 actor = JobRunner.options(name=self._name(*key), namespace=self.namespace, lifetime="detached",
                                           **opts).remote(req, self.HUB, self.namespace, self.backend,

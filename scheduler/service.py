@@ -231,6 +231,8 @@ class Service:
             self._log(job.id, f"[shoal] attempt {o.attempt} failed:\n{o.error}")
             max_retries = int(job.spec.get("max_retries", 1))
             cause = (o.error or "unknown error").strip().splitlines()[-1][:500]
+            if self._lost_with_its_node(job, src):
+                return
             if "[Errno 28]" in (o.error or "") or "No space left on device" in (o.error or ""):
                 # A full disk fails the next attempt too: fail now, say what to do.
                 self._move(job, src, S.FAILED, f"failed: disk full (ENOSPC) while writing checkpoints or the output "
@@ -246,6 +248,25 @@ class Service:
             why = "stopped at a checkpoint" if o.status == "preempted" else "killed"
             self._move(job, src, S.QUEUED, f"{why} (step {step}); resumes from the last checkpoint",
                        placement=None)
+
+    def _lost_with_its_node(self, job: JobRecord, src: JobState) -> bool:
+        """A failed attempt whose node is gone (the node died and took the job with it, often
+        before the cluster declares the node dead) is the infrastructure's failure, not the
+        job's: the node is marked lost and the job requeued without spending a retry."""
+        node_id = (job.placement or {}).get("node_id")
+        if not node_id or not self.inventory.node_down(node_id):
+            return False
+        name = (job.placement or {}).get("node") or node_id
+        node = self.store.nodes().get(node_id)
+        if node is not None and not node.lost:
+            log.warning("node %s lost (job %s's attempt %s failed with it)", name, job.id, job.attempt)
+            self.store.mark_node_lost(node_id, self.clock.now())
+        self._move(job, src, S.QUEUED, self._lost_reason(name), placement=None)
+        return True
+
+    @staticmethod
+    def _lost_reason(node_name: str) -> str:
+        return f"node {node_name} lost; resumes from the last checkpoint on another node"
 
     def _carry_out_cancels(self) -> None:
         for job in self.store.jobs(states=[S.QUEUED, *ACTIVE], cancel_requested=True):
@@ -461,8 +482,7 @@ class Service:
                 continue
             if node.lost:
                 self.executor.kill(job.id, job.attempt)
-                self._move(job, job.state, S.QUEUED, f"node {node.name} lost; resumes from the last checkpoint "
-                           "on another node", placement=None)
+                self._move(job, job.state, S.QUEUED, self._lost_reason(node.name), placement=None)
             elif node.drained and job.state in (S.STARTING, S.RUNNING):
                 self._preempt(job.id, f"node {node.name} drained ({node.drain_reason}); checkpoint and move")
 

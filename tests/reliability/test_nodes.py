@@ -141,6 +141,55 @@ def test_lost_node_requeues_its_jobs_without_a_retry_and_is_not_double_counted(c
     assert c.store.get(victim.id).retries == 0
 
 
+class ProbedNodes:
+    """A node source like RayNodes: Ray's view (`ray_alive`) lags behind a node's death, and
+    `probe` asks the node itself (`answers`); a node that did not answer is listed dead."""
+
+    def __init__(self, names):
+        self.ray_alive = {n: True for n in names}
+        self.answers = {n: True for n in names}
+        self.unreachable: set[str] = set()
+
+    def __call__(self):
+        return [NodeInfo(n, f"node-{n}", alive=up and n not in self.unreachable) for n, up in self.ray_alive.items()]
+
+    def probe(self, node_id):
+        if not self.answers[node_id]:
+            self.unreachable.add(node_id)
+        return self.answers[node_id]
+
+
+def test_job_failing_with_its_node_before_the_node_is_declared_dead_is_requeued_without_a_retry(tmp_path, db_url):
+    """The node-removal race (issue 8): the node dies, its job's attempt fails at once with the
+    node's death as its cause, and Ray still lists the node alive. Not the job's failure."""
+    c = Cluster(tmp_path, db_url)
+    nodes = ProbedNodes(c.readers)
+    c.service.inventory = Inventory(nodes, c.readers)
+    try:
+        job = c.submit(duration=30, max_retries=0)
+        c.run(2)
+        node = c.node_of(job)
+        other = "n2" if node == "n1" else "n1"
+        nodes.answers[node] = False  # the node is gone; Ray has not noticed yet
+        c.executor.fail(job.id, 1, "ray.train.WorkerGroupError: A worker health check failed: Connection refused")
+        c.service.tick()  # requeued, then placed again in the same cycle
+        moves = [(e.from_state, e.to_state, e.reason) for e in c.store.events(job.id)]
+        assert ("RUNNING", "QUEUED", f"node node-{node} lost; resumes from the last checkpoint on another node") \
+            in moves, moves
+        assert c.store.nodes()[node].lost
+        rec = c.store.get(job.id)
+        assert rec.retries == 0 and rec.attempt == 2 and c.node_of(job) == other
+        assert c.gpus_in_snapshot() == 2  # the lost node's GPUs are not offered
+        # The same failure on a node that answers is the job's: with no retries left, FAILED.
+        c.executor.fail(job.id, 2, "RuntimeError: CUDA error: an illegal memory access was encountered")
+        c.service.tick()
+        rec = c.store.get(job.id)
+        assert rec.state is S.FAILED and rec.failure_reason.startswith("RuntimeError: CUDA error")
+        assert not c.store.nodes()[other].lost
+    finally:
+        c.store.close()
+
+
 def test_unknown_node_names_the_known_ones(cluster):
     cluster.service.tick()
     with pytest.raises(KeyError, match=r"node 'zzz' is not known.*node-n1 \(n1\), node-n2 \(n2\)"):
