@@ -56,6 +56,7 @@ class NodeAgent:
         self._reader: GpuReader | None = None if self._factory else reader
         self._latest: list[GpuReading] = []
         self._polled_at: float | None = None
+        self.polls = 0  # successful polls so far
         self._next_try = 0.0
         self.error: str | None = None
         self._lock = threading.Lock()
@@ -75,6 +76,11 @@ class NodeAgent:
         self._gpus = Gauge("shoal_agent_gpus", "GPUs the last poll saw", registry=reg)
         self._last = Gauge("shoal_agent_last_poll_timestamp_seconds", "Unix time of the last successful poll",
                            registry=reg)
+
+    @property
+    def reader(self) -> GpuReader | None:
+        """The GpuReader in use (None while a factory's reader is unavailable)."""
+        return self._reader
 
     # -- polling ------------------------------------------------------------------------------
     def _get_reader(self) -> GpuReader | None:
@@ -107,6 +113,7 @@ class NodeAgent:
                 self._up.set(0)
                 return self._latest
             self._latest, self._polled_at, self.error = readings, self._clock(), None
+            self.polls += 1
             host, held = self._text_for
             self._text.get(host, readings, held)
             self._up.set(1)

@@ -75,6 +75,16 @@ def _check_port(host: str, port: int) -> None:
                                "uses it: pass --port N, or --port 0 for any free port") from None
 
 
+def reader_spec(config: ClusterConfig) -> dict:
+    """What each node agent of a Ray cluster reads: NVML, or the config's fake GPU model (the
+    count comes from each node's GPU resource)."""
+    local = config.local
+    if local.reader == "nvml":
+        return {"kind": "nvml"}
+    return {"kind": "fake", "model": local.gpu_model,
+            "memory_mib": int(config.gpu_models[local.gpu_model].memory_gib * 1024)}
+
+
 def make_reader(config: ClusterConfig) -> GpuReader:
     local = config.local
     if local.reader == "nvml":
@@ -84,8 +94,8 @@ def make_reader(config: ClusterConfig) -> GpuReader:
 
 
 class Daemon:
-    """`ray_address`: connect to an existing Ray cluster (every node with GPUs is used; fake
-    readers sized by each node's GPU resource) instead of starting a local one. `replica_id`:
+    """`ray_address`: connect to an existing Ray cluster (every node with GPUs is used, read by a
+    node agent actor on that node: monitoring.ray_agents) instead of starting a local one. `replica_id`:
     this replica's name in the leader lease (replicas sharing a PostgreSQL store: one leads,
     the others serve the API and take over when it dies)."""
 
@@ -119,17 +129,20 @@ class Daemon:
         os.environ.update(_RAY_ENV)
         local = self.config.local
         hostname = socket.gethostname()
+        agent_interval_s = float(os.environ.get("SHOAL_AGENT_INTERVAL_S", "1"))
         if self.ray_address:
-            if local.reader != "fake":
-                raise RuntimeError("--ray-address works with the fake GPU reader only until node agents report "
-                                   "NVML readings (issue #6): set local.reader: fake in the cluster config")
-            memory_mib = int(self.config.gpu_models[local.gpu_model].memory_gib * 1024)
+            from monitoring.ray_agents import RayNodeAgents
+
             # The cluster's processes do not inherit this process's environment: send it along.
             ray.init(address=self.ray_address, namespace="shoal", logging_level=logging.WARNING,
                      log_to_driver=False, configure_logging=False, runtime_env={"env_vars": dict(_RAY_ENV)})
-            nodes = RayNodes(lambda nid, n: FakeGpuReader(n, local.gpu_model, memory_mib, host=nid))
+            # One node agent actor per Ray node with GPUs (NVML, or the config's fake GPUs sized by
+            # the node's GPU resource), started as nodes join; the inventory reads their proxies.
+            self.agents = RayNodeAgents(reader_spec(self.config), agent_interval_s)
+            nodes = RayNodes(self.agents.reader_for)
             nodes()
             readers = nodes.readers
+            self.agents.start(nodes)
             self.reader = None
             node_id = ray.get_runtime_context().get_node_id()
         else:
@@ -159,13 +172,14 @@ class Daemon:
         if self.reader is not None:
             # The node agent polls this node's GPUs (SHOAL_AGENT_INTERVAL_S, default 1 s) and is the
             # inventory's reader for it; its health series join /metrics.
-            self.agent = NodeAgent(self.reader, interval_s=float(os.environ.get("SHOAL_AGENT_INTERVAL_S", "1")),
+            self.agent = NodeAgent(self.reader, interval_s=agent_interval_s,
                                    hostname=hostname, registry=metrics.registry).start()
             inventory = Inventory(nodes, {node_id: self.agent})
             listeners = [FakeGpuLoad(self.reader, self.agent.poll)] if fake else []
-        else:  # --ray-address: one fake reader per Ray node, kept current by RayNodes
+        else:  # --ray-address: one node agent per Ray node, kept current by RayNodes and RayNodeAgents
             inventory = Inventory(nodes, readers)
-            listeners = [FakeGpuLoad(readers)] if fake else []
+            listeners = [FakeGpuLoad(readers)] if fake else []  # the fake load goes to each node's agent
+            metrics.registry.register(self.agents.collector())
         executor = RayExecutor(backend="gloo" if fake else "nccl", workload=self.workload)
         self.service = Service(self.store, executor, inventory, self.config, WallClock(), self.home,
                                listeners=[*listeners, metrics.events], on_cycle=metrics.cycle.observe,
@@ -229,6 +243,8 @@ class Daemon:
                 self.service.executor.close()
             if leading:
                 self.elector.release()
+            if hasattr(self, "agents"):
+                self.agents.close()  # the node agent actors (they would die with this driver anyway)
             ray.shutdown()
             if hasattr(self, "store"):
                 self.store.close()
