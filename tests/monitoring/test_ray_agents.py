@@ -39,18 +39,26 @@ def _fb_used(registry) -> dict[tuple[str, str], tuple[float, str | None]]:
             for f in text_string_to_metric_families(text) if f.name == "DCGM_FI_DEV_FB_USED" for s in f.samples}
 
 
-def test_one_agent_per_ray_node_feeds_inventory_and_metrics(tmp_path):
-    import ray
+@pytest.fixture(scope="module")
+def cluster():
+    """A head without GPUs and two worker nodes with 2 fake GPUs each."""
     from ray.cluster_utils import Cluster
+
+    private_ray_tmpdir()
+    c = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "num_gpus": 0, "include_dashboard": False})
+    c.workers = [c.add_node(num_cpus=2, num_gpus=2) for _ in range(2)]
+    c.wait_for_nodes()
+    yield c
+    c.shutdown()
+
+
+def test_one_agent_per_ray_node_feeds_inventory_and_metrics(tmp_path, cluster):
+    import ray
 
     from monitoring.ray_agents import RayNodeAgents
     from scheduler.ray_executor import RayNodes
 
-    private_ray_tmpdir()
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "num_gpus": 0,
-                                                            "include_dashboard": False})
-    workers = [cluster.add_node(num_cpus=2, num_gpus=2) for _ in range(2)]
-    cluster.wait_for_nodes()
+    workers = cluster.workers
     ray.init(address=cluster.address, namespace="shoal-agents-test", log_to_driver=False)
     agents = None
     store = Store(f"sqlite:///{tmp_path / 'shoal.db'}")
@@ -109,4 +117,46 @@ def test_one_agent_per_ray_node_feeds_inventory_and_metrics(tmp_path):
             agents.close()
         store.close()
         ray.shutdown()
-        cluster.shutdown()
+
+
+def test_daemon_with_ray_address_reads_every_node_through_its_agent(tmp_path, cluster):
+    """`shoal up --ray-address` (the daemon process, probe workload): both worker nodes' GPUs in
+    /metrics with their Hostname and agent health; a placed job's fake load shows on its GPU."""
+    import httpx
+    import yaml
+
+    from benchmarks.chaos import Scheduler, job_spec
+
+    config = tmp_path / "cluster.yaml"
+    config.write_text(yaml.safe_dump({"teams": {"default": {"gpus": 4}}, "local": {"reader": "fake"}}))
+    home = tmp_path / "home"
+    home.mkdir()
+    sched = Scheduler(home, cluster.address, config)
+    try:
+        client = sched.start(timeout=180)
+        url = f"{client.url}/metrics"
+
+        def scrape() -> dict:
+            text = httpx.get(url, timeout=30).text
+            return {(f.name, tuple(sorted(s.labels.items()))): s.value
+                    for f in text_string_to_metric_families(text) for s in f.samples}
+
+        def fb_used() -> dict:
+            return {(dict(k)["Hostname"], dict(k)["gpu"]): (v, dict(k).get("job_id"))
+                    for (n, k), v in scrape().items() if n == "DCGM_FI_DEV_FB_USED"}
+
+        hosts = _wait(lambda: h if len(h := {host for host, _ in fb_used()}) == 2 else None, 60,
+                      lambda: f"both nodes' GPUs in /metrics\n{sched.log()[-3000:]}")
+        prefixes = {w.node_id[:8] for w in cluster.workers}
+        assert {h.rsplit(":", 1)[1] for h in hosts} == prefixes  # Hostname = host:node id prefix
+        assert sorted(fb_used()) == sorted((h, g) for h in hosts for g in ("0", "1"))
+        up = {dict(k)["node"]: v for (n, k), v in scrape().items() if n == "shoal_agent_reader_up"}
+        assert up == {h: 1.0 for h in hosts}
+        job = client.submit(job_spec(0, steps=100000))  # probe steps: runs until the test ends
+        # its estimated memory, on its one GPU (labelled at once; the memory comes with the agent's next poll)
+        series = _wait(lambda: [(k, v) for k, v in fb_used().items() if v[1] == str(job.id) and v[0] > 0], 90,
+                       lambda: f"the job's GPU and its memory in /metrics\n{sched.log()[-3000:]}")
+        assert len(series) == 1
+        assert sum(v for (_, _), (v, _) in fb_used().items()) == series[0][1][0]  # no other GPU is loaded
+    finally:
+        sched.stop()
