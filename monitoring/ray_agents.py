@@ -108,8 +108,9 @@ class AgentProxy:
         self.error: str | None = "not pulled yet"
         self.alive = True  # False once the actor or its node died
         self.pulled_at: float | None = None  # wall time of the last successful pull
-        self._have: tuple[int, tuple] | None = None
-        self._chunks: dict[str, bytes] | None = None
+        # (polls, (host, holders)) and the text the agent rendered for them, replaced as one
+        # tuple so a concurrent scrape never pairs one pull's text with another's key
+        self._text: tuple[tuple[int, tuple], dict[str, bytes]] | None = None
         self._want: tuple[str, NodeHolders] = (node_id, ())
         self._local = NodeText()
 
@@ -118,19 +119,22 @@ class AgentProxy:
 
     def exposition(self, host: str, held: NodeHolders) -> dict[str, bytes]:
         self._want = (host, held)  # sent with the next pull
-        if self._chunks is not None and self._have is not None and self._have[1] == (host, held):
-            return self._chunks
-        return self._local.get(host, self.readings, held)  # holders changed since the agent rendered
+        text, readings = self._text, self.readings
+        if text is not None and text[0][1] == (host, held):
+            return text[1]
+        return self._local.get(host, readings, held)  # holders changed since the agent rendered
 
     def _update(self, reply) -> None:
         if reply is not None:
             polls, readings, chunks, key, error = reply
-            self.readings, self._chunks, self._have, self.error = readings, chunks, (polls, key), error
+            self._text = ((polls, key), chunks)
+            self.readings, self.error = readings, error
         self.pulled_at = time.time()
 
     def _gone(self, why: str) -> None:
         self.alive = False
-        self.readings, self._chunks, self._have, self.error = [], None, None, why
+        self._text = None
+        self.readings, self.error = [], why
 
     # FakeGpuLoad's interface (fire and forget; calls from one caller run in order on the actor)
     def attach_job(self, job_id: int, indices: tuple[int, ...], memory_mib: int) -> None:
@@ -191,7 +195,7 @@ class RayNodeAgents:
                     log.warning("node agent on %s died (%s): starting it again", nid[:12], proxy.error)
                     self.proxies[nid] = AgentProxy(nid, self._spawn(nid, self._gpus[nid]))
             live = [p for p in self.proxies.values() if p.alive]
-        refs = {p.actor.pull.remote(*p._want, p._have): p for p in live}
+        refs = {p.actor.pull.remote(*p._want, p._text[0] if p._text else None): p for p in live}
         if not refs:
             return
         ready, _ = ray.wait(list(refs), num_returns=len(refs), timeout=self.interval_s)
