@@ -66,7 +66,13 @@ ALLOCATION_FAMILIES = [
     ("shoal_gpus_shared", "Allocated GPUs held by two or more jobs", "gauge"),
     ("shoal_gpus_allocated_idle", f"Allocated GPUs below {IDLE_UTILIZATION_PCT:g} % utilization", "gauge"),
 ]
-NODE_FAMILIES = GPU_FAMILIES + ALLOCATION_FAMILIES
+# Per-job GPU attribution: a job's GPUs are on one node, so its node renders these too.
+JOB_FAMILIES = [
+    ("shoal_job_gpu_memory_used_bytes", "GPU memory the job uses, all its GPUs", "gauge"),
+    ("shoal_job_gpu_utilization_ratio", "Mean utilization (0..1) of the job's GPUs (its own SM share where known)",
+     "gauge"),
+]
+NODE_FAMILIES = GPU_FAMILIES + ALLOCATION_FAMILIES + JOB_FAMILIES
 
 
 def holder_labels(holders: Holders, node_id: str, index: int) -> tuple[str, str]:
@@ -97,11 +103,16 @@ def render_node(host: str, readings: list[GpuReading], held: NodeHolders) -> dic
     """One node's sample lines, family name -> UTF-8 text (no HELP/TYPE lines): the DCGM series (with
     job_id/team where Shoal jobs hold the GPU), Shoal's per-GPU health series and the node's
     allocation counts (`shoal_gpus{node,flavor,state}`, shared, allocated-idle). A node agent
-    renders this once per poll; a scrape only concatenates the nodes' chunks."""
+    renders this once per poll; a scrape only concatenates the nodes' chunks. Also the per-job
+    attribution of the jobs holding its GPUs (JOB_FAMILIES): memory they use (their own processes
+    where the reader tags them with job ids, else an equal share of the GPU's used memory) and
+    their GPUs' mean utilization (their own SM share where known)."""
     by_index = dict(held)
     lines: dict[str, list[str]] = {name: [] for name, _, _ in NODE_FAMILIES}
     fields = [(name, attr, lines[name]) for name, _, attr in _FIELDS]
     xids, healthy, foreign_l = lines[_XID[0]], lines[_HEALTHY[0]], lines[_FOREIGN[0]]
+    job_used: dict[tuple[int, str], float] = defaultdict(float)  # MiB
+    job_utils: dict[tuple[int, str], list[float]] = defaultdict(list)  # percent, one per GPU
     counts: dict[tuple[str, str], int] = defaultdict(int)
     n_shared: dict[str, int] = defaultdict(int)
     n_idle: dict[str, int] = defaultdict(int)
@@ -130,6 +141,15 @@ def render_node(host: str, readings: list[GpuReading], held: NodeHolders) -> dic
             foreign = sum(p.used_memory_mib or 0 for p in r.processes if p.job_id is None)
             foreign_l.append(f'shoal_gpu_foreign_memory_bytes{{node="{h}",gpu="{idx}",model="{model}"}} '
                              f"{fmt(foreign * 2**20)}\n")
+        for holder in hold:  # attribution: the job's own processes where the reader tags them, else
+            own = [p for p in r.processes if p.job_id == holder[0]]  # an equal share of the GPU
+            if own:
+                job_used[holder] += sum(p.used_memory_mib or 0 for p in own)
+                sm = [p.sm_util_pct for p in own if p.sm_util_pct is not None]
+                job_utils[holder].append(max(sm) if sm else r.utilization_pct)
+            else:
+                job_used[holder] += r.memory_used_mib / len(hold)
+                job_utils[holder].append(r.utilization_pct)
         state = "unhealthy" if not r.healthy else ("allocated" if hold else "free")
         counts[(r.model, state)] += 1
         n_shared[r.model] += len(hold) >= 2
@@ -140,6 +160,12 @@ def render_node(host: str, readings: list[GpuReading], held: NodeHolders) -> dic
             lines["shoal_gpus"].append(f'shoal_gpus{{{nf},state="{state}"}} {fmt(counts.get((f, state), 0))}\n')
         lines["shoal_gpus_shared"].append(f"shoal_gpus_shared{{{nf}}} {fmt(n_shared[f])}\n")
         lines["shoal_gpus_allocated_idle"].append(f"shoal_gpus_allocated_idle{{{nf}}} {fmt(n_idle[f])}\n")
+    for (jid, team), used in sorted(job_used.items()):
+        jl = f'job_id="{jid}",team="{esc(team)}"'
+        lines["shoal_job_gpu_memory_used_bytes"].append(f"shoal_job_gpu_memory_used_bytes{{{jl}}} {fmt(used * 2**20)}\n")
+        utils = job_utils[(jid, team)]
+        lines["shoal_job_gpu_utilization_ratio"].append(
+            f"shoal_job_gpu_utilization_ratio{{{jl}}} {fmt(sum(utils) / len(utils) / 100.0)}\n")
     return {name: "".join(ls).encode() for name, ls in lines.items()}
 
 

@@ -21,7 +21,8 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from monitoring.exposition import counter, gauge, label_string
 from prometheus_client.registry import Collector
 
-from monitoring.dcgm import (ALLOCATION_FAMILIES, IDLE_UTILIZATION_PCT, NODE_FAMILIES, Holders, NodeHolders,  # noqa: F401
+from monitoring.dcgm import (ALLOCATION_FAMILIES, IDLE_UTILIZATION_PCT, JOB_FAMILIES, NODE_FAMILIES,  # noqa: F401
+                             Holders, NodeHolders,
                              NodeText, holders_by_node, node_families)
 from monitoring.gpu import GpuReading
 from scheduler.lifecycle import JobState
@@ -112,7 +113,7 @@ class ShoalCollector(Collector):
         holders = _holders(running)
         yield from self._jobs(running)
         yield from node_families(self._node_texts(readings, holders),
-                                 NODE_FAMILIES if self._gpu_series else ALLOCATION_FAMILIES)
+                                 NODE_FAMILIES if self._gpu_series else ALLOCATION_FAMILIES + JOB_FAMILIES)
         yield from self._attribution(running, readings, holders)
         if self._queued_jobs is not None:
             yield from self._queue(list(self._queued_jobs()))
@@ -189,45 +190,20 @@ class ShoalCollector(Collector):
         yield from (length, pending, oldest)
 
     def _attribution(self, running: list, readings: Readings, holders: Holders):
-        """Per job: GPU memory it uses and its utilization. Where the reader tags processes with
-        job ids (the fake; NVML with a pid map) those are used; otherwise a GPU's used memory is
-        split among its holders by their reservations and they share its utilization."""
+        """Per job: GPUs and GPU memory Shoal reserved for it. The memory it uses and its GPUs'
+        utilization come with its node's text (monitoring.dcgm.render_node)."""
         lab = ["job_id", "team"]
-        mem = gauge("shoal_job_gpu_memory_used_bytes", "GPU memory the job uses, all its GPUs",
-                                lab)
         res = gauge("shoal_job_gpu_memory_reserved_bytes", "GPU memory Shoal reserved for the job, "
-                                "all its GPUs", lab)
-        util = gauge("shoal_job_gpu_utilization_ratio", "Mean utilization (0..1) of the job's GPUs "
-                                 "(its own SM share where known)", lab)
+                    "all its GPUs", lab)
         gpus = gauge("shoal_job_gpus", "GPUs the job holds", lab + ["node", "flavor"])
         for job in running:
             if not job.placement:
                 continue
             nid, idxs = job.placement["node_id"], job.placement["gpu_indices"]
-            rs = readings.get(nid, (None, ()))[1]
-            used, utils = 0.0, []
-            for i in idxs:
-                # readers list GPUs by index; a GPU that disappeared shifts the rest
-                r = rs[i] if i < len(rs) and rs[i].index == i else next((g for g in rs if g.index == i), None)
-                if r is None:
-                    continue
-                own = [p for p in r.processes if p.job_id == job.id]
-                if own:
-                    used += sum(p.used_memory_mib or 0 for p in own)
-                    sm = [p.sm_util_pct for p in own if p.sm_util_pct is not None]
-                    utils.append(max(sm) if sm else r.utilization_pct)
-                else:
-                    n = len(holders.get((nid, i), ())) or 1
-                    used += r.memory_used_mib / n
-                    utils.append(r.utilization_pct)
-            ls = self._job_labels[(job.id, job.team)]
-            mem.add_rendered(ls, used * 2**20)
-            res.add_rendered(ls, job.memory_per_gpu_mib * len(idxs) * 2**20)
-            if utils:
-                util.add_rendered(ls, sum(utils) / len(utils) / 100.0)
+            res.add_rendered(self._job_labels[(job.id, job.team)], job.memory_per_gpu_mib * len(idxs) * 2**20)
             gpus.add_metric([str(job.id), job.team, job.placement.get("node") or nid,
                              job.placement.get("gpu_model") or ""], len(idxs))
-        yield from (mem, res, util, gpus)
+        yield from (res, gpus)
 
     # -- quota --------------------------------------------------------------------------------
     def _quota(self, running: list):
