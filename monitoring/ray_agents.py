@@ -6,7 +6,9 @@ Lifecycle: `RayNodeAgents.reader_for(node_id, gpus)` is the `make_reader` of
 `scheduler.ray_executor.RayNodes`, the Inventory's node source: the first time a node with GPUs
 shows up, its agent actor is started and an `AgentProxy` (the node's GpuReader) is returned. The
 actor dies with its node (a removed node keeps its proxy, empty, so its series disappear); an
-agent that dies on a node that is still alive is started again at the next refresh.
+agent that dies on a node that is still alive is started again at the next refresh, its node's
+last readings standing until the new agent answers (a new fake reader starts without the fake
+load of running jobs: FakeGpuLoad re-attaches on the next placement only).
 
 Data flow (pulled): a thread in the scheduler process (`RayNodeAgents.start(nodes)`) refreshes the
 node list and, every `interval_s`, asks each agent for what changed since the last pull
@@ -106,7 +108,8 @@ class AgentProxy:
         self.actor = actor
         self.readings: list[GpuReading] = []
         self.error: str | None = "not pulled yet"
-        self.alive = True  # False once the actor or its node died
+        self.alive = True  # False once the actor died (started again while its node lives)
+        self.node_gone = False  # the node left the cluster: no readings, no series
         self.pulled_at: float | None = None  # wall time of the last successful pull
         # (polls, (host, holders)) and the text the agent rendered for them, replaced as one
         # tuple so a concurrent scrape never pairs one pull's text with another's key
@@ -132,7 +135,7 @@ class AgentProxy:
         self.pulled_at = time.time()
 
     def _gone(self, why: str) -> None:
-        self.alive = False
+        self.alive, self.node_gone = False, True
         self._text = None
         self.readings, self.error = [], why
 
@@ -162,14 +165,15 @@ class RayNodeAgents:
         self.interval_s = interval_s
         self.proxies: dict[str, AgentProxy] = {}
         self._gpus: dict[str, int] = {}
+        self._pending: dict = {}  # pull ObjectRef -> (proxy, the actor asked), while in flight
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
     def _spawn(self, node_id: str, gpus: int):
+        # Unnamed: owned by this process (a dead agent's name would linger and be handed back).
         return _RemoteAgent.options(
             scheduling_strategy=NodeAffinitySchedulingStrategy(node_id, soft=False),
-            name=f"shoal-agent-{node_id}", get_if_exists=True,
         ).remote(self.reader_spec, gpus, self.interval_s)
 
     def reader_for(self, node_id: str, gpus: int) -> AgentProxy:
@@ -188,23 +192,31 @@ class RayNodeAgents:
         alive = {n.node_id for n in nodes if n.alive}
         with self._lock:
             for nid, proxy in self.proxies.items():
-                if nid not in alive and proxy.alive:
+                if nid not in alive and not proxy.node_gone:
                     proxy._gone("node is gone")
                     log.info("node %s is gone: its agent and series with it", nid[:12])
                 elif nid in alive and not proxy.alive:
+                    # its node lives: a new agent, same proxy; the last readings stand until it answers
                     log.warning("node agent on %s died (%s): starting it again", nid[:12], proxy.error)
-                    self.proxies[nid] = AgentProxy(nid, self._spawn(nid, self._gpus[nid]))
+                    proxy.actor, proxy.alive, proxy._text = self._spawn(nid, self._gpus[nid]), True, None
             live = [p for p in self.proxies.values() if p.alive]
-        refs = {p.actor.pull.remote(*p._want, p._text[0] if p._text else None): p for p in live}
-        if not refs:
+        # at most one pull in flight per agent: a slow agent is not sent a queue of them
+        self._pending = {ref: (p, actor) for ref, (p, actor) in self._pending.items() if p.alive and p.actor is actor}
+        busy = {id(p) for p, _ in self._pending.values()}
+        for p in live:
+            if id(p) not in busy:
+                self._pending[p.actor.pull.remote(*p._want, p._text[0] if p._text else None)] = (p, p.actor)
+        if not self._pending:
             return
-        ready, _ = ray.wait(list(refs), num_returns=len(refs), timeout=self.interval_s)
+        ready, _ = ray.wait(list(self._pending), num_returns=len(self._pending), timeout=self.interval_s)
         for ref in ready:
-            proxy = refs[ref]
+            proxy, actor = self._pending.pop(ref)
+            if proxy.actor is not actor:
+                continue  # an answer from an agent that has been replaced
             try:
                 proxy._update(ray.get(ref))
             except ray.exceptions.RayActorError as e:
-                proxy._gone(f"agent died: {type(e).__name__}")
+                proxy.alive, proxy.error = False, f"agent died: {type(e).__name__}"  # restarted next round
             except Exception as e:  # noqa: BLE001 - one node's failure must not stop the others
                 proxy.error = f"{type(e).__name__}: {e}"
                 log.warning("node agent on %s: %s", proxy.node_id[:12], proxy.error)
@@ -253,10 +265,10 @@ class RayNodeAgents:
                 last = gauge("shoal_agent_last_poll_timestamp_seconds", "Unix time of the node agent's last "
                              "answer", ["node"])
                 for nid, p in sorted(agents.proxies.items()):
-                    if not p.alive:
+                    if p.node_gone:
                         continue
                     name = p._want[0]
-                    up.add_metric([name], 1.0 if p.pulled_at is not None and p.error is None else 0.0)
+                    up.add_metric([name], 1.0 if p.alive and p.pulled_at is not None and p.error is None else 0.0)
                     if p.pulled_at is not None:
                         last.add_metric([name], p.pulled_at)
                 return [up, last]

@@ -101,6 +101,15 @@ def test_one_agent_per_ray_node_feeds_inventory_and_metrics(tmp_path, cluster):
         other = names[ids[1] if node == ids[0] else ids[0]]
         assert series[(other, "0")] == (0.0, None)
 
+        # an agent that dies while its node lives is started again, and its node's GPUs come back
+        quiet = ids[1] if node == ids[0] else ids[0]
+        proxy, dead = agents.proxies[quiet], agents.proxies[quiet].actor
+        ray.kill(dead)
+        _wait(lambda: proxy.actor is not dead and proxy.error is None and proxy.pulled_at, 60,
+              "the agent to be started again")
+        assert len(inventory.read()[quiet]) == 2
+        assert ray.get(agents.proxies[quiet].actor.where.remote())[0] == quiet
+
         # a node that joins gets its agent; a removed node's series disappear
         extra = cluster.add_node(num_cpus=1, num_gpus=1)
         _wait(lambda: len(inventory.read().get(extra.node_id, [])) == 1, 60, "the new node's GPU")
