@@ -23,6 +23,8 @@ from monitoring.exposition import TextFamily, esc, fmt
 
 from monitoring.gpu import GpuReading
 
+# label names of the DCGM series, in the order rendered (GPU_I_* only on MIG instances, job_id/team only
+# where Shoal jobs hold the GPU)
 DCGM_LABELS = ["gpu", "UUID", "device", "modelName", "Hostname", "GPU_I_PROFILE", "GPU_I_ID", "job_id", "team"]
 
 # name, help (dcgm-exporter's wording and unit), reading attribute
