@@ -104,13 +104,40 @@ def bench_scrape(repeats: int = 5, gpu_series: bool = True) -> float:
     return statistics.median(times)
 
 
+def bench_pull_decode(repeats: int = 5) -> float:
+    """Scheduler-side CPU of one round of agent pulls on a Ray cluster of 1,000 8-GPU nodes,
+    unpickling only (a node agent actor's reply: readings + rendered text); Ray's own transfer
+    and bookkeeping are not included (not measurable here)."""
+    import pickle
+
+    reader = FakeGpuReader(GPUS, host="node-0000")
+    for j in range(6):
+        reader.attach_job(j, (j + 1,), 20000)
+    agent = NodeAgent(reader, interval_s=1.0, registry=CollectorRegistry())
+    agent.poll()
+    held = tuple((j + 1, ((j, f"team-{j}"),)) for j in range(6))
+    chunks = agent.exposition("node-0000:0123abcd", held)
+    blob = pickle.dumps((agent.polls, agent.read(), chunks, ("node-0000:0123abcd", held), None))
+    runs = []
+    for _ in range(repeats):
+        t0 = time.thread_time()
+        for _ in range(NODES):
+            pickle.loads(blob)
+        runs.append((time.thread_time() - t0) * 1000)
+    print(f"agent pull replies, {NODES} nodes x {len(blob)} bytes: unpickle median {statistics.median(runs):.1f} ms CPU "
+          f"per round (runs: {', '.join(f'{r:.1f}' for r in runs)}; Ray transfer not included)")
+    return statistics.median(runs)
+
+
 def main() -> None:
     poll = bench_poll()
     full = bench_scrape(gpu_series=True)
     lean = bench_scrape(gpu_series=False)
+    pull = bench_pull_decode()
     print(f"RESULT telemetry_poll_ms {poll:.4f}")
     print(f"RESULT telemetry_scrape_ms {full:.1f}")
     print(f"RESULT telemetry_scrape_no_gpu_series_ms {lean:.1f}")
+    print(f"RESULT telemetry_pull_decode_1000_nodes_ms {pull:.1f}")
 
 
 if __name__ == "__main__":
