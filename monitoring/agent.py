@@ -24,9 +24,11 @@ import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Callable
 
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.registry import Collector
 
+from monitoring.dcgm import NodeHolders, NodeText
+from monitoring.exposition import render
 from monitoring.gpu import GpuProcess, GpuReader, GpuReading, MigDevice, NvmlUnavailable
 
 log = logging.getLogger("shoal.agent")
@@ -54,9 +56,15 @@ class NodeAgent:
         self._reader: GpuReader | None = None if self._factory else reader
         self._latest: list[GpuReading] = []
         self._polled_at: float | None = None
+        self.polls = 0  # successful polls so far
         self._next_try = 0.0
         self.error: str | None = None
         self._lock = threading.Lock()
+        # This node's GPU series as text, rendered after each poll with the host name and GPU
+        # holders (job ids) the scheduler last asked for (`exposition`), so a scrape of a large
+        # cluster only concatenates the nodes' texts.
+        self._text = NodeText()
+        self._text_for: tuple[str, NodeHolders] = (self.hostname, ())
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         reg = registry if registry is not None else CollectorRegistry()
@@ -68,6 +76,11 @@ class NodeAgent:
         self._gpus = Gauge("shoal_agent_gpus", "GPUs the last poll saw", registry=reg)
         self._last = Gauge("shoal_agent_last_poll_timestamp_seconds", "Unix time of the last successful poll",
                            registry=reg)
+
+    @property
+    def reader(self) -> GpuReader | None:
+        """The GpuReader in use (None while a factory's reader is unavailable)."""
+        return self._reader
 
     # -- polling ------------------------------------------------------------------------------
     def _get_reader(self) -> GpuReader | None:
@@ -100,6 +113,9 @@ class NodeAgent:
                 self._up.set(0)
                 return self._latest
             self._latest, self._polled_at, self.error = readings, self._clock(), None
+            self.polls += 1
+            host, held = self._text_for
+            self._text.get(host, readings, held)
             self._up.set(1)
             self._gpus.set(len(readings))
             self._last.set(time.time())
@@ -110,6 +126,15 @@ class NodeAgent:
         if self._polled_at is None or self._clock() - self._polled_at > self.max_age_s:
             return self.poll()
         return self._latest
+
+    def exposition(self, host: str, held: NodeHolders) -> dict[str, str]:
+        """The latest readings' GPU and allocation series as text (monitoring.dcgm.render_node),
+        family -> lines, labelled with `host` and the job ids/teams in `held`; cached until the
+        next poll (which renders it again with the same host and holders)."""
+        readings = self.read()
+        with self._lock:
+            self._text_for = (host, held)
+            return self._text.get(host, readings, held)
 
     def start(self) -> NodeAgent:
         if self._thread is None:
@@ -153,7 +178,7 @@ class NodeAgent:
         class Handler(BaseHTTPRequestHandler):
             def do_GET(self):  # noqa: N802 - http.server's name
                 if self.path.startswith("/metrics"):
-                    body = generate_latest(registry) + generate_latest(agent.registry)
+                    body = render(registry) + render(agent.registry)
                     ctype = CONTENT_TYPE_LATEST
                 elif self.path.startswith("/readings"):
                     body = json.dumps({"hostname": agent.hostname, "error": agent.error,

@@ -60,9 +60,10 @@ class CostCollector(Collector):
 
         def node_gpus() -> dict[str, tuple[str, int]]:
             out = {}
+            names = inv.node_names()
             for nid, rs in inv.read().items():
                 if rs:
-                    out[inv.node_name(nid)] = (rs[0].model, len(rs))
+                    out[names.get(nid, nid)] = (rs[0].model, len(rs))
             return out
 
         return cls(usage=service.store.usage, prices={k: m.price_per_hour for k, m in cfg.gpu_models.items()},

@@ -21,16 +21,20 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from monitoring.exposition import counter, gauge, label_string
 from prometheus_client.registry import Collector
 
-from monitoring.dcgm import Holders, gpu_families
+from monitoring.dcgm import (ALLOCATION_FAMILIES, IDLE_UTILIZATION_PCT, JOB_FAMILIES, NODE_FAMILIES,  # noqa: F401
+                             Holders, NodeHolders,
+                             NodeText, holders_by_node, node_families)
 from monitoring.gpu import GpuReading
 from scheduler.lifecycle import JobState
 
 log = logging.getLogger("shoal.metrics")
 
-IDLE_UTILIZATION_PCT = 5.0  # an allocated GPU below this utilization counts as idle
 ANY_FLAVOR = "any"  # flavor label of flavor-agnostic quotas
 
 Readings = Mapping[str, tuple[str, list[GpuReading]]]  # node_id -> (hostname, readings)
+# node_id, hostname, that node's holders -> the node's rendered text (family -> lines), e.g. a node
+# agent's cached text; None: the collector renders (and caches) it from the readings itself.
+NodeTextSource = Callable[[str, str, NodeHolders], "dict[str, bytes] | None"]
 
 
 def reason_category(reason: str | None) -> str:
@@ -59,7 +63,8 @@ class ShoalCollector(Collector):
     def __init__(self, *, job_counts: Callable[[], dict[tuple[str, str], int]],
                  gpu_readings: Callable[[], Readings], running_jobs: Callable[[], Iterable],
                  queued_jobs: Callable[[], Iterable] | None = None, config=None,
-                 now: Callable[[], float] = time.time, gpu_series: bool = True):
+                 now: Callable[[], float] = time.time, gpu_series: bool = True,
+                 node_text: NodeTextSource | None = None):
         self._job_counts = job_counts
         self._gpu_readings = gpu_readings
         self._running_jobs = running_jobs  # JobRecords holding GPUs
@@ -69,6 +74,11 @@ class ShoalCollector(Collector):
         # Per-GPU DCGM series from the scheduler (with job labels). A large cluster may leave
         # them to the node agents (15 series per GPU: 120k for 1,000 8-GPU nodes).
         self._gpu_series = gpu_series
+        # Per-node GPU and allocation series are rendered once per node and cached (NodeText):
+        # from the node agent where it renders them after each poll (`node_text`), else here.
+        self._node_text = node_text
+        self._texts: dict[str, NodeText] = {}
+        self._job_labels: dict[tuple[int, str], str] = {}
 
     @classmethod
     def for_service(cls, service, gpu_series: bool = True) -> ShoalCollector:
@@ -77,9 +87,14 @@ class ShoalCollector(Collector):
         inv = service.inventory
 
         def readings() -> Readings:
-            return {nid: (inv.node_name(nid), rs) for nid, rs in inv.read().items()}
+            names = inv.node_names()
+            return {nid: (names.get(nid, nid), rs) for nid, rs in inv.read().items()}
 
-        return cls(job_counts=service.store.count_by_state_team, gpu_readings=readings,
+        def node_text(node_id: str, host: str, held: NodeHolders):
+            exposition = getattr(inv.readers.get(node_id), "exposition", None)  # NodeAgent and its proxies
+            return exposition(host, held) if exposition is not None else None
+
+        return cls(node_text=node_text, job_counts=service.store.count_by_state_team, gpu_readings=readings,
                    running_jobs=service.store.active_jobs,
                    queued_jobs=lambda: service.store.jobs(states=[S.QUEUED]),
                    config=service.config, now=service.clock.now, gpu_series=gpu_series)
@@ -89,17 +104,37 @@ class ShoalCollector(Collector):
 
     def collect(self):
         running = list(self._running_jobs())  # one store read per scrape
+        # job_id/team label strings, built once per job and kept while it holds GPUs
+        old = self._job_labels
+        self._job_labels = {(j.id, j.team): old.get((j.id, j.team)) or label_string(["job_id", "team"],
+                                                                                    [str(j.id), j.team])
+                            for j in running}
         readings = self._gpu_readings()
         holders = _holders(running)
         yield from self._jobs(running)
-        if self._gpu_series:
-            yield from gpu_families(readings, holders)
-        yield from self._allocation(readings, holders)
+        yield from node_families(self._node_texts(readings, holders),
+                                 NODE_FAMILIES if self._gpu_series else ALLOCATION_FAMILIES + JOB_FAMILIES)
         yield from self._attribution(running, readings, holders)
         if self._queued_jobs is not None:
             yield from self._queue(list(self._queued_jobs()))
         if self._config is not None:
             yield from self._quota(running)
+
+    def _node_texts(self, readings: Readings, holders: Holders) -> list[dict[str, bytes]]:
+        out = []
+        by_node = holders_by_node(holders)
+        for nid, (host, rs) in readings.items():
+            held = by_node.get(nid, ())
+            chunks = self._node_text(nid, host, held) if self._node_text is not None else None
+            if chunks is None:
+                cache = self._texts.get(nid)
+                if cache is None:
+                    cache = self._texts[nid] = NodeText()
+                chunks = cache.get(host, rs, held)
+            out.append(chunks)
+        for gone in set(self._texts) - set(readings):  # a removed node's text goes with it
+            del self._texts[gone]
+        return out
 
     # -- jobs ---------------------------------------------------------------------------------
     def _jobs(self, running: list):
@@ -121,13 +156,16 @@ class ShoalCollector(Collector):
             "mfu": gauge("shoal_job_mfu_ratio", "Model FLOPs utilization (0..1) as the trainer "
                                      "reports it", lab),
         }
+        items = list(fams.items())
         for job in running:
-            p = job.progress or {}
-            lv = [str(job.id), job.team]
-            ls = label_string(lab, lv)
-            for key, fam in fams.items():
-                if isinstance(p.get(key), (int, float)):
-                    fam.add_rendered(ls, lv, float(p[key]))
+            p = job.progress
+            if not p:
+                continue
+            ls = self._job_labels[(job.id, job.team)]
+            for key, fam in items:
+                v = p.get(key)
+                if isinstance(v, (int, float)):
+                    fam.add_rendered(ls, v)
         yield from fams.values()
 
     def _queue(self, queued: list):
@@ -151,72 +189,21 @@ class ShoalCollector(Collector):
             pending.add_metric([team, reason], n)
         yield from (length, pending, oldest)
 
-    # -- GPUs ---------------------------------------------------------------------------------
-    def _allocation(self, readings: Readings, holders: Holders):
-        lab = ["node", "flavor"]
-        gpus = gauge("shoal_gpus", "GPUs by state: free, allocated (held by Shoal jobs), unhealthy",
-                                 labels=lab + ["state"])
-        shared = gauge("shoal_gpus_shared", "Allocated GPUs held by two or more jobs", lab)
-        idle = gauge("shoal_gpus_allocated_idle", f"Allocated GPUs below {IDLE_UTILIZATION_PCT:g} % "
-                                 "utilization", lab)
-        for node_id, (host, rs) in readings.items():
-            counts: dict[tuple[str, str], int] = defaultdict(int)
-            flavors = sorted({r.model for r in rs})
-            n_shared: dict[str, int] = defaultdict(int)
-            n_idle: dict[str, int] = defaultdict(int)
-            for r in rs:
-                held = holders.get((node_id, r.index), ())
-                state = "unhealthy" if not r.healthy else ("allocated" if held else "free")
-                counts[(r.model, state)] += 1
-                n_shared[r.model] += len(held) >= 2
-                n_idle[r.model] += bool(held) and r.utilization_pct < IDLE_UTILIZATION_PCT
-            for f in flavors:
-                for state in ("free", "allocated", "unhealthy"):
-                    gpus.add_metric([host, f, state], counts.get((f, state), 0))
-                shared.add_metric([host, f], n_shared[f])
-                idle.add_metric([host, f], n_idle[f])
-        yield from (gpus, shared, idle)
-
     def _attribution(self, running: list, readings: Readings, holders: Holders):
-        """Per job: GPU memory it uses and its utilization. Where the reader tags processes with
-        job ids (the fake; NVML with a pid map) those are used; otherwise a GPU's used memory is
-        split among its holders by their reservations and they share its utilization."""
+        """Per job: GPUs and GPU memory Shoal reserved for it. The memory it uses and its GPUs'
+        utilization come with its node's text (monitoring.dcgm.render_node)."""
         lab = ["job_id", "team"]
-        mem = gauge("shoal_job_gpu_memory_used_bytes", "GPU memory the job uses, all its GPUs",
-                                lab)
         res = gauge("shoal_job_gpu_memory_reserved_bytes", "GPU memory Shoal reserved for the job, "
-                                "all its GPUs", lab)
-        util = gauge("shoal_job_gpu_utilization_ratio", "Mean utilization (0..1) of the job's GPUs "
-                                 "(its own SM share where known)", lab)
+                    "all its GPUs", lab)
         gpus = gauge("shoal_job_gpus", "GPUs the job holds", lab + ["node", "flavor"])
-        by_gpu = {(nid, r.index): r for nid, (_, rs) in readings.items() for r in rs}
         for job in running:
             if not job.placement:
                 continue
             nid, idxs = job.placement["node_id"], job.placement["gpu_indices"]
-            used, utils = 0.0, []
-            for i in idxs:
-                r = by_gpu.get((nid, i))
-                if r is None:
-                    continue
-                own = [p for p in r.processes if p.job_id == job.id]
-                if own:
-                    used += sum(p.used_memory_mib or 0 for p in own)
-                    sm = [p.sm_util_pct for p in own if p.sm_util_pct is not None]
-                    utils.append(max(sm) if sm else r.utilization_pct)
-                else:
-                    n = len(holders.get((nid, i), ())) or 1
-                    used += r.memory_used_mib / n
-                    utils.append(r.utilization_pct)
-            lv = [str(job.id), job.team]
-            ls = label_string(lab, lv)  # once per job, shared by its series
-            mem.add_rendered(ls, lv, used * 2**20)
-            res.add_rendered(ls, lv, job.memory_per_gpu_mib * len(idxs) * 2**20)
-            if utils:
-                util.add_rendered(ls, lv, sum(utils) / len(utils) / 100.0)
-            gpus.add_metric(lv + [job.placement.get("node") or nid, job.placement.get("gpu_model") or ""],
-                            len(idxs))
-        yield from (mem, res, util, gpus)
+            res.add_rendered(self._job_labels[(job.id, job.team)], job.memory_per_gpu_mib * len(idxs) * 2**20)
+            gpus.add_metric([str(job.id), job.team, job.placement.get("node") or nid,
+                             job.placement.get("gpu_model") or ""], len(idxs))
+        yield from (res, gpus)
 
     # -- quota --------------------------------------------------------------------------------
     def _quota(self, running: list):

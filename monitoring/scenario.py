@@ -133,3 +133,28 @@ def parse_scenario(text: str, source: str = "<scenario>") -> ScenarioSpec:
 def load_scenario(path: str | Path, **kw) -> Scenario:
     p = Path(path)
     return Scenario(parse_scenario(p.read_text(), str(p)), **kw)
+
+
+class ScenarioNodeReader:
+    """One scenario node's FakeGpuReader whose `read()` first injects the scenario's due faults,
+    so a node agent polling it plays the scenario in time. attach_job/detach_job (FakeGpuLoad)
+    go to the fake reader."""
+
+    def __init__(self, scenario: Scenario, node: str):
+        if node not in scenario.readers:
+            raise KeyError(f"node {node!r} is not in the scenario ({', '.join(scenario.readers)})")
+        self.scenario = scenario
+        self.fake = scenario.readers[node]
+
+    def read(self):
+        self.scenario.advance()
+        return self.fake.read()
+
+    def attach_job(self, *args, **kw) -> None:
+        self.fake.attach_job(*args, **kw)
+
+    def detach_job(self, job_id: int) -> None:
+        self.fake.detach_job(job_id)
+
+    def close(self) -> None:
+        self.fake.close()

@@ -168,6 +168,8 @@ def up(config: Optional[Path] = typer.Option(None, help="cluster config YAML (te
                                                  help="connect to an existing Ray cluster (host:port) instead of "
                                                       "starting a local one"),
        host: str = typer.Option("127.0.0.1", help="API bind address (0.0.0.0: every interface; tokens required)"),
+       scenario: Optional[Path] = typer.Option(None, help="fake-GPU scenario YAML for the embedded node "
+                                               "(demos: GPU models, foreign processes, timed XID/ECC faults)"),
        foreground: bool = typer.Option(False, help="run in this terminal instead of the background"),
        rotate_secret: bool = typer.Option(False, "--rotate-secret", help="after a lost server.secret: adopt "
                                           "this server's secret and revoke every API token (a new admin token is written)"),
@@ -186,6 +188,8 @@ def up(config: Optional[Path] = typer.Option(None, help="cluster config YAML (te
         args += ["--ray-address", ray_address]
     if rotate_secret:
         args.append("--rotate-secret")
+    if scenario:
+        args += ["--scenario", str(scenario.resolve())]
     if foreground:
         os.execv(sys.executable, args)
     home.mkdir(parents=True, exist_ok=True)

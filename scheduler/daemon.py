@@ -75,7 +75,42 @@ def _check_port(host: str, port: int) -> None:
                                "uses it: pass --port N, or --port 0 for any free port") from None
 
 
-def make_reader(config: ClusterConfig) -> GpuReader:
+def reader_spec(config: ClusterConfig) -> dict:
+    """What each node agent of a Ray cluster reads: NVML, or the config's fake GPU model (the
+    count comes from each node's GPU resource)."""
+    local = config.local
+    if local.reader == "nvml":
+        return {"kind": "nvml"}
+    return {"kind": "fake", "model": local.gpu_model,
+            "memory_mib": int(config.gpu_models[local.gpu_model].memory_gib * 1024)}
+
+
+def scenario_reader(config: ClusterConfig, path: Path, **scenario_kw):
+    """`shoal up --scenario FILE`: the embedded node's GPUs from a fake-GPU scenario
+    (monitoring.scenario: models, foreign processes, timed XID/ECC/disappearing-GPU faults, played
+    as the node agent polls). The embedded cluster is one Ray node, so the scenario has one node,
+    and its models must be in the cluster config's gpu_models (memory, price)."""
+    from monitoring.scenario import ScenarioNodeReader, Scenario, parse_scenario
+
+    try:
+        text = Path(path).read_text()
+    except OSError as e:
+        raise RuntimeError(f"--scenario: cannot read {path}: {e.strerror}") from None
+    spec = parse_scenario(text, str(path))
+    if len(spec.nodes) != 1:
+        raise RuntimeError(f"{path}: nodes: `shoal up` runs one Ray node, so its scenario has one node "
+                           f"(this one has {len(spec.nodes)}: {', '.join(n.name for n in spec.nodes)})")
+    for i, n in enumerate(spec.nodes):
+        if n.model not in config.gpu_models:
+            raise RuntimeError(f"{path}: nodes.{i}.model: {n.model!r} is not in the cluster config's gpu_models "
+                               f"({', '.join(sorted(config.gpu_models))}); add it there with its memory_gib")
+    memory = {k: int(m.memory_gib * 1024) for k, m in config.gpu_models.items()}
+    return ScenarioNodeReader(Scenario(spec, memory_by_model=memory, **scenario_kw), spec.nodes[0].name)
+
+
+def make_reader(config: ClusterConfig, scenario: Path | None = None) -> GpuReader:
+    if scenario is not None:
+        return scenario_reader(config, scenario)
     local = config.local
     if local.reader == "nvml":
         return NvmlReader()
@@ -84,15 +119,16 @@ def make_reader(config: ClusterConfig) -> GpuReader:
 
 
 class Daemon:
-    """`ray_address`: connect to an existing Ray cluster (every node with GPUs is used; fake
-    readers sized by each node's GPU resource) instead of starting a local one. `replica_id`:
+    """`ray_address`: connect to an existing Ray cluster (every node with GPUs is used, read by a
+    node agent actor on that node: monitoring.ray_agents) instead of starting a local one. `replica_id`:
     this replica's name in the leader lease (replicas sharing a PostgreSQL store: one leads,
     the others serve the API and take over when it dies)."""
 
     def __init__(self, home: Path, config: ClusterConfig, db_url: str | None, host: str, port: int,
                  ray_address: str | None = None, workload: str = "train", replica_id: str | None = None,
-                 lease_ttl_s: float = 8.0, rotate_secret: bool = False):
+                 lease_ttl_s: float = 8.0, rotate_secret: bool = False, scenario: Path | None = None):
         self.home, self.config, self.host, self.port = home, config, host, port
+        self.scenario = scenario
         self.rotate_secret = rotate_secret
         self.db_url = db_url or f"sqlite:///{home / 'shoal.db'}"
         self.ray_address, self.workload, self.lease_ttl_s = ray_address, workload, lease_ttl_s
@@ -120,21 +156,27 @@ class Daemon:
         os.environ.update(_RAY_ENV)
         local = self.config.local
         hostname = socket.gethostname()
+        agent_interval_s = float(os.environ.get("SHOAL_AGENT_INTERVAL_S", "1"))
+        if self.ray_address and self.scenario is not None:
+            raise RuntimeError("--scenario works with the embedded cluster only (one Ray node), not with "
+                               "--ray-address: there each node's agent reads the config's local.reader")
         if self.ray_address:
-            if local.reader != "fake":
-                raise RuntimeError("--ray-address works with the fake GPU reader only until node agents report "
-                                   "NVML readings (issue #6): set local.reader: fake in the cluster config")
-            memory_mib = int(self.config.gpu_models[local.gpu_model].memory_gib * 1024)
+            from monitoring.ray_agents import RayNodeAgents
+
             # The cluster's processes do not inherit this process's environment: send it along.
             ray.init(address=self.ray_address, namespace="shoal", logging_level=logging.WARNING,
                      log_to_driver=False, configure_logging=False, runtime_env={"env_vars": dict(_RAY_ENV)})
-            nodes = RayNodes(lambda nid, n: FakeGpuReader(n, local.gpu_model, memory_mib, host=nid))
+            # One node agent actor per Ray node with GPUs (NVML, or the config's fake GPUs sized by
+            # the node's GPU resource), started as nodes join; the inventory reads their proxies.
+            self.agents = RayNodeAgents(reader_spec(self.config), agent_interval_s)
+            nodes = RayNodes(self.agents.reader_for)
             nodes()
             readers = nodes.readers
+            self.agents.start(nodes)
             self.reader = None
             node_id = ray.get_runtime_context().get_node_id()
         else:
-            self.reader = make_reader(self.config)
+            self.reader = make_reader(self.config, self.scenario)
             gpus = len(self.reader.read())
             cpus = max(os.cpu_count() or 1, gpus)  # every fake GPU can hold a 1-CPU worker
             ray.init(num_cpus=cpus, num_gpus=gpus, namespace="shoal",
@@ -156,19 +198,21 @@ class Daemon:
         self.elector = LeaderElector(self.store, self.replica_id or default_replica_id(str(self.home)), WallClock(),
                                      ttl_s=self.lease_ttl_s, renew_s=min(2.0, self.lease_ttl_s / 4))
         metrics = ShoalMetrics()
-        fake = local.reader == "fake"
-        if fake:  # failure drills: faults appended to this file hit the fake GPUs (monitoring/fault_file.py)
+        fake = local.reader == "fake" or self.scenario is not None
+        if fake:  # failure drills: faults appended to this file hit the fake GPUs (monitoring/fault_file.py);
+            # with --ray-address the readers are the node agents' proxies, which pass them on
             FaultFile(self.home / "fake-faults.jsonl").watch(readers, self.stop)
         if self.reader is not None:
             # The node agent polls this node's GPUs (SHOAL_AGENT_INTERVAL_S, default 1 s) and is the
             # inventory's reader for it; its health series join /metrics.
-            self.agent = NodeAgent(self.reader, interval_s=float(os.environ.get("SHOAL_AGENT_INTERVAL_S", "1")),
+            self.agent = NodeAgent(self.reader, interval_s=agent_interval_s,
                                    hostname=hostname, registry=metrics.registry).start()
             inventory = Inventory(nodes, {node_id: self.agent})
             listeners = [FakeGpuLoad(self.reader, self.agent.poll)] if fake else []
-        else:  # --ray-address: one fake reader per Ray node, kept current by RayNodes
+        else:  # --ray-address: one node agent per Ray node, kept current by RayNodes and RayNodeAgents
             inventory = Inventory(nodes, readers)
-            listeners = [FakeGpuLoad(readers)] if fake else []
+            listeners = [FakeGpuLoad(readers)] if fake else []  # the fake load goes to each node's agent
+            metrics.registry.register(self.agents.collector())
         executor = RayExecutor(backend="gloo" if fake else "nccl", workload=self.workload)
         self.service = Service(self.store, executor, inventory, self.config, WallClock(), self.home,
                                listeners=[*listeners, metrics.events], on_cycle=metrics.cycle.observe,
@@ -196,8 +240,9 @@ class Daemon:
             "admin_token": str(self.admin_token),
         }))
         log.info("shoal up: API %s, metrics %s/metrics, store %s, %d %s GPU(s) (%s reader), %s",
-                 self.url, self.url, self.db_url, sum(len(r.read()) for r in readers.values()), local.gpu_model,
-                 local.reader, "leader" if self.elector.leading else "follower (waiting for the lease)")
+                 self.url, self.url, self.db_url, sum(len(r.read()) for r in readers.values()),
+                 local.gpu_model if self.scenario is None else "fake",
+                 local.reader if self.scenario is None else f"scenario {self.scenario.name}", "leader" if self.elector.leading else "follower (waiting for the lease)")
 
     def run(self) -> None:
         if not self.elector.leading:
@@ -232,6 +277,8 @@ class Daemon:
                 self.service.executor.close()
             if leading:
                 self.elector.release()
+            if hasattr(self, "agents"):
+                self.agents.close()  # the node agent actors (they would die with this driver anyway)
             ray.shutdown()
             if hasattr(self, "store"):
                 self.store.close()
@@ -255,6 +302,8 @@ def main(argv: list[str] | None = None) -> None:
                     help="probe: a light stand-in for the trainer, for failure drills (benchmarks/chaos.py)")
     ap.add_argument("--replica-id", default=None, help="this replica's name in the leader lease "
                     "(default host:home; replicas sharing a database need distinct ones)")
+    ap.add_argument("--scenario", type=Path, default=None, help="fake-GPU scenario YAML for this node (demos): "
+                    "GPU models, foreign processes, timed faults; replaces local.gpus/gpu_model/reader")
     ap.add_argument("--lease-ttl", type=float, default=8.0, help="seconds a leader lease lasts without renewal")
     ap.add_argument("--rotate-secret", action="store_true", help="adopt this server's secret for the database "
                     "and revoke every token made with another (after a lost server.secret)")
@@ -263,7 +312,8 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     daemon = Daemon(args.home.resolve(), load_cluster_config(args.config), args.db, args.host, args.port,
                     ray_address=args.ray_address, workload=args.workload, replica_id=args.replica_id,
-                    lease_ttl_s=args.lease_ttl, rotate_secret=args.rotate_secret)
+                    lease_ttl_s=args.lease_ttl, rotate_secret=args.rotate_secret,
+                    scenario=args.scenario.resolve() if args.scenario else None)
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: daemon.stop.set())
     try:

@@ -83,3 +83,7 @@ class Inventory:
 
     def node_name(self, node_id: str) -> str:
         return next((n.name for n in self._nodes() if n.node_id == node_id), node_id)
+
+    def node_names(self) -> dict[str, str]:
+        """node_id -> name, from one `nodes()` call (node_name per node is quadratic)."""
+        return {n.node_id: n.name for n in self._nodes()}

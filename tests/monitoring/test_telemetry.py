@@ -1,5 +1,6 @@
 """GPU readers, scenarios and the node agent (no Prometheus)."""
 import time
+from types import SimpleNamespace
 
 import httpx
 import pytest
@@ -9,7 +10,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from monitoring.agent import HttpAgentReader, NodeAgent, agent_readers
 from monitoring.gpu import FakeGpuReader, NvmlReader, NvmlUnavailable
 from monitoring.scenario import Scenario, parse_scenario
-from scheduler.spec import SpecError
+from scheduler.spec import ClusterConfig, SpecError
 
 
 class Clock:
@@ -183,3 +184,38 @@ def test_agent_readers_for_ray_nodes_read_each_nodes_agent():
     finally:
         server.shutdown()
         agent.close()
+
+
+def test_shoal_up_scenario_reader_plays_the_example_and_names_bad_fields(tmp_path):
+    from pathlib import Path
+
+    from scheduler.daemon import FakeGpuLoad, scenario_reader
+
+    example = Path(__file__).resolve().parents[2] / "examples" / "scenario.yaml"
+    config = ClusterConfig()
+    clock = Clock()
+    reader = scenario_reader(config, example, clock=clock)
+    agent = NodeAgent(reader, interval_s=1.0, registry=CollectorRegistry(), clock=clock)
+    g = agent.poll()
+    assert [r.model for r in g] == ["H100 80GB"] * 4 and g[0].memory_used_mib == 6144
+    assert g[0].memory_total_mib == 80 * 1024  # the cluster config's memory for the model
+    FakeGpuLoad(reader, agent.poll).placed(SimpleNamespace(id=3, placement={"gpu_indices": [2]},
+                                                           memory_per_gpu_mib=20000))
+    assert agent.read()[2].memory_used_mib == 20000
+    clock.t = 61  # faults are played as the agent polls
+    g = agent.poll()
+    assert (g[1].last_xid, g[1].healthy, g[3].xid_errors) == (13, True, 0)
+    clock.t = 301
+    assert agent.poll()[3].healthy is False
+
+    two = tmp_path / "two.yaml"
+    two.write_text("nodes:\n  - {name: a, gpus: 1}\n  - {name: b, gpus: 1}\n")
+    with pytest.raises(RuntimeError, match=r"two.yaml: nodes: .* one node \(this one has 2: a, b\)"):
+        scenario_reader(config, two)
+    a100 = tmp_path / "a100.yaml"
+    a100.write_text("nodes:\n  - {name: a, gpus: 1, model: A100 40GB}\n")
+    with pytest.raises(RuntimeError, match=r"a100.yaml: nodes.0.model: 'A100 40GB' is not in the cluster config's "
+                                           r"gpu_models \(H100 80GB\)"):
+        scenario_reader(config, a100)
+    with pytest.raises(RuntimeError, match="--scenario: cannot read .*missing.yaml"):
+        scenario_reader(config, tmp_path / "missing.yaml")
