@@ -69,7 +69,8 @@ def policy_settings(config: ClusterConfig) -> PolicySettings:
                           over_budget=s.over_budget, fair_share_band=s.fair_share_band,
                           fair_share_history_weight=s.fair_share_history_weight,
                           max_preemptions_per_cycle=s.max_preemptions_per_cycle, aging_ratio=s.aging_ratio,
-                          las_preempt_factor=s.las_preempt_factor, makespan_guard=s.makespan_guard)
+                          las_preempt_factor=s.las_preempt_factor, makespan_guard=s.makespan_guard,
+                          preempt_grace_s=s.preempt_grace_s)
 
 
 class JobListener(Protocol):

@@ -7,6 +7,7 @@ from typing import Any
 from scheduler.policy import explain
 from scheduler.policy.preempt import choose, lost_work, usable
 from scheduler.policy.quota import NOMINAL
+from scheduler.policy.reserve import reserve
 from scheduler.policy.state import Cycle, Job, amount
 from scheduler.policy.types import JobRequest, Preempt, RunningJob
 
@@ -66,6 +67,11 @@ def preempt_for(cy: Cycle, job: Job, allowed: list[tuple[str, str]], avoid: dict
     if not cands:
         return ""
     cy.attempts += 1
+    if s.preempt_grace_s > 0:  # GPUs expected to free up for it soon: wait for them instead
+        res = reserve(c, req.job_id, sorted(flavors), req.gpus, req.memory_per_gpu_mib, now, cy.ends, s.multi_node,
+                      req.cpus, cy.cpu_ends)
+        if res is not None and res.at <= now + s.preempt_grace_s:
+            return ""
     pick = choose(c, [f for f, _ in allowed], req.gpus, req.memory_per_gpu_mib, req.cpus_per_gpu, now,
                   cands, cy.stopping, cy.held, avoid)
     if pick is None or len(cy.preempts) + len(pick.victims) > s.max_preemptions_per_cycle:

@@ -33,7 +33,8 @@ One cycle, in numbered steps:
     GPU shared only by shareable jobs under `share_max_utilization` - first, when the cycle's
     waiting jobs want more GPUs than are free; else only when no GPU of their own fits.
  7. Blocked by resources: (a) if GPUs of jobs already stopping would hold it, it claims them and
-    waits; (b) preemption (rules.py decides who may be a victim, preempt.py picks) - reclaim nominal quota from borrowers of the cohort tree,
+    waits; (b) unless GPUs are expected to free up for it within `preempt_grace_s` (then it waits
+    for them: a preemption costs the victim a restart, and lenders' bursts would churn), preemption (rules.py decides who may be a victim, preempt.py picks) - reclaim nominal quota from borrowers of the cohort tree,
     lower priority of the same team, or (las_preempt_factor > 0) a same-priority job of a team
     in the same or a worse band that has attained factor times more GPU-seconds; victims must have
     run `min_runtime_s`; at most `max_preemptions_per_cycle`; (c) otherwise the first such job

@@ -118,6 +118,7 @@ class PolicySettings:
     multi_node: bool = False  # a gang too big for one node may span nodes (the Ray executor is single-node)
     max_preemptions_per_cycle: int = 16  # victims chosen per cycle, at most
     aging_ratio: float = 2.0  # a job's aging horizon = aging_s + this x its duration (or attained time)
+    preempt_grace_s: float = 900.0  # no preemption for a job whose GPUs are expected to free up within this
     makespan_guard: bool = True  # a waiting job longer than the backlog's drain time goes first (shoal.py)
     las_preempt_factor: float = 0.0  # > 0: a waiting job may preempt a same-priority running job of its
     #                                  own band that attained this many times more GPU-s (Tiresias-like);

@@ -249,6 +249,20 @@ def test_quota_reclaim_preempts_borrowers_with_least_lost_work():
     assert "reclaims its own" in d.to_preempt[0].reason and "preempting jobs 10, 11" in d.pending[1]
 
 
+def test_no_preemption_when_gpus_free_up_within_the_grace():
+    """Borrowers expected to end in 10 min: team a waits for them (reserved, with an estimated
+    start) instead of preempting; ending in 1 h (beyond the 15 min grace) they are preempted."""
+    teams = [team("a", 4, cohort="c"), team("b", 4, cohort="c")]
+    soon = [run(10 + i, "n1", (i,), team="b", end=NOW + 600) for i in range(8)]
+    d = schedule(snap([node("n1")], [job(1, team="a", gpus=2)], soon, teams=teams, cohorts=["c"]))
+    assert d.to_preempt == () and d.estimated_start[1] == NOW + 600 and d.pending[1].startswith("reserved")
+    late = [run(10 + i, "n1", (i,), team="b", end=NOW + 3600) for i in range(8)]
+    d = schedule(snap([node("n1")], [job(1, team="a", gpus=2)], late, teams=teams, cohorts=["c"]))
+    assert len(d.to_preempt) == 2
+    d = schedule(snap([node("n1")], [job(1, team="a", gpus=2)], soon, teams=teams, cohorts=["c"], preempt_grace_s=0))
+    assert len(d.to_preempt) == 2  # grace off: reclaim at once
+
+
 def test_reclaim_respects_min_runtime_and_nominal_of_victim():
     teams = [team("a", 4, cohort="c"), team("b", 4, cohort="c")]
     young = [run(10 + i, "n1", (i,), team="b", started=NOW - 10) for i in range(8)]
