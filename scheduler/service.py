@@ -25,7 +25,7 @@ from scheduler.executor import Executor, LaunchRequest, Outcome, ProgressEvent
 from scheduler.inventory import Inventory
 from scheduler.lifecycle import ACTIVE, JobState
 from scheduler.policy import (
-    Cohort, Decision, JobRequest, PolicySettings, RunningJob, Snapshot, TeamQuota, schedule,
+    Cohort, Decision, JobRequest, PolicySettings, RunningJob, Snapshot, TeamQuota, forecast, schedule,
 )
 from scheduler.spec import ClusterConfig
 from scheduler.store import Conflict, Fenced, JobRecord, Store
@@ -95,6 +95,11 @@ class Service:
         self.listeners = listeners or []
         self.on_cycle = on_cycle  # called with the cycle's duration in seconds (metrics)
         self.policy = policy  # any pure Snapshot -> Decision (the simulator swaps baselines in)
+        # Snapshot -> estimated starts of the waiting jobs (the Shoal policy's forecast; None: only
+        # the cycle's own reservation has one)
+        self.forecaster: Callable[[Snapshot], dict[int, float]] | None = forecast if policy is schedule else None
+        self._forecast: dict[int, float] = {}
+        self._forecast_at = float("-inf")
         self.preflight = preflight  # job -> why it can never launch (None: fine); see check_launchable
         self.job_logs = job_logs  # per-job train.log lines; the simulator turns them off (speed)
         self._killing: set[tuple[int, int]] = set()
@@ -383,10 +388,23 @@ class Service:
             self._preempt(pre.job_id, pre.reason)
         for start in decision.to_start:
             self._start(queued[start.job_id], start.placement.node_id, start.placement.gpu_indices)
+        etas = self._estimates(snap, decision)
         for job_id, reason in decision.pending.items():
-            eta = decision.estimated_start.get(job_id)
+            eta = etas.get(job_id)
             if queued[job_id].pending_reason != reason or queued[job_id].estimated_start_at != eta:
                 self.store.update_fields(job_id, pending_reason=reason, estimated_start_at=eta)
+
+    def _estimates(self, snap: Snapshot, decision: Decision) -> dict[int, float]:
+        """Estimated starts to store: the cycle's own (its reservation) plus the policy's forecast
+        for the rest of the queue (`squeue --start`), recomputed every `forecast_interval_s` (it
+        costs more than a cycle) and kept in between for jobs that still wait."""
+        every = self.config.scheduler.forecast_interval_s
+        if self.forecaster is None or every <= 0:
+            return decision.estimated_start
+        now = self.clock.now()
+        if now - self._forecast_at >= every:
+            self._forecast, self._forecast_at = self.forecaster(snap), now
+        return {**{k: v for k, v in self._forecast.items() if k in decision.pending}, **decision.estimated_start}
 
     def _preempt(self, job_id: int, reason: str) -> None:
         """Ask a running job to checkpoint and stop; it returns to the queue when it has."""

@@ -208,6 +208,8 @@ class NodeGroup(_Strict):
 
 class SchedulerSettings(_Strict):
     interval_s: float = Field(default=0.5, gt=0, le=60)
+    forecast_interval_s: float = Field(default=30.0, ge=0, description="how often the estimated starts of the "
+                                       "whole queue are recomputed (0 = only the reserved job gets one)")
     memory_headroom_mib: int = Field(default=1024, ge=0)
     stop_grace_s: float = Field(default=60.0, ge=0, description="checkpoint wait when stopping jobs")
     share_max_utilization: float = Field(default=0.8, ge=0, le=1, description="GPU sharing only below this")

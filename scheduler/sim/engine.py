@@ -227,6 +227,7 @@ class Simulation:
         self.wake: float | None = None  # the policy's next time-driven decision (hinting policies)
         self.service = Service(self.store, self.executor, self.inventory, cfg, self.clock, self._home,
                                listeners=[self.load], policy=self._observe(policy), job_logs=False)
+        self.service.forecaster = None  # estimated starts are for people; a replay has no one to show them
         self.ticks = 0
 
     def _observe(self, policy: Callable[[Snapshot], Decision]) -> Callable[[Snapshot], Decision]:

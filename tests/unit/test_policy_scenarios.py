@@ -112,6 +112,29 @@ def test_reservation_writes_estimated_start(tmp):
     w.store.close()
 
 
+def test_the_whole_queue_gets_estimated_starts(tmp):
+    """squeue --start through the service: 4 GPUs busy for 100 s; three 4-GPU jobs of 50 s wait.
+    The first is reserved (+100) at once; within the forecast interval (30 s) the next ones get
+    +150 and +200; they start in that order, close to their estimates."""
+    w = World(tmp, {"a": TeamConfig(gpus=8)}, gpus=4, cohorts=())
+    w.submit("a", gpus=4, duration=100, expected=100)
+    w.run(1)
+    t0 = w.clock.now()
+    waiting = [w.submit("a", gpus=4, duration=50, expected=50) for _ in range(3)]
+    w.run(1)
+    assert w.get(waiting[0]).estimated_start_at is not None and w.get(waiting[1]).estimated_start_at is None
+    w.run(30)
+    etas = [w.get(j).estimated_start_at for j in waiting]
+    assert all(e is not None for e in etas), [w.get(j).pending_reason for j in waiting]
+    assert etas == sorted(etas) and etas[1] - etas[0] == pytest.approx(50) and etas[2] - etas[1] == pytest.approx(50)
+    assert etas[0] == pytest.approx(t0 + 99, abs=2)
+    w.run(260)
+    starts = [next(e.ts for e in w.store.events(j.id) if e.to_state == "ADMITTED") for j in waiting]
+    assert all(w.get(j).state is S.SUCCEEDED for j in waiting)
+    assert all(abs(s - e) <= 5 for s, e in zip(starts, etas)), (starts, etas)
+    w.store.close()
+
+
 def test_higher_priority_preempts_lower_of_the_same_team(tmp):
     w = World(tmp, {"a": TeamConfig(gpus=2)}, gpus=2, cohorts=(), min_runtime_s=3)
     low = w.submit("a", gpus=2, duration=50)
