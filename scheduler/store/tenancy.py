@@ -53,6 +53,19 @@ def _job(row: JobRow) -> Any:
     return JobRecord.of(row)
 
 
+def _new_job(job_id: int, params: dict) -> Any:
+    """The record of a job just inserted with `params` (TenancyStore._job_params)."""
+    from scheduler.store.db import JobRecord
+
+    return JobRecord(id=job_id, name=params["name"], team=params["team"], user=params["user"],
+                     priority=params["priority"], state=JobState.QUEUED, spec=params["spec"], gpus=params["gpus"],
+                     memory_per_gpu_mib=params["memory_per_gpu_mib"], submitted_at=params["submitted_at"],
+                     updated_at=params["updated_at"], started_at=None, finished_at=None, attempt=0, retries=0,
+                     placement=None, pending_reason=None, progress=None, result=None, failure_reason=None,
+                     cancel_requested=False, last_checkpoint_step=None, last_checkpoint_at=None,
+                     attempt_started_at=None, attained_gpu_s=0.0, estimated_start_at=None)
+
+
 def _user(r: UserRow) -> UserRecord:
     return UserRecord(r.name, r.team, r.role, r.created_at)
 
@@ -283,20 +296,26 @@ class TenancyStore:
                             first_of[idem[:2]] = i
                         fresh.append(i)
                 ids: dict[int, int] = {}
+                jobs: dict[int, Any] = {}
                 if fresh:
+                    # Core inserts (no ORM unit of work); the new rows are known without reading
+                    # them back: a fresh job is exactly its insert parameters plus its id.
                     params = [self._job_params(**{k: v for k, v in items[i].items() if k != "idem"}) for i in fresh]
-                    got = s.execute(insert(JobRow).returning(JobRow.id, sort_by_parameter_order=True), params).all()
+                    jobs_t = JobRow.__table__
+                    got = s.execute(insert(jobs_t).returning(jobs_t.c.id, sort_by_parameter_order=True), params).all()
                     ids = {i: row[0] for i, row in zip(fresh, got)}
-                    s.execute(insert(EventRow), [
+                    s.execute(insert(EventRow.__table__), [
                         dict(job_id=ids[i], ts=items[i]["now"], from_state=None, to_state=JobState.QUEUED.value,
                              attempt=0, reason=items[i].get("reason", "submitted")) for i in fresh])
                     keyrows = [dict(user=items[i]["idem"][0], key=items[i]["idem"][1],
                                     request_digest=items[i]["idem"][2], job_id=ids[i], created_at=items[i]["now"])
                                for i in fresh if items[i].get("idem")]
                     if keyrows:
-                        s.execute(insert(IdempotencyRow), keyrows)
-                need = {ids[i] for i in fresh} | {r[1] for r in results if isinstance(r, tuple) and r[0] == "job"}
-                jobs = {r.id: _job(r) for r in s.scalars(select(JobRow).where(JobRow.id.in_(need)))} if need else {}
+                        s.execute(insert(IdempotencyRow.__table__), keyrows)
+                    jobs = {ids[i]: _new_job(ids[i], p) for i, p in zip(fresh, params)}
+                need = {r[1] for r in results if isinstance(r, tuple) and r[0] == "job"}
+                if need:  # replays of keys committed before: read their jobs
+                    jobs.update({r.id: _job(r) for r in s.scalars(select(JobRow).where(JobRow.id.in_(need)))})
         except IntegrityError:
             out: list[tuple[Any, bool] | Exception] = []
             for it in items:
