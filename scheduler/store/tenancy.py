@@ -269,19 +269,24 @@ class TenancyStore:
         (IdempotencyMismatch). Rows go in with bulk INSERT ... RETURNING, so the cost per job is a
         fraction of a single `submit`. If another process raced us on an idempotency key the
         whole batch falls back to one transaction per item."""
-        from sqlalchemy import insert, tuple_
+        from sqlalchemy import insert
 
         results: list[tuple[Any, bool] | Exception | None] = [None] * len(items)
         try:
             with self._session.begin() as s:
                 keyed = {it["idem"][:2]: i for i, it in enumerate(items) if it.get("idem")}
-                if keyed:
-                    rows = s.execute(select(IdempotencyRow.user, IdempotencyRow.key, IdempotencyRow.request_digest,
-                                            IdempotencyRow.job_id)
-                                     .where(tuple_(IdempotencyRow.user, IdempotencyRow.key).in_(list(keyed)))).all()
-                    known = {(u, k): (d, j) for u, k, d, j in rows}
-                else:
-                    known = {}
+                known = {}
+                by_user: dict[str, list[str]] = {}
+                for user, key in keyed:
+                    by_user.setdefault(user, []).append(key)
+                t = IdempotencyRow.__table__
+                for user, keys in by_user.items():
+                    # user = ? AND key IN (...): a search of the primary key index. A row-value
+                    # IN ((user, key), ...) scanned the whole table on SQLite (cost grew with it).
+                    for i in range(0, len(keys), 500):
+                        rows = s.execute(select(t.c.user, t.c.key, t.c.request_digest, t.c.job_id)
+                                         .where(t.c.user == user, t.c.key.in_(keys[i:i + 500]))).all()
+                        known.update({(u, k): (d, j) for u, k, d, j in rows})
                 fresh: list[int] = []
                 first_of: dict[tuple, int] = {}
                 for i, it in enumerate(items):
