@@ -6,6 +6,7 @@ from __future__ import annotations
 import math
 import os
 import stat
+import sys
 import threading
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
@@ -30,19 +31,40 @@ class Admission:
     validation_records: int | None
 
 
-_LOOK = threading.local()  # .memo: path -> os.stat result (None: missing) during one check
+_LOOK = threading.local()  # .memo: path -> os.stat result (None: missing) during one check;
+# .warm_only: raise Cold instead of parsing a file the caches do not hold
+
+
+class Cold(Exception):
+    """`check_submission(..., warm_only=True)` would have to parse a file it has not seen (a
+    dataset, a tokenizer, a model config): call it again without warm_only, off the event loop."""
 
 
 @contextmanager
-def _one_look():
+def _one_look(warm_only: bool = False):
     """Within one check every file is stat'ed once (a submit looks at the model folder, its
     config and tokenizer files and the datasets from several checks: ~20 stats became ~8)."""
-    outer = getattr(_LOOK, "memo", None)
+    outer, outer_warm = getattr(_LOOK, "memo", None), getattr(_LOOK, "warm_only", False)
     _LOOK.memo = {} if outer is None else outer
+    _LOOK.warm_only = warm_only
     try:
         yield
     finally:
-        _LOOK.memo = outer
+        _LOOK.memo, _LOOK.warm_only = outer, outer_warm
+
+
+def _cold() -> None:
+    if getattr(_LOOK, "warm_only", False):
+        raise Cold()
+
+
+def _trainer_model():
+    """trainer.model (imports torch and transformers: seconds, once; a cold step)."""
+    if "trainer.model" not in sys.modules:
+        _cold()
+    import trainer.model
+
+    return trainer.model
 
 
 def _stat(path: str) -> os.stat_result | None:
@@ -117,6 +139,7 @@ def _check_dataset(field: str, path: str | None, spec: JobSpec, tokenizer,
     key = (ident, ds.format, hp.max_length, ds.max_length_policy,
            _tokenizer_ident(spec) if tokenizer is not None else None)
     if key not in _DATASETS:
+        _cold()
         with _PARSE_LOCK:  # one parse at a time: the cached tokenizer is shared between threads
             if key not in _DATASETS:
                 if len(_DATASETS) > 4096:
@@ -135,6 +158,7 @@ def _estimate(model: str, *args, **kwargs):
     mtime, which changes when weight files come or go) and the other arguments."""
     key = (_file_key(os.path.join(model, "config.json")), _file_key(model), *args, *sorted(kwargs.items()))
     if key not in _ESTIMATES:
+        _cold()
         if len(_ESTIMATES) > 4096:
             _ESTIMATES.clear()
         _ESTIMATES[key] = estimate(model, *args, **kwargs)  # a ValueError is not cached
@@ -177,9 +201,7 @@ _TOKENIZERS: dict[tuple, tuple[object | None, str | None]] = {}
 def _tokenizer_ident(spec: JobSpec) -> tuple | None:
     """Identity of the model folder's tokenizer files (path, size, mtime, inode of each); None
     when it has none."""
-    from trainer.model import TOKENIZER_FILES
-
-    keys = tuple(_file_key(os.path.join(spec.model, f)) for f in TOKENIZER_FILES)
+    keys = tuple(_file_key(os.path.join(spec.model, f)) for f in _trainer_model().TOKENIZER_FILES)
     return (spec.model, keys) if any(k is not None for k in keys) else None
 
 
@@ -187,16 +209,15 @@ def _load_tokenizer(spec: JobSpec, problems: list[str]):
     """The model's tokenizer, for token-level checks (lengths, chat template); None if the
     folder has no tokenizer files (then only the records' fields are checked here). Loaded once
     per tokenizer files' identity: loading one costs milliseconds, far more than a submit."""
-    from trainer.model import load_tokenizer
-
     ident = _tokenizer_ident(spec)
     if ident is None:
         return None
     if ident not in _TOKENIZERS:
+        _cold()
         if len(_TOKENIZERS) > 16:
             _TOKENIZERS.clear()
         try:
-            _TOKENIZERS[ident] = (load_tokenizer(spec.model), None)
+            _TOKENIZERS[ident] = (_trainer_model().load_tokenizer(spec.model), None)
         except Exception as e:  # noqa: BLE001 - any failure to load is the user's model dir
             _TOKENIZERS[ident] = (None, f"model: {spec.model}: cannot load its tokenizer ({e})")
     tokenizer, problem = _TOKENIZERS[ident]
@@ -221,10 +242,8 @@ def _file_problems(spec: JobSpec, problems: list[str]) -> Files:
     n_val, s_val = _check_dataset("dataset.validation", spec.dataset.validation, spec, tokenizer, problems)
     if n_train is not None and spec.dataset.validation is None and n_train < 2:
         problems.append("dataset.train: needs at least 2 records to split off a validation set")
-    from trainer.model import check_method_supported
-
     try:
-        check_method_supported(spec.method)
+        _trainer_model().check_method_supported(spec.method)
     except ValueError as e:
         problems.append(str(e))
     if spec.output is not None:
@@ -247,8 +266,11 @@ def check_files(spec: JobSpec) -> Files:
 
 
 def check_submission(spec: JobSpec, config: ClusterConfig, nodes: tuple[NodeView, ...],
-                     quotas: tuple[TeamQuota, ...]) -> Admission:
-    with _one_look():
+                     quotas: tuple[TeamQuota, ...], *, warm_only: bool = False) -> Admission:
+    """Every check of a submission (SubmitError lists the problems). `warm_only`: raise Cold
+    rather than parse a dataset, tokenizer or model config not seen before (the API's event
+    loop checks warm specs itself and hands cold ones to a worker thread)."""
+    with _one_look(warm_only):
         return _check_submission(spec, config, nodes, quotas)
 
 

@@ -28,13 +28,14 @@ from fastapi import Path as PathParam
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from fastapi.routing import APIRoute
+from starlette.concurrency import run_in_threadpool
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry
 from pydantic import BaseModel, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from monitoring.exposition import render
-from scheduler.admission import SubmitError, check_submission
+from scheduler.admission import Cold, SubmitError, check_submission
 from scheduler.auth import ADMINS, ALL_ROLES, TEAM_ADMIN_FIELDS, WRITERS, AuthError, Principal, TokenAuthority
 from scheduler.lifecycle import ACTIVE, JobState
 from scheduler.models import (
@@ -206,6 +207,10 @@ class _Cached:
         with self._lock:
             self._at = -1e18
 
+    def fresh(self) -> bool:
+        """get() would answer without recomputing."""
+        return time.monotonic() - self._at <= self.ttl_s
+
 
 class SubmitBatcher:
     """Group commit. Request threads hand their submission to one writer thread, which commits
@@ -222,11 +227,19 @@ class SubmitBatcher:
         threading.Thread(target=self._run, name="shoal-submit-batcher", daemon=True).start()
 
     def submit(self, item: dict) -> Any:
+        """Blocks until the batch holding `item` committed; its result."""
+        return self._enqueue(item).result()
+
+    async def submit_async(self, item: dict) -> Any:
+        """`submit` for the event loop: awaits the commit without holding a thread."""
+        return await asyncio.wrap_future(self._enqueue(item))
+
+    def _enqueue(self, item: dict):
         from concurrent.futures import Future
 
         fut: Future = Future()
         self._q.put((item, fut))
-        return fut.result()
+        return fut
 
     def _run(self) -> None:
         while True:
@@ -370,23 +383,36 @@ def create_app(service: Service, registry: CollectorRegistry, user: str = "local
             spec = spec.model_copy(update={"user": p.user})
         return spec if spec.user else spec.model_copy(update={"user": p.user})
 
-    def admit(spec: JobSpec):
+    def admit(spec: JobSpec, warm_only: bool = False):
         cfg, nodes, quotas = admission_now.get()
-        return check_submission(spec, cfg, nodes, quotas)
+        return check_submission(spec, cfg, nodes, quotas, warm_only=warm_only)
+
+    async def admit_async(spec: JobSpec):
+        """On the event loop when every file is in admission's caches (stats and look-ups only,
+        tens of microseconds); a spec whose dataset, tokenizer or model config must be parsed,
+        and the admission context's refresh (store reads), go to a worker thread."""
+        if admission_now.fresh():
+            try:
+                return admit(spec, warm_only=True)
+            except Cold:
+                pass
+        return await run_in_threadpool(admit, spec)
 
     batcher = SubmitBatcher(store)
 
     @app.post("/v1/jobs", status_code=201, response_model=JobOut,
               responses={200: {"model": JobOut, "description": "an idempotent replay: the job the same key "
                                                                 "created before"}})
-    def submit(body: SubmitIn, p: Who,
-               idempotency_key: Annotated[str | None, Header(max_length=255, min_length=1)] = None) -> Response:
+    async def submit(body: SubmitIn, p: Who,
+                     idempotency_key: Annotated[str | None, Header(max_length=255, min_length=1)] = None) -> Response:
         """Queue a job. With `Idempotency-Key`, a retry with the same key and body returns the
         job created the first time (200) instead of a second job; the same key with another body
         is refused (422)."""
+        # async: validation is CPU work either way; running it on the event loop saves the
+        # thread-pool hop and the lock convoy of dozens of threads (the commit is awaited).
         spec = validate_spec(body, p)
         try:
-            adm = admit(spec)
+            adm = await admit_async(spec)
         except SubmitError as e:
             raise Problem(422, "Job cannot be submitted", errors=e.problems) from None
         kw = dict(spec=spec.model_dump(mode="json"), name=spec.name, team=spec.team, user=spec.user,
@@ -395,7 +421,7 @@ def create_app(service: Service, registry: CollectorRegistry, user: str = "local
                   f"~{adm.memory_per_gpu_mib} MiB each; {adm.train_records} training records")
         if idempotency_key is not None:
             kw["idem"] = (p.user, idempotency_key, _digest({"spec": body.spec, "source": body.source}))
-        res = batcher.submit(kw)
+        res = await batcher.submit_async(kw)
         if isinstance(res, IdempotencyMismatch):
             raise Problem(422, "Idempotency-Key reused", str(res))
         job, created = res
