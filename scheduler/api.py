@@ -570,34 +570,20 @@ def create_app(service: Service, registry: CollectorRegistry, user: str = "local
         return StreamingResponse(lines(), media_type="text/plain")
 
     # -- queue and summary -------------------------------------------------------------------------
-    def queue_order() -> list[tuple[int, str | None, float | None]]:
-        snap, queued = service.snapshot()
-        d = service.policy(snap)
-        first = [s.job_id for s in d.to_start]
-        rest = [j for j in d.pending if j not in first]
-        rest += sorted(set(queued) - set(first) - set(rest))
-        return [(j, d.pending.get(j), snap.now if j in first else d.estimated_start.get(j)) for j in first + rest
-                if j in queued]
-
-    queue_now = _Cached(queue_order, 1.0)
-
     @app.get("/v1/queue")
     def queue(p: Who, team: Annotated[str | None, Query(max_length=63)] = None) -> list[QueueEntry]:
-        """Queued jobs in the order the scheduler would start them, with why each waits and its
-        estimated start (Slurm's `squeue --start`). Positions count every team's jobs."""
-        out = []
-        for pos, (job_id, reason, start) in enumerate(queue_now.get(), 1):
-            try:
-                j = store.get(job_id)
-            except UnknownJob:
-                continue
-            if not p.sees_team(j.team) or (team is not None and j.team != team):
-                continue
-            out.append(QueueEntry(position=pos, id=j.id, name=j.name, team=j.team, user=j.user,
-                                  priority=j.priority, state=j.state.value, gpus=j.gpus,
-                                  submitted_at=j.submitted_at, pending_reason=reason or j.pending_reason,
-                                  estimated_start_at=start))
-        return out
+        """Queued jobs in start order, with why each waits and its estimated start (Slurm's
+        `squeue --start`), as the scheduler recorded them at its last cycle (nothing is planned
+        here): jobs with an estimated start by that time, then the rest by priority and
+        submission. A job submitted since that cycle has no reason yet. Positions count every
+        team's jobs."""
+        rows = store.queue_rows()
+        rows.sort(key=lambda r: (r.estimated_start_at is None, r.estimated_start_at or 0.0, -r.priority,
+                                 r.submitted_at, r.id))
+        return [QueueEntry(position=pos, id=r.id, name=r.name, team=r.team, user=r.user, priority=r.priority,
+                           state=JobState.QUEUED.value, gpus=r.gpus, submitted_at=r.submitted_at,
+                           pending_reason=r.pending_reason, estimated_start_at=r.estimated_start_at)
+                for pos, r in enumerate(rows, 1) if p.sees_team(r.team) and (team is None or r.team == team)]
 
     def team_out(name: str, t: TeamConfig, jobs) -> TeamOut:
         mine = [j for j in jobs if j.team == name]

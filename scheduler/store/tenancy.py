@@ -39,6 +39,20 @@ class TokenRecord:
     revoked_at: float | None
 
 
+@dataclass(frozen=True)
+class QueueRow:
+    """A queued job as GET /v1/queue shows it (no JSON columns read)."""
+    id: int
+    name: str
+    team: str
+    user: str
+    priority: int
+    gpus: int
+    submitted_at: float
+    pending_reason: str | None
+    estimated_start_at: float | None
+
+
 class IdempotencyMismatch(ValueError):
     """The key was used before with a different request body."""
 
@@ -354,6 +368,16 @@ class TenancyStore:
         return dict(name=name, team=team, user=user, priority=priority, state=JobState.QUEUED.value, spec=spec,
                     gpus=gpus, memory_per_gpu_mib=memory_per_gpu_mib, submitted_at=now, updated_at=now, attempt=0,
                     retries=0, cancel_requested=False, attained_gpu_s=0.0)
+
+    def queue_rows(self) -> list[QueueRow]:
+        """QUEUED jobs not being cancelled, in id order, with the pending reason and estimated
+        start the scheduler stored at its last cycle."""
+        t = JobRow.__table__
+        q = (select(t.c.id, t.c.name, t.c.team, t.c.user, t.c.priority, t.c.gpus, t.c.submitted_at,
+                    t.c.pending_reason, t.c.estimated_start_at)
+             .where(t.c.state == JobState.QUEUED.value, t.c.cancel_requested.is_(False)).order_by(t.c.id))
+        with self._session() as s:
+            return [QueueRow(*row) for row in s.execute(q)]
 
     def job_page(self, *, states: Iterable[JobState] | None = None, teams: Iterable[str] | None = None,
                  user: str | None = None, since: float | None = None, after_id: int = 0,
