@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 from dataclasses import dataclass, fields
 from typing import Any, Iterable
 
+import orjson
 from sqlalchemy import create_engine, event, func, or_, select, update
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import sessionmaker
@@ -32,9 +34,20 @@ class CorruptRow(ValueError):
         self.job_id, self.problem = job_id, problem
 
 
+_LONG_NUMBER = re.compile(r"\d{19}")
+_LONG_NUMBER_B = re.compile(rb"\d{19}")
+
+
 def _json_loads(text: str):
     """JSON columns: a value that does not parse (SQLite stores text) is reported, not raised, so
-    one bad row cannot make every query fail."""
+    one bad row cannot make every query fail. orjson first (several times faster on a job's spec;
+    the service reads every new queued job); what it refuses (NaN, which json.dumps writes for a
+    NaN loss, integers beyond 64 bits) is read by the standard library as before."""
+    if not (_LONG_NUMBER if isinstance(text, str) else _LONG_NUMBER_B).search(text):  # orjson reads an integer beyond 64 bits as a float
+        try:
+            return orjson.loads(text)
+        except orjson.JSONDecodeError:
+            pass
     try:
         return json.loads(text)
     except ValueError as e:
@@ -299,9 +312,10 @@ class Store(TenancyStore):  # teams, users, tokens, idempotency: store/tenancy.p
         """The jobs with these ids (missing ones skipped), in id order."""
         ids = list(ids)
         out: list[JobRecord] = []
-        with self._session() as s:
+        t = JobRow.__table__
+        with self.engine.connect() as c:  # Core rows (no ORM identity map): JobRecord.of reads them alike
             for i in range(0, len(ids), 500):  # bounded IN lists
-                out += self._records(s.scalars(select(JobRow).where(JobRow.id.in_(ids[i:i + 500]))))
+                out += self._records(c.execute(select(t).where(t.c.id.in_(ids[i:i + 500]))))
         return sorted(out, key=lambda j: j.id)
 
     def request_cancel(self, job_id: int) -> JobRecord:
