@@ -130,11 +130,11 @@ def _check_dataset(field: str, path: str | None, spec: JobSpec, tokenizer,
     '<field>: <file>:<line>: <problem>'. Without a tokenizer only the records are checked."""
     if path is None:
         return None, None
-    p = Path(path)
     if _stat(path) is None:
         problems.append(f"{field}: {path} does not exist (a data file or a folder of them)")
         return None, None
     ds, hp = spec.dataset, spec.hyperparameters
+    p = Path(path)
     ident = _file_key(path) if _is_file(path) else (str(p), tuple(sorted(map(_file_key, p.rglob("*")), key=str)))
     key = (ident, ds.format, hp.max_length, ds.max_length_policy,
            _tokenizer_ident(spec) if tokenizer is not None else None)
@@ -173,12 +173,12 @@ def check_paths(spec: JobSpec, roots: list[str]) -> list[str]:
     for field, value in spec.path_fields().items():
         if value is None:
             continue
-        p = Path(value)
-        if ".." in p.parts:
+        if ".." in value.split("/"):  # the components Path(value).parts has, without building it
             problems.append(f"{field}: {value!r} may not contain '..'")
             continue
         if not resolved_roots:
             continue
+        p = Path(value)
         real = p.resolve()
         if not any(real.is_relative_to(r) for r in resolved_roots):
             via = f" (it resolves to {real})" if real != p else ""
@@ -201,8 +201,14 @@ _TOKENIZERS: dict[tuple, tuple[object | None, str | None]] = {}
 def _tokenizer_ident(spec: JobSpec) -> tuple | None:
     """Identity of the model folder's tokenizer files (path, size, mtime, inode of each); None
     when it has none."""
-    keys = tuple(_file_key(os.path.join(spec.model, f)) for f in _trainer_model().TOKENIZER_FILES)
-    return (spec.model, keys) if any(k is not None for k in keys) else None
+    memo = getattr(_LOOK, "memo", None)
+    if memo is not None and ("tokenizer", spec.model) in memo:  # asked up to 3 times per check
+        return memo[("tokenizer", spec.model)]
+    keys = tuple(_file_key(f"{spec.model}/{f}") for f in _trainer_model().TOKENIZER_FILES)
+    ident = (spec.model, keys) if any(k is not None for k in keys) else None
+    if memo is not None:
+        memo[("tokenizer", spec.model)] = ident
+    return ident
 
 
 def _load_tokenizer(spec: JobSpec, problems: list[str]):
