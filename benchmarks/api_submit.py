@@ -8,9 +8,12 @@ The load generator is a minimal hand-written HTTP client so that it costs the sh
 little as possible. A submission counts when its 201 arrived, i.e. after the server committed
 it; at the end the store is counted and must hold exactly that many jobs.
 
-    python benchmarks/api_submit.py [--seconds 15] [--procs 2] [--conns 16] [--db URL]
+    python benchmarks/api_submit.py [--seconds 15] [--procs 2] [--conns 16] [--postgres URL|'']
 
-Ends with `RESULT api_submits_per_s <v>` (and p50/p99 latency lines).
+PostgreSQL first (a throw-away database on --postgres, default 127.0.0.1:5432 with trust auth),
+then SQLite. Each prints the load average during its window (the machine is shared: a figure
+taken while others load it is a floor) and the server's CPU time per submit (all its threads),
+which depends much less on that load. Ends with `RESULT api_submits_per_s <v>` (SQLite).
 """
 from __future__ import annotations
 
@@ -79,7 +82,15 @@ def _load_proc(url: str, token: str, conns: int, start_at: float, stop_at: float
                                for _ in range(conns)))
 
     asyncio.run(main())
+    t = os.times()
+    out["cpu_s"] = t.user + t.system
     q.put(out)
+
+
+def _cpu_s(pid: int) -> float:
+    """User + system CPU seconds of a process so far (all its threads)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def run(seconds: float, warmup: float, procs: int, conns: int, db: str | None, scheduler: bool = True) -> dict:
@@ -112,6 +123,10 @@ def run(seconds: float, warmup: float, procs: int, conns: int, db: str | None, s
         ps = [mp.Process(target=_load_proc, args=(url, token, conns, start_at, stop_at, q)) for _ in range(procs)]
         for p in ps:
             p.start()
+        time.sleep(max(0.0, start_at - time.time()))
+        cpu0, load0 = _cpu_s(server.pid), os.getloadavg()[0]
+        time.sleep(max(0.0, stop_at - time.time()))
+        cpu1, load1 = _cpu_s(server.pid), os.getloadavg()[0]
         results = [q.get() for _ in ps]
         for p in ps:
             p.join()
@@ -124,6 +139,8 @@ def run(seconds: float, warmup: float, procs: int, conns: int, db: str | None, s
         stored = len(store.jobs())
         store.close()
         return {"submits_per_s": ok / seconds, "ok": ok, "errors": sum(r["errors"] for r in results),
+                "server_cpu_ms": 1000 * (cpu1 - cpu0) / max(1, ok), "load": (load0, load1),
+                "client_cpu_ms": 1000 * sum(r["cpu_s"] for r in results) / max(1, sum(r["all_201"] for r in results)),
                 "created": created, "stored": stored,
                 "p50_ms": 1000 * statistics.median(lat) if lat else float("nan"),
                 "p99_ms": 1000 * lat[min(len(lat) - 1, int(0.99 * len(lat)))] if lat else float("nan")}
@@ -132,24 +149,70 @@ def run(seconds: float, warmup: float, procs: int, conns: int, db: str | None, s
         server.wait(timeout=60)
 
 
+def _postgres_db(admin_url: str):
+    """Create a database `shoal_bench_<random>` on the server of `admin_url`; (its URL, a drop
+    function), or (None, reason) when no server answers."""
+    import secrets
+
+    from sqlalchemy import create_engine, text
+
+    name = f"shoal_bench_{secrets.token_hex(4)}"
+    try:
+        eng = create_engine(admin_url, isolation_level="AUTOCOMMIT")
+        with eng.connect() as c:
+            c.execute(text(f'CREATE DATABASE "{name}"'))
+    except Exception as e:  # noqa: BLE001 - reported, the SQLite figure still counts
+        return None, f"{type(e).__name__}: {str(e).splitlines()[0]}"
+
+    def drop() -> None:
+        with eng.connect() as c:
+            c.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+        eng.dispose()
+
+    return admin_url.rsplit("/", 1)[0] + "/" + name, drop
+
+
+def _report(label: str, a, r: dict) -> None:
+    print(f"[{label}] scheduler loop {'off' if a.no_scheduler else 'on'}; {a.procs} x {a.conns} connections; "
+          f"{a.seconds:.0f} s measured after {a.warmup:.0f} s warm-up; {os.cpu_count()} CPUs; load average "
+          f"{r['load'][0]:.1f} at the start of the window, {r['load'][1]:.1f} at its end"
+          + (" (others were using the machine: a figure under load is a floor)" if max(r["load"]) > 3 else ""))
+    print(f"[{label}] submitted {r['ok']} in the window ({r['created']} in all), errors {r['errors']}, jobs in the "
+          f"store {r['stored']} (must equal {r['created']})")
+    print(f"[{label}] {r['submits_per_s']:.1f} submits/s; p50 {r['p50_ms']:.1f} ms  p99 {r['p99_ms']:.1f} ms; "
+          f"server CPU {r['server_cpu_ms']:.2f} ms per submit (all its threads), load generators "
+          f"{r['client_cpu_ms']:.2f} ms per request")
+    assert r["stored"] == r["created"], "a submission answered 201 is missing from the store"
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--seconds", type=float, default=15.0, help="measured window")
     ap.add_argument("--warmup", type=float, default=3.0)
     ap.add_argument("--procs", type=int, default=2, help="load-generating processes")
     ap.add_argument("--conns", type=int, default=16, help="connections per process")
-    ap.add_argument("--db", default=None, help="SQLAlchemy URL (default: SQLite in a temp dir)")
+    ap.add_argument("--postgres", default="postgresql+psycopg://postgres@127.0.0.1:5432/postgres",
+                    help="a PostgreSQL server to measure too (a database shoal_bench_<random> is created on it "
+                    "and dropped after); '' to skip")
     ap.add_argument("--no-scheduler", action="store_true", help="API alone: the scheduling loop does not run "
-                    "(by default it runs, and plans over the growing queue every 0.5 s, as in production)")
+                    "(by default it runs, and plans over the growing queue, as in production)")
     a = ap.parse_args()
-    r = run(a.seconds, a.warmup, a.procs, a.conns, a.db, not a.no_scheduler)
-    store = "sqlite" if not a.db else a.db.split(":")[0]
-    print(f"store {store}; scheduler loop {'off' if a.no_scheduler else 'on'}; {a.procs} x {a.conns} connections; {a.seconds:.0f} s measured after {a.warmup:.0f} s warm-up; "
-          f"{os.cpu_count()} CPUs (load average {os.getloadavg()[0]:.1f})")
-    print(f"submitted {r['ok']} in the window ({r['created']} in all), errors {r['errors']}, jobs in the store "
-          f"{r['stored']} (must equal {r['created']})")
-    assert r["stored"] == r["created"], "a submission answered 201 is missing from the store"
-    print(f"p50 {r['p50_ms']:.1f} ms  p99 {r['p99_ms']:.1f} ms")
+    if a.postgres:
+        url, drop = _postgres_db(a.postgres)
+        if url is None:
+            print(f"[postgresql] not measured: {drop}")
+        else:
+            try:
+                pg = run(a.seconds, a.warmup, a.procs, a.conns, url, not a.no_scheduler)
+            finally:
+                drop()
+            _report("postgresql", a, pg)
+            print(f"RESULT api_submits_per_s_postgres {pg['submits_per_s']:.1f}")
+            print(f"RESULT api_submit_p50_ms_postgres {pg['p50_ms']:.2f}")
+            print(f"RESULT api_submit_p99_ms_postgres {pg['p99_ms']:.2f}")
+    r = run(a.seconds, a.warmup, a.procs, a.conns, None, not a.no_scheduler)
+    _report("sqlite", a, r)
+    print(f"RESULT api_submit_server_cpu_ms {r['server_cpu_ms']:.3f}")
     print(f"RESULT api_submit_p50_ms {r['p50_ms']:.2f}")
     print(f"RESULT api_submit_p99_ms {r['p99_ms']:.2f}")
     print(f"RESULT api_submits_per_s {r['submits_per_s']:.1f}")

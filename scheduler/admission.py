@@ -5,6 +5,10 @@ from __future__ import annotations
 
 import math
 import os
+import stat
+import sys
+import threading
+from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -27,13 +31,70 @@ class Admission:
     validation_records: int | None
 
 
-def _file_key(p: Path) -> tuple | None:
-    """Identity of a file's content for caching: (path, size, mtime); None if it is missing."""
+_LOOK = threading.local()  # .memo: path -> os.stat result (None: missing) during one check;
+# .warm_only: raise Cold instead of parsing a file the caches do not hold
+
+
+class Cold(Exception):
+    """`check_submission(..., warm_only=True)` would have to parse a file it has not seen (a
+    dataset, a tokenizer, a model config): call it again without warm_only, off the event loop."""
+
+
+@contextmanager
+def _one_look(warm_only: bool = False):
+    """Within one check every file is stat'ed once (a submit looks at the model folder, its
+    config and tokenizer files and the datasets from several checks: ~20 stats became ~8)."""
+    outer, outer_warm = getattr(_LOOK, "memo", None), getattr(_LOOK, "warm_only", False)
+    _LOOK.memo = {} if outer is None else outer
+    _LOOK.warm_only = warm_only
     try:
-        st = p.stat()
+        yield
+    finally:
+        _LOOK.memo, _LOOK.warm_only = outer, outer_warm
+
+
+def _cold() -> None:
+    if getattr(_LOOK, "warm_only", False):
+        raise Cold()
+
+
+def _trainer_model():
+    """trainer.model (imports torch and transformers: seconds, once; a cold step)."""
+    if "trainer.model" not in sys.modules:
+        _cold()
+    import trainer.model
+
+    return trainer.model
+
+
+def _stat(path: str) -> os.stat_result | None:
+    memo = getattr(_LOOK, "memo", None)
+    if memo is not None and path in memo:
+        return memo[path]
+    try:
+        st = os.stat(path)
     except OSError:
-        return None
-    return (str(p), st.st_size, st.st_mtime_ns, st.st_ino)
+        st = None
+    if memo is not None:
+        memo[path] = st
+    return st
+
+
+def _is_file(path: str) -> bool:
+    st = _stat(path)
+    return st is not None and stat.S_ISREG(st.st_mode)
+
+
+def _is_dir(path: str) -> bool:
+    st = _stat(path)
+    return st is not None and stat.S_ISDIR(st.st_mode)
+
+
+def _file_key(p: Path | str) -> tuple | None:
+    """Identity of a file's content for caching: (path, size, mtime, inode); None if it is missing."""
+    path = str(p)
+    st = _stat(path)
+    return None if st is None else (path, st.st_size, st.st_mtime_ns, st.st_ino)
 
 
 # Dataset checks (records, summary, problems) by file identity and the settings that matter: a
@@ -47,33 +108,43 @@ def storage_root() -> Path:
     return Path(root).expanduser().resolve()
 
 
+_PARSE_LOCK = threading.Lock()
+
+
+def _parse_dataset(p: Path, fmt, max_length: int, policy, tokenizer) -> tuple[int | None, dict | None, tuple[str, ...]]:
+    from trainer.data import DatasetError, collect_records, prepare  # heavy import only when checking
+
+    if tokenizer is None:
+        records, _, found = collect_records(p, fmt)
+        return (len(records), None, ()) if not found else (None, None, tuple(found))
+    try:
+        _, _, summary = prepare(p, tokenizer, fmt, max_length, policy)
+        return summary["records"], summary, ()
+    except DatasetError as e:
+        return None, None, tuple(e.problems)
+
+
 def _check_dataset(field: str, path: str | None, spec: JobSpec, tokenizer,
                    problems: list[str]) -> tuple[int | None, dict | None]:
     """(records, summary) of one dataset path; every bad record goes to `problems` as
     '<field>: <file>:<line>: <problem>'. Without a tokenizer only the records are checked."""
     if path is None:
         return None, None
-    from trainer.data import DatasetError, collect_records, prepare  # heavy import only when checking
-
-    p = Path(path)
-    if not p.exists():
+    if _stat(path) is None:
         problems.append(f"{field}: {path} does not exist (a data file or a folder of them)")
         return None, None
     ds, hp = spec.dataset, spec.hyperparameters
-    ident = _file_key(p) if p.is_file() else (str(p), tuple(sorted(map(_file_key, p.rglob("*")), key=str)))
-    key = (ident, ds.format, hp.max_length, ds.max_length_policy, spec.model if tokenizer is not None else None)
+    p = Path(path)
+    ident = _file_key(path) if _is_file(path) else (str(p), tuple(sorted(map(_file_key, p.rglob("*")), key=str)))
+    key = (ident, ds.format, hp.max_length, ds.max_length_policy,
+           _tokenizer_ident(spec) if tokenizer is not None else None)
     if key not in _DATASETS:
-        if len(_DATASETS) > 4096:
-            _DATASETS.clear()
-        if tokenizer is None:
-            records, _, found = collect_records(p, ds.format)
-            _DATASETS[key] = (len(records), None, ()) if not found else (None, None, tuple(found))
-        else:
-            try:
-                _, _, summary = prepare(p, tokenizer, ds.format, hp.max_length, ds.max_length_policy)
-                _DATASETS[key] = (summary["records"], summary, ())
-            except DatasetError as e:
-                _DATASETS[key] = (None, None, tuple(e.problems))
+        _cold()
+        with _PARSE_LOCK:  # one parse at a time: the cached tokenizer is shared between threads
+            if key not in _DATASETS:
+                if len(_DATASETS) > 4096:
+                    _DATASETS.clear()
+                _DATASETS[key] = _parse_dataset(p, ds.format, hp.max_length, ds.max_length_policy, tokenizer)
     count, summary, errs = _DATASETS[key]
     problems.extend(f"{field}: {x}" for x in errs)
     return count, summary
@@ -85,8 +156,9 @@ _ESTIMATES: dict[tuple, object] = {}
 def _estimate(model: str, *args, **kwargs):
     """`estimate`, cached by the model folder's identity (its config.json and the folder's
     mtime, which changes when weight files come or go) and the other arguments."""
-    key = (_file_key(Path(model) / "config.json"), _file_key(Path(model)), *args, *sorted(kwargs.items()))
+    key = (_file_key(os.path.join(model, "config.json")), _file_key(model), *args, *sorted(kwargs.items()))
     if key not in _ESTIMATES:
+        _cold()
         if len(_ESTIMATES) > 4096:
             _ESTIMATES.clear()
         _ESTIMATES[key] = estimate(model, *args, **kwargs)  # a ValueError is not cached
@@ -101,12 +173,12 @@ def check_paths(spec: JobSpec, roots: list[str]) -> list[str]:
     for field, value in spec.path_fields().items():
         if value is None:
             continue
-        p = Path(value)
-        if ".." in p.parts:
+        if ".." in value.split("/"):  # the components Path(value).parts has, without building it
             problems.append(f"{field}: {value!r} may not contain '..'")
             continue
         if not resolved_roots:
             continue
+        p = Path(value)
         real = p.resolve()
         if not any(real.is_relative_to(r) for r in resolved_roots):
             via = f" (it resolves to {real})" if real != p else ""
@@ -123,18 +195,41 @@ class Files:
     validation_summary: dict | None = None
 
 
+_TOKENIZERS: dict[tuple, tuple[object | None, str | None]] = {}
+
+
+def _tokenizer_ident(spec: JobSpec) -> tuple | None:
+    """Identity of the model folder's tokenizer files (path, size, mtime, inode of each); None
+    when it has none."""
+    memo = getattr(_LOOK, "memo", None)
+    if memo is not None and ("tokenizer", spec.model) in memo:  # asked up to 3 times per check
+        return memo[("tokenizer", spec.model)]
+    keys = tuple(_file_key(f"{spec.model}/{f}") for f in _trainer_model().TOKENIZER_FILES)
+    ident = (spec.model, keys) if any(k is not None for k in keys) else None
+    if memo is not None:
+        memo[("tokenizer", spec.model)] = ident
+    return ident
+
+
 def _load_tokenizer(spec: JobSpec, problems: list[str]):
     """The model's tokenizer, for token-level checks (lengths, chat template); None if the
-    folder has no tokenizer files (then only the records' fields are checked here)."""
-    from trainer.model import TOKENIZER_FILES, load_tokenizer
-
-    if not any((Path(spec.model) / f).is_file() for f in TOKENIZER_FILES):
+    folder has no tokenizer files (then only the records' fields are checked here). Loaded once
+    per tokenizer files' identity: loading one costs milliseconds, far more than a submit."""
+    ident = _tokenizer_ident(spec)
+    if ident is None:
         return None
-    try:
-        return load_tokenizer(spec.model)
-    except Exception as e:  # noqa: BLE001 - any failure to load is the user's model dir
-        problems.append(f"model: {spec.model}: cannot load its tokenizer ({e})")
-        return None
+    if ident not in _TOKENIZERS:
+        _cold()
+        if len(_TOKENIZERS) > 16:
+            _TOKENIZERS.clear()
+        try:
+            _TOKENIZERS[ident] = (_trainer_model().load_tokenizer(spec.model), None)
+        except Exception as e:  # noqa: BLE001 - any failure to load is the user's model dir
+            _TOKENIZERS[ident] = (None, f"model: {spec.model}: cannot load its tokenizer ({e})")
+    tokenizer, problem = _TOKENIZERS[ident]
+    if problem:
+        problems.append(problem)
+    return tokenizer
 
 
 def _file_problems(spec: JobSpec, problems: list[str]) -> Files:
@@ -143,9 +238,9 @@ def _file_problems(spec: JobSpec, problems: list[str]) -> Files:
     on this software, the output folder."""
     model = Path(spec.model)
     tokenizer = None
-    if not model.is_dir():
+    if not _is_dir(spec.model):
         problems.append(f"model: {spec.model} is not a directory (a local Hugging Face model folder)")
-    elif not (model / "config.json").is_file():
+    elif not _is_file(os.path.join(spec.model, "config.json")):
         problems.append(f"model: {spec.model} has no config.json (expected a Hugging Face model directory)")
     else:
         tokenizer = _load_tokenizer(spec, problems)
@@ -153,10 +248,8 @@ def _file_problems(spec: JobSpec, problems: list[str]) -> Files:
     n_val, s_val = _check_dataset("dataset.validation", spec.dataset.validation, spec, tokenizer, problems)
     if n_train is not None and spec.dataset.validation is None and n_train < 2:
         problems.append("dataset.train: needs at least 2 records to split off a validation set")
-    from trainer.model import check_method_supported
-
     try:
-        check_method_supported(spec.method)
+        _trainer_model().check_method_supported(spec.method)
     except ValueError as e:
         problems.append(str(e))
     if spec.output is not None:
@@ -171,14 +264,56 @@ def _file_problems(spec: JobSpec, problems: list[str]) -> Files:
 def check_files(spec: JobSpec) -> Files:
     """`shoal validate`: the file checks alone, on the user's machine."""
     problems: list[str] = []
-    files = _file_problems(spec, problems)
+    with _one_look():
+        files = _file_problems(spec, problems)
     if problems:
         raise SubmitError(problems)
     return files
 
 
 def check_submission(spec: JobSpec, config: ClusterConfig, nodes: tuple[NodeView, ...],
-                     quotas: tuple[TeamQuota, ...]) -> Admission:
+                     quotas: tuple[TeamQuota, ...], *, warm_only: bool = False) -> Admission:
+    """Every check of a submission (SubmitError lists the problems). `warm_only`: raise Cold
+    rather than parse a dataset, tokenizer or model config not seen before (the API's event
+    loop checks warm specs itself and hands cold ones to a worker thread)."""
+    with _one_look(warm_only):
+        return _check_submission(spec, config, nodes, quotas)
+
+
+# never_fits answers by (the exact nodes, quotas and cohorts objects, the request's shape). The API
+# hands the same context objects for a second, so a burst of similar submits asks the policy
+# once; the entry keeps its objects alive, so their ids cannot be reused while it is cached.
+_COHORTS: dict[int, tuple[object, tuple[Cohort, ...]]] = {}
+
+
+def _cohorts(config: ClusterConfig) -> tuple[Cohort, ...]:
+    """The config's cohorts as the policy's tuple, the same object for the same config object."""
+    hit = _COHORTS.get(id(config))
+    if hit is None or hit[0] is not config:
+        if len(_COHORTS) > 64:
+            _COHORTS.clear()
+        hit = _COHORTS[id(config)] = (config, tuple(Cohort(n, c.parent) for n, c in sorted(config.cohorts.items())))
+    return hit[1]
+
+
+_NEVER_FITS: dict[tuple, tuple[object, object, object, str | None]] = {}
+
+
+def _never_fits(req: JobRequest, nodes, quotas, cohorts, headroom_mib: int) -> str | None:
+    key = (id(nodes), id(quotas), id(cohorts), headroom_mib, req.team, req.priority, req.gpus,
+           req.memory_per_gpu_mib, req.gpu_model, req.cpus_per_gpu, req.shareable)
+    hit = _NEVER_FITS.get(key)
+    if hit is not None and hit[0] is nodes and hit[1] is quotas and hit[2] is cohorts:
+        return hit[3]
+    why = never_fits(req, nodes, quotas, cohorts, PolicySettings(), headroom_mib)
+    if len(_NEVER_FITS) > 256:
+        _NEVER_FITS.clear()
+    _NEVER_FITS[key] = (nodes, quotas, cohorts, why)
+    return why
+
+
+def _check_submission(spec: JobSpec, config: ClusterConfig, nodes: tuple[NodeView, ...],
+                      quotas: tuple[TeamQuota, ...]) -> Admission:
     problems: list[str] = check_paths(spec, config.storage_roots)
     if problems:  # never open a file outside the sandbox, not even to check it
         raise SubmitError(problems)
@@ -193,7 +328,7 @@ def check_submission(spec: JobSpec, config: ClusterConfig, nodes: tuple[NodeView
     models = [config.gpu_models[flavor]] if flavor in config.gpu_models else list(config.gpu_models.values())
     usable = max(m.memory_gib for m in models) * 1024 - config.scheduler.memory_headroom_mib
     est = None
-    if (Path(spec.model) / "config.json").is_file():
+    if _is_file(os.path.join(spec.model, "config.json")):
         try:
             hp = spec.hyperparameters
             est = _estimate(spec.model, spec.method, hp.batch_size, hp.max_length, spec.resources.gpus, usable,
@@ -206,9 +341,8 @@ def check_submission(spec: JobSpec, config: ClusterConfig, nodes: tuple[NodeView
     if est is not None and spec.team in config.teams:
         req = JobRequest(0, spec.team, spec.priority, 0.0, est.gpus, est.memory_per_gpu_mib, flavor,
                          spec.resources.cpus_per_gpu, shareable=spec.resources.shareable)
-        cohorts = tuple(Cohort(n, c.parent) for n, c in sorted(config.cohorts.items()))
-        if (why := never_fits(req, nodes, quotas, cohorts, PolicySettings(),
-                              config.scheduler.memory_headroom_mib)) is not None:
+        if (why := _never_fits(req, nodes, quotas, _cohorts(config),
+                               config.scheduler.memory_headroom_mib)) is not None:
             problems.append(f"resources: can never run here: {why}")
     if problems:
         raise SubmitError(problems)

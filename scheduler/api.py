@@ -13,39 +13,30 @@ and for invalid input `errors` (one 'field.path: message' string per problem) an
 """
 
 import asyncio
-import csv
 import hashlib
-import io
 import json
 import threading
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any, Callable, Literal
+from typing import Annotated, Any, Callable
 
-from fastapi import Depends, FastAPI, Header, Query, Request
+from fastapi import Depends, FastAPI, Request
 from fastapi import Path as PathParam
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import JSONResponse, Response
 from fastapi.routing import APIRoute
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry
-from pydantic import BaseModel, ValidationError
+from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from monitoring.exposition import render
-from scheduler.admission import SubmitError, check_submission
-from scheduler.auth import ADMINS, ALL_ROLES, TEAM_ADMIN_FIELDS, WRITERS, AuthError, Principal, TokenAuthority
-from scheduler.lifecycle import ACTIVE, JobState
-from scheduler.models import (
-    CohortIn, CohortOut, DrainIn, DryRunOut, EventOut, GpuOut, JobOut, JobPage, LogChunk, MetricsSummary,
-    NodeOut, QueueEntry, Role, SubmitIn, TeamIn, TeamOut, TeamPatch, TokenCreated, TokenCreateIn, TokenOut,
-    UsageGroupOut, UsageReport, UserIn, UserOut, WhoAmI,
-)
-from scheduler.policy import JobRequest
+from scheduler.auth import ADMINS, ALL_ROLES, WRITERS, AuthError, Principal, TokenAuthority
+from scheduler.models import JobOut, Role, WhoAmI
 from scheduler.service import Service
-from scheduler.spec import ClusterConfig, CohortConfig, JobSpec, TeamConfig, format_validation_error
-from scheduler.store import Conflict, IdempotencyMismatch, UnknownJob
+from scheduler.spec import ClusterConfig
+from scheduler.store import UnknownJob
 
 # -- who may call what -------------------------------------------------------------------------
 
@@ -145,9 +136,11 @@ def _field_path(loc: tuple) -> str:
 _QUERY_SHAPES: dict[int, tuple[frozenset[str], frozenset[str]]] = {}
 
 
-def _strict_query(request: Request) -> None:
+async def _strict_query(request: Request) -> None:
     """Query strings are checked like bodies: an unknown parameter, or a single-valued one given
-    twice, is a 422 naming it (FastAPI alone ignores the one and keeps the last of the other)."""
+    twice, is a 422 naming it (FastAPI alone ignores the one and keeps the last of the other).
+    (`async`: FastAPI runs a plain `def` dependency in its thread pool, a thread hop per request
+    for a few dictionary look-ups.)"""
     route = request.scope.get("route")
     if not isinstance(route, APIRoute):
         return
@@ -204,6 +197,10 @@ class _Cached:
         with self._lock:
             self._at = -1e18
 
+    def fresh(self) -> bool:
+        """get() would answer without recomputing."""
+        return time.monotonic() - self._at <= self.ttl_s
+
 
 class SubmitBatcher:
     """Group commit. Request threads hand their submission to one writer thread, which commits
@@ -220,11 +217,19 @@ class SubmitBatcher:
         threading.Thread(target=self._run, name="shoal-submit-batcher", daemon=True).start()
 
     def submit(self, item: dict) -> Any:
+        """Blocks until the batch holding `item` committed; its result."""
+        return self._enqueue(item).result()
+
+    async def submit_async(self, item: dict) -> Any:
+        """`submit` for the event loop: awaits the commit without holding a thread."""
+        return await asyncio.wrap_future(self._enqueue(item))
+
+    def _enqueue(self, item: dict):
         from concurrent.futures import Future
 
         fut: Future = Future()
         self._q.put((item, fut))
-        return fut.result()
+        return fut
 
     def _run(self) -> None:
         while True:
@@ -242,6 +247,14 @@ class SubmitBatcher:
                 continue
             for (_, fut), res in zip(batch, results):
                 fut.set_result(res)
+
+
+_JOB_OUT_FIELDS = tuple(JobOut.model_fields)
+
+
+def _job_json(job) -> bytes:
+    """A store JobRecord as JobOut's JSON."""
+    return JobOut.model_construct(**{k: getattr(job, k) for k in _JOB_OUT_FIELDS}).model_dump_json().encode()
 
 
 _PROBE_ID = 2**62  # the job id a dry run's probe gets: after every real job of equal rank
@@ -281,8 +294,9 @@ def create_app(service: Service, registry: CollectorRegistry, user: str = "local
         return _problem_response(Problem(exc.status_code, str(exc.detail), headers=getattr(exc, "headers", None)))
 
     # -- auth ----------------------------------------------------------------------------------
-    def authorize(request: Request,
-                  cred: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)]) -> Principal | None:
+    async def authorize(request: Request,
+                        cred: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)]) -> Principal | None:
+        """`async` (no thread hop): a verified token is a cache hit; a miss is one indexed read."""
         route = request.scope.get("route")
         rule = POLICY.get((request.method, getattr(route, "path", "")))
         if rule is None:  # create_app refuses such routes; a HEAD or similar lands here
@@ -330,269 +344,13 @@ def create_app(service: Service, registry: CollectorRegistry, user: str = "local
     def whoami(p: Who) -> WhoAmI:
         return WhoAmI(user=p.user, team=p.team, role=p.role, token_id=p.token_id)
 
-    # -- jobs ------------------------------------------------------------------------------------
-    teams_now = _Cached(lambda: store.team_configs(service.config), 1.0)
+    # -- the routes, by area (scheduler/routes/) -------------------------------------------------
+    from scheduler.routes import jobs, nodes, tenancy, usage
 
-    def admission_context() -> tuple[ClusterConfig, Any, Any]:
-        """What admission checks a spec against (teams, nodes, quotas), refreshed once a second:
-        they change at human speed, and reading them per submit would cost more than the submit."""
-        snap_nodes = service.inventory.node_views(service.running_views(store.active_jobs()))
-        cfg = service.config.model_copy(update={"teams": teams_now.get(),
-                                                "cohorts": store.cohort_configs(service.config)})
-        return cfg, snap_nodes, service.quotas()
-
-    admission_now = _Cached(admission_context, 1.0)
-
-    def validate_spec(body: SubmitIn, p: Principal) -> JobSpec:
-        try:
-            spec = JobSpec.model_validate(body.spec)
-        except ValidationError as e:
-            raise Problem(422, "Invalid job spec", errors=format_validation_error(e, body.source or "")) from None
-        relative = [f"{f}: {v!r} must be an absolute path (the CLI resolves paths against the spec file)"
-                    for f, v in spec.path_fields().items() if v is not None and not Path(v).is_absolute()]
-        if relative:
-            raise Problem(422, "Invalid job spec", errors=relative)
-        own_team(p, spec.team, "submit")
-        if not p.is_admin:  # jobs run as their submitter; only admins submit for someone else
-            if spec.user not in (None, p.user):
-                raise Problem(403, "Forbidden", f"user: you are {p.user!r}; only admins submit as another user")
-            spec = spec.model_copy(update={"user": p.user})
-        return spec if spec.user else spec.model_copy(update={"user": p.user})
-
-    def admit(spec: JobSpec):
-        cfg, nodes, quotas = admission_now.get()
-        return check_submission(spec, cfg, nodes, quotas)
-
-    batcher = SubmitBatcher(store)
-
-    @app.post("/v1/jobs", status_code=201, responses={200: {"model": JobOut, "description": "an idempotent replay: "
-                                                                      "the job the same key created before"}})
-    def submit(body: SubmitIn, p: Who, response: Response,
-               idempotency_key: Annotated[str | None, Header(max_length=255, min_length=1)] = None) -> JobOut:
-        """Queue a job. With `Idempotency-Key`, a retry with the same key and body returns the
-        job created the first time (200) instead of a second job; the same key with another body
-        is refused (422)."""
-        spec = validate_spec(body, p)
-        try:
-            adm = admit(spec)
-        except SubmitError as e:
-            raise Problem(422, "Job cannot be submitted", errors=e.problems) from None
-        kw = dict(spec=spec.model_dump(mode="json"), name=spec.name, team=spec.team, user=spec.user,
-                  priority=spec.priority, gpus=adm.gpus, memory_per_gpu_mib=adm.memory_per_gpu_mib,
-                  now=clock.now(), reason=f"submitted by {p.user}: {adm.gpus} GPU(s), "
-                  f"~{adm.memory_per_gpu_mib} MiB each; {adm.train_records} training records")
-        if idempotency_key is not None:
-            kw["idem"] = (p.user, idempotency_key, _digest(body.model_dump(mode="json")))
-        res = batcher.submit(kw)
-        if isinstance(res, IdempotencyMismatch):
-            raise Problem(422, "Idempotency-Key reused", str(res))
-        job, created = res
-        if not created:
-            response.status_code = 200
-        return JobOut.of(job)
-
-    @app.post("/v1/jobs/dry-run")
-    def dry_run(body: SubmitIn, p: Who) -> DryRunOut:
-        """Everything a submit would check and what the scheduler would do with the job now
-        (start it, or why it would wait and the estimated start), without queuing it."""
-        try:
-            spec = validate_spec(body, p)
-        except Problem as e:
-            if e.status == 403:
-                raise
-            return DryRunOut(valid=False, problems=e.errors or [e.detail])
-        try:
-            adm = admit(spec)
-        except SubmitError as e:
-            return DryRunOut(valid=False, problems=e.problems)
-        snap, _ = service.snapshot()
-        res = spec.resources
-        probe = JobRequest(_PROBE_ID, spec.team, spec.priority, clock.now(), adm.gpus, adm.memory_per_gpu_mib,
-                           res.gpu_model, res.cpus_per_gpu, shareable=res.shareable,
-                           expected_duration_s=res.expected_duration_s, user=spec.user)
-        decision = service.policy(replace(snap, pending=snap.pending + (probe,)))
-        starts = any(s.job_id == _PROBE_ID for s in decision.to_start)
-        return DryRunOut(valid=True, gpus=adm.gpus, memory_per_gpu_mib=adm.memory_per_gpu_mib,
-                         train_records=adm.train_records, validation_records=adm.validation_records,
-                         would_start_now=starts, pending_reason=None if starts else decision.pending.get(_PROBE_ID),
-                         estimated_start_at=snap.now if starts else decision.estimated_start.get(_PROBE_ID))
-
-    @app.get("/v1/jobs")
-    def list_jobs(p: Who, state: Annotated[list[JobState] | None, Query()] = None,
-                  team: Annotated[str | None, Query(max_length=63)] = None,
-                  user: Annotated[str | None, Query(max_length=63)] = None,
-                  since: Annotated[float | None, Query(description="Unix time: submitted or changed since")] = None,
-                  cursor: Annotated[str | None, Query(pattern=r"^[0-9]{1,18}$", description="from next_cursor")] = None,
-                  offset: Annotated[int, Query(ge=0, le=1_000_000)] = 0,
-                  limit: Annotated[int, Query(ge=1, le=1000)] = 100) -> JobPage:
-        """Jobs in id order, filtered; non-admins see their own team's jobs only."""
-        teams = p.teams_filter()
-        if team is not None:
-            teams = [team] if teams is None or team in teams else []
-        jobs = store.job_page(states=state, teams=teams, user=user, since=since,
-                              after_id=int(cursor or 0), offset=offset, limit=limit + 1)
-        more = len(jobs) > limit
-        jobs = jobs[:limit]
-        return JobPage(items=[JobOut.of(j) for j in jobs], next_cursor=str(jobs[-1].id) if more else None)
-
-    @app.get("/v1/jobs/{job_id}")
-    def get_job(job_id: JobId, p: Who) -> JobOut:
-        return JobOut.of(visible_job(p, job_id))
-
-    @app.post("/v1/jobs/{job_id}/cancel")
-    def cancel(job_id: JobId, p: Who) -> JobOut:
-        """Queued and held jobs end at once (held ones here, queued ones on the scheduler's next
-        cycle); running ones are stopped."""
-        job = visible_job(p, job_id)
-        if job.state.terminal:
-            raise Problem(409, "Job already finished", f"job {job_id} is {job.state.value}")
-        if job.state is JobState.HELD:
-            try:
-                return JobOut.of(store.transition(job_id, JobState.HELD, JobState.CANCELLED, now=clock.now(),
-                                                  reason=f"cancelled by {p.user} while held", finished_at=clock.now()))
-            except Conflict:
-                job = store.get(job_id)  # released meanwhile: cancel it the normal way
-        return JobOut.of(store.request_cancel(job_id))  # the service loop carries it out
-
-    def move(job_id: JobId, p: Who, src: JobState, dst: JobState, verb: str, reason: str) -> JobOut:
-        job = visible_job(p, job_id)
-        if job.cancel_requested:
-            raise Problem(409, f"Cannot {verb} job", f"job {job_id} is being cancelled")
-        if job.state is not src:
-            done = {"hold": "held", "release": "released"}[verb]
-            raise Problem(409, f"Cannot {verb} job", f"job {job_id} is {job.state.value}; only {src.value} jobs "
-                          f"can be {done}" + ("" if verb != "hold" else " (a job already placed cannot be held)"))
-        try:
-            return JobOut.of(store.transition(job_id, src, dst, reason=reason, now=clock.now()))
-        except Conflict:
-            now_state = store.get(job_id).state.value
-            raise Problem(409, f"Cannot {verb} job", f"job {job_id} is {now_state}") from None
-
-    @app.post("/v1/jobs/{job_id}/hold")
-    def hold(job_id: JobId, p: Who) -> JobOut:
-        """Keep a queued job from starting until it is released (`scontrol hold`)."""
-        return move(job_id, p, JobState.QUEUED, JobState.HELD, "hold", f"held by {p.user}")
-
-    @app.post("/v1/jobs/{job_id}/release")
-    def release(job_id: JobId, p: Who) -> JobOut:
-        return move(job_id, p, JobState.HELD, JobState.QUEUED, "release", f"released by {p.user}")
-
-    @app.post("/v1/jobs/{job_id}/requeue")
-    def requeue(job_id: JobId, p: Who) -> JobOut:
-        """Stop a running job at a checkpoint and put it back in the queue (it resumes from the
-        checkpoint when it is scheduled again)."""
-        job = visible_job(p, job_id)
-        if job.state not in (JobState.STARTING, JobState.RUNNING):
-            raise Problem(409, "Cannot requeue job", f"job {job_id} is {job.state.value}; only STARTING or RUNNING "
-                          "jobs can be requeued")
-        service.requeue(job_id, f"requeued by {p.user}")
-        return JobOut.of(store.get(job_id))
-
-    @app.get("/v1/jobs/{job_id}/events")
-    def events(job_id: JobId, p: Who) -> list[EventOut]:
-        visible_job(p, job_id)
-        return [EventOut.model_validate(asdict(e)) for e in store.events(job_id)]
-
-    def read_log(job_id: int, offset: int, limit: int = 1 << 20) -> tuple[bytes, int]:
-        path = service.log_path(job_id)
-        if not path.exists():
-            return b"", offset
-        with path.open("rb") as f:
-            f.seek(offset)
-            data = f.read(limit)
-        cut = data.rfind(b"\n") + 1  # whole lines only
-        return data[:cut], offset + cut
-
-    @app.get("/v1/jobs/{job_id}/logs")
-    def logs(job_id: JobId, p: Who, offset: Annotated[int, Query(ge=0, le=2**53)] = 0) -> LogChunk:
-        job = visible_job(p, job_id)
-        data, end = read_log(job_id, offset)
-        return LogChunk(text=data.decode(errors="replace"), offset=end, terminal=job.state.terminal)
-
-    @app.get("/v1/jobs/{job_id}/logs/stream", response_class=StreamingResponse,
-             responses={200: {"content": {"text/plain": {"schema": {"type": "string"}}},
-                              "description": "the log as it grows"}})
-    async def log_stream(job_id: JobId, p: Who, follow: bool = False,
-                         timeout_s: Annotated[float, Query(gt=0, le=86400)] = 3600) -> StreamingResponse:
-        """The job's log as plain text; with `follow`, kept open and streamed as lines arrive
-        until the job ends (or `timeout_s` passes)."""
-        visible_job(p, job_id)
-
-        async def lines():
-            offset, deadline = 0, time.monotonic() + timeout_s
-            while True:
-                data, offset = read_log(job_id, offset)
-                if data:
-                    yield data
-                    continue
-                if not follow or store.get(job_id).state.terminal or time.monotonic() > deadline:
-                    return
-                await asyncio.sleep(0.5)
-
-        return StreamingResponse(lines(), media_type="text/plain")
-
-    # -- queue and summary -------------------------------------------------------------------------
-    def queue_order() -> list[tuple[int, str | None, float | None]]:
-        snap, queued = service.snapshot()
-        d = service.policy(snap)
-        first = [s.job_id for s in d.to_start]
-        rest = [j for j in d.pending if j not in first]
-        rest += sorted(set(queued) - set(first) - set(rest))
-        return [(j, d.pending.get(j), snap.now if j in first else d.estimated_start.get(j)) for j in first + rest
-                if j in queued]
-
-    queue_now = _Cached(queue_order, 1.0)
-
-    @app.get("/v1/queue")
-    def queue(p: Who, team: Annotated[str | None, Query(max_length=63)] = None) -> list[QueueEntry]:
-        """Queued jobs in the order the scheduler would start them, with why each waits and its
-        estimated start (Slurm's `squeue --start`). Positions count every team's jobs."""
-        out = []
-        for pos, (job_id, reason, start) in enumerate(queue_now.get(), 1):
-            try:
-                j = store.get(job_id)
-            except UnknownJob:
-                continue
-            if not p.sees_team(j.team) or (team is not None and j.team != team):
-                continue
-            out.append(QueueEntry(position=pos, id=j.id, name=j.name, team=j.team, user=j.user,
-                                  priority=j.priority, state=j.state.value, gpus=j.gpus,
-                                  submitted_at=j.submitted_at, pending_reason=reason or j.pending_reason,
-                                  estimated_start_at=start))
-        return out
-
-    def team_out(name: str, t: TeamConfig, jobs) -> TeamOut:
-        mine = [j for j in jobs if j.team == name]
-        active = [j for j in mine if j.state in ACTIVE]
-        queued = [j for j in mine if j.state is JobState.QUEUED]
-        return TeamOut(name=name, **t.model_dump(), gpus_in_use=sum(j.gpus for j in active),
-                       gpus_queued=sum(j.gpus for j in queued), jobs_running=len(active), jobs_queued=len(queued))
-
-    def live_jobs():
-        return store.jobs(states=[JobState.QUEUED, *ACTIVE])
-
-    @app.get("/v1/metrics/summary")
-    def metrics_summary(p: Who) -> MetricsSummary:
-        """Cluster totals (GPUs, memory, utilization) and, per visible team, its quota and use."""
-        nodes = service.inventory.node_views(service.running_views(store.active_jobs()))
-        gpus = [g for n in nodes for g in n.gpus]
-        counts: dict[str, int] = {}
-        for (state, t), n in store.count_by_state_team().items():
-            if p.sees_team(t):
-                counts[state] = counts.get(state, 0) + n
-        jobs = live_jobs()
-        teams = [team_out(n, t, jobs) for n, t in teams_now.get().items() if p.sees_team(n)]
-        return MetricsSummary(
-            jobs_by_state=counts, gpus_total=len(gpus), gpus_healthy=sum(g.healthy for g in gpus),
-            gpus_allocated=sum(bool(g.allocated_to) for g in gpus),
-            gpu_utilization_mean=sum(g.utilization for g in gpus) / len(gpus) if gpus else 0.0,
-            memory_used_mib=sum(g.memory_used_mib for g in gpus),
-            memory_total_mib=sum(g.memory_total_mib for g in gpus), teams=teams)
-
-    # -- teams, cohorts, users, tokens -------------------------------------------------------------
-    _register_tenancy(app, service, auth, Who, teams_now, team_out, live_jobs)
-    _register_nodes(app, service, Who)
-    _register_usage(app, service, Who)
+    teams_now, team_out, live_jobs = jobs.register(app, service, Who, visible_job, own_team)
+    tenancy.register(app, service, auth, Who, teams_now, team_out, live_jobs)
+    nodes.register(app, service, Who)
+    usage.register(app, service, Who)
 
     plain_openapi = app.openapi
 
@@ -610,283 +368,6 @@ def create_app(service: Service, registry: CollectorRegistry, user: str = "local
     if missing:
         raise RuntimeError(f"routes without an entry in scheduler.api.POLICY: {missing}")
     return app
-
-
-def _register_tenancy(app: FastAPI, service: Service, auth: TokenAuthority, Who, teams_now: _Cached,
-                      team_out, live_jobs) -> None:
-    store, clock = service.store, service.clock
-
-    def teams() -> dict[str, TeamConfig]:
-        return teams_now.get()
-
-    def changed() -> None:
-        teams_now.clear()
-
-    def check_team(name: str, t: TeamConfig) -> None:
-        problems = []
-        if t.cohort is not None and t.cohort not in store.cohort_configs(service.config):
-            problems.append(f"cohort: {t.cohort!r} is not a cohort (create it with PUT /v1/cohorts/{t.cohort})")
-        for model in t.gpus_by_model:
-            if model not in service.config.gpu_models:
-                problems.append(f"gpus_by_model.{model}: not a GPU model of this cluster "
-                                f"(known: {', '.join(sorted(service.config.gpu_models))})")
-        if problems:
-            raise Problem(422, "Invalid team", errors=problems)
-
-    def get_team(p: Principal, name: str) -> TeamConfig:
-        if not p.sees_team(name):
-            raise Problem(403, "Forbidden", f"you belong to team {p.team!r}, not {name!r}")
-        t = teams().get(name)
-        if t is None:
-            raise Problem(404, "Team not found", f"team {name!r} does not exist")
-        return t
-
-    Name = Annotated[str, Depends(_path_name)]
-
-    @app.get("/v1/teams")
-    def list_teams(p: Who) -> list[TeamOut]:
-        """Teams with quota, cohort, budget and current use (non-admins: their own team)."""
-        jobs = live_jobs()
-        return [team_out(n, t, jobs) for n, t in teams().items() if p.sees_team(n)]
-
-    @app.get("/v1/teams/{name}")
-    def read_team(name: Name, p: Who) -> TeamOut:
-        return team_out(name, get_team(p, name), live_jobs())
-
-    @app.put("/v1/teams/{name}")
-    def put_team(name: Name, body: TeamIn, p: Who) -> TeamOut:
-        """Create or replace a team (its quota, cohort, limits, weight and budget)."""
-        t = TeamConfig.model_validate(body.model_dump())
-        check_team(name, t)
-        store.put_team(name, t, clock.now())
-        changed()
-        return team_out(name, t, live_jobs())
-
-    @app.patch("/v1/teams/{name}")
-    def patch_team(name: Name, body: TeamPatch, p: Who) -> TeamOut:
-        """Change some of a team's settings. A team admin may change only their own team's
-        `lending_limit` and `borrowing_limit` (within its cohort)."""
-        cur = get_team(p, name)
-        changes = body.model_dump(exclude_unset=True)
-        if not p.is_admin:
-            bad = sorted(set(changes) - TEAM_ADMIN_FIELDS)
-            if bad:
-                raise Problem(403, "Forbidden", f"team admins may change only {', '.join(sorted(TEAM_ADMIN_FIELDS))}; "
-                              f"not {', '.join(bad)} (ask a cluster admin)")
-            if changes.get("borrowing_limit") is not None and cur.cohort is None:
-                raise Problem(422, "Invalid team", errors=["borrowing_limit: the team is in no cohort; "
-                                                           "there is nobody to borrow from"])
-        for k in ("gpus", "weight", "gpus_by_model"):
-            if k in changes and changes[k] is None:
-                raise Problem(422, "Invalid team", errors=[f"{k}: may not be null"])
-        t = TeamConfig.model_validate({**cur.model_dump(), **changes})
-        check_team(name, t)
-        store.put_team(name, t, clock.now())
-        changed()
-        return team_out(name, t, live_jobs())
-
-    @app.delete("/v1/teams/{name}", status_code=204)
-    def delete_team(name: Name, p: Who) -> Response:
-        if name not in teams():
-            raise Problem(404, "Team not found", f"team {name!r} does not exist")
-        busy = [j.id for j in live_jobs() if j.team == name]
-        if busy:
-            raise Problem(409, "Team has jobs", f"team {name!r} has queued or running jobs {busy[:10]}; cancel them first")
-        store.delete_team(name, clock.now())
-        changed()
-        return Response(status_code=204)
-
-    @app.get("/v1/cohorts")
-    def list_cohorts(p: Who) -> list[CohortOut]:
-        t = teams()
-        return [CohortOut(name=n, parent=c.parent, teams=sorted(k for k, v in t.items() if v.cohort == n))
-                for n, c in store.cohort_configs(service.config).items()]
-
-    @app.put("/v1/cohorts/{name}")
-    def put_cohort(name: Name, body: CohortIn, p: Who) -> CohortOut:
-        cohorts = store.cohort_configs(service.config)
-        if body.parent is not None and body.parent not in cohorts:
-            raise Problem(422, "Invalid cohort", errors=[f"parent: {body.parent!r} is not a cohort"])
-        parent = body.parent
-        while parent is not None:  # no cycles
-            if parent == name:
-                raise Problem(422, "Invalid cohort", errors=[f"parent: {body.parent!r} would make a cycle"])
-            parent = cohorts[parent].parent if parent in cohorts else None
-        store.put_cohort(name, CohortConfig(parent=body.parent), clock.now())
-        changed()
-        return CohortOut(name=name, parent=body.parent, teams=sorted(k for k, v in teams().items() if v.cohort == name))
-
-    @app.delete("/v1/cohorts/{name}", status_code=204)
-    def delete_cohort(name: Name, p: Who) -> Response:
-        cohorts = store.cohort_configs(service.config)
-        if name not in cohorts:
-            raise Problem(404, "Cohort not found", f"cohort {name!r} does not exist")
-        users = sorted([k for k, v in teams().items() if v.cohort == name] +
-                       [k for k, v in cohorts.items() if v.parent == name])
-        if users:
-            raise Problem(409, "Cohort in use", f"cohort {name!r} is used by {', '.join(users)}")
-        store.delete_cohort(name, clock.now())
-        changed()
-        return Response(status_code=204)
-
-    def user_out(u) -> UserOut:
-        return UserOut(name=u.name, team=u.team, role=u.role, created_at=u.created_at)
-
-    @app.get("/v1/users")
-    def list_users(p: Who) -> list[UserOut]:
-        return [user_out(u) for u in store.users(team=None if p.is_admin else p.team)]
-
-    def check_membership(team: str | None, role: Role) -> None:
-        if role is not Role.admin and team is None:
-            raise Problem(422, "Invalid user", errors=[f"team: required for role {role.value}"])
-        if team is not None and team not in teams():
-            raise Problem(422, "Invalid user", errors=[f"team: {team!r} is not a team"])
-
-    @app.put("/v1/users/{name}")
-    def put_user(name: Annotated[str, Depends(_path_user)], body: UserIn, p: Who) -> UserOut:
-        """Create a user or change their team and role (their tokens follow at once)."""
-        check_membership(body.team, body.role)
-        u = store.put_user(name, body.team, body.role.value, clock.now())
-        auth.forget()
-        return user_out(u)
-
-    @app.delete("/v1/users/{name}", status_code=204)
-    def delete_user(name: Annotated[str, Depends(_path_user)], p: Who) -> Response:
-        """Disable a user and revoke their tokens."""
-        if not store.delete_user(name, clock.now()):
-            raise Problem(404, "User not found", f"user {name!r} does not exist")
-        auth.forget()
-        return Response(status_code=204)
-
-    def token_out(t) -> TokenOut:
-        return TokenOut(**asdict(t))
-
-    @app.post("/v1/tokens", status_code=201)
-    def create_token(body: TokenCreateIn, p: Who) -> TokenCreated:
-        """A new token for `user` (created, or moved to this team and role). The token is in
-        this answer only; the server keeps a keyed hash."""
-        if not p.is_admin and (body.role is Role.admin or body.team != p.team):
-            raise Problem(403, "Forbidden", f"team admins create non-admin tokens for team {p.team!r} only")
-        check_membership(body.team, body.role)
-        existing = store.get_user(body.user)
-        if not p.is_admin and existing is not None and existing.team not in (None, p.team) \
-                and existing.role != "disabled":
-            raise Problem(403, "Forbidden", f"user {body.user!r} belongs to another team")
-        token, rec = auth.create(body.user, body.team, body.role, ttl_s=body.expires_in_s,
-                                 description=body.description)
-        return TokenCreated(**asdict(rec), token=token, team=body.team, role=body.role)
-
-    def visible_tokens(p: Principal):
-        if p.is_admin:
-            return store.tokens()
-        if p.role is Role.team_admin:
-            return store.tokens(team=p.team)
-        return store.tokens(user=p.user)
-
-    @app.get("/v1/tokens")
-    def list_tokens(p: Who) -> list[TokenOut]:
-        return [token_out(t) for t in visible_tokens(p)]
-
-    @app.delete("/v1/tokens/{token_id}")
-    def revoke_token(token_id: Annotated[str, Depends(_path_token)], p: Who) -> TokenOut:
-        if token_id not in {t.id for t in visible_tokens(p)}:
-            raise Problem(404, "Token not found", f"token {token_id} does not exist")
-        rec = store.revoke_token(token_id, clock.now())
-        auth.forget()
-        return token_out(rec)
-
-
-def _register_nodes(app: FastAPI, service: Service, Who) -> None:
-    store, clock = service.store, service.clock
-
-    @app.get("/v1/nodes")
-    def nodes(p: Who) -> list[NodeOut]:
-        """Nodes and their GPUs with live readings (memory, utilization, health) and the Shoal
-        jobs on each; drained nodes take no new jobs."""
-        active = store.active_jobs()
-        team_of = {j.id: j.team for j in active}
-        recorded = store.nodes()  # drained (operator or GPU fault) / lost, as the service recorded it
-        out = []
-        for n in service.inventory.node_views(service.running_views(active)):
-            rec = recorded.get(n.node_id)
-            d = rec if rec is not None and rec.drained else None
-            gpus = []
-            for g in n.gpus:
-                seen = [j for j in g.allocated_to if p.sees_team(team_of.get(j, ""))]
-                gpus.append(GpuOut(index=g.index, model=g.model, memory_total_mib=g.memory_total_mib,
-                                   memory_used_mib=g.memory_used_mib, reserved_mib=g.reserved_mib,
-                                   utilization=g.utilization, healthy=g.healthy, jobs=seen,
-                                   hidden_jobs=len(g.allocated_to) - len(seen)))
-            out.append(NodeOut(id=n.node_id, name=n.name, schedulable=n.schedulable and d is None,
-                               drained=d is not None, drain_reason=d.drain_reason if d else None,
-                               lost=rec is not None and rec.lost, cpus=n.cpus,
-                               cpus_held=n.cpus_held, gpus=gpus))
-        return out
-
-    def find(name: str) -> str:
-        for n in service.inventory.node_views(()):
-            if name in (n.name, n.node_id):
-                return n.node_id
-        raise Problem(404, "Node not found", f"node {name!r} is not part of the cluster")
-
-    @app.post("/v1/nodes/{name}/drain")
-    def drain(name: Annotated[str, Depends(_path_node)], body: DrainIn, p: Who) -> NodeOut:
-        """Stop placing new jobs on the node; its running jobs checkpoint and move elsewhere
-        (the same drain a GPU fault triggers, recorded in the store)."""
-        node_id = find(name)
-        service.note_node(node_id)
-        service.drain(node_id, body.reason)
-        return next(n for n in nodes(p) if n.id == node_id)
-
-    @app.post("/v1/nodes/{name}/undrain")
-    def undrain(name: Annotated[str, Depends(_path_node)], p: Who) -> NodeOut:
-        node_id = find(name)
-        service.note_node(node_id)
-        service.undrain(node_id)
-        return next(n for n in nodes(p) if n.id == node_id)
-
-
-def _register_usage(app: FastAPI, service: Service, Who) -> None:
-    from scheduler.accounting import GROUP_KEYS, period_start, summarize
-
-    store, clock = service.store, service.clock
-    GroupKey = Literal[GROUP_KEYS]  # type: ignore[valid-type]
-
-    @app.get("/v1/usage", responses={200: {"content": {"text/csv": {"schema": {"type": "string"}}},
-                                          "description": "the report (JSON, or CSV with format=csv)"}})
-    def usage(p: Who, since: Annotated[float | None, Query(ge=0, le=1e11, description="Unix time; default: start "
-                                                             "of the current budget period")] = None,
-              until: Annotated[float | None, Query(ge=0, le=1e11, description="Unix time; default: now")] = None,
-              by: Annotated[list[GroupKey] | None, Query(description="group by (repeatable); default team")] = None,
-              team: Annotated[str | None, Query(max_length=63)] = None,
-              user: Annotated[str | None, Query(max_length=63)] = None,
-              format: Literal["json", "csv"] = "json") -> UsageReport:
-        """GPU-hours and $ by team / user / job / GPU model / node over a window, from the usage
-        ledger (one record per job attempt; running attempts count up to `until`). Non-admins
-        report on their own team only."""
-        now = clock.now()
-        until_ = now if until is None else until
-        since_ = period_start(now, service.config.scheduler.budget_period) if since is None else since
-        if since_ >= until_:
-            raise Problem(422, "Invalid window", errors=[f"since: must be before until ({since_} >= {until_})"])
-        if not p.is_admin:
-            if team not in (None, p.team):
-                raise Problem(403, "Forbidden", f"you belong to team {p.team!r}, not {team!r}")
-            team = p.team
-        keys = tuple(dict.fromkeys(by or ["team"]))
-        rows = summarize(store.usage(since=since_, until=until_, team=team, user=user), keys, since_, until_)
-        report = UsageReport(since=since_, until=until_, by=list(keys),
-                             rows=[UsageGroupOut(key=r.key, gpu_hours=r.gpu_hours, cost_usd=r.cost_usd, jobs=r.jobs)
-                                   for r in rows],
-                             total_gpu_hours=sum(r.gpu_hours for r in rows), total_cost_usd=sum(r.cost_usd for r in rows))
-        if format == "json":
-            return report
-        buf = io.StringIO()
-        w = csv.writer(buf, lineterminator="\n")
-        w.writerow([*keys, "gpu_hours", "cost_usd", "jobs"])
-        for r in report.rows:
-            w.writerow([*(r.key[k] for k in keys), f"{r.gpu_hours:.6f}", f"{r.cost_usd:.6f}", r.jobs])
-        return Response(buf.getvalue(), media_type="text/csv")
 
 
 # Path parameters with their patterns (FastAPI's Path() in a dependency keeps handlers short).

@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import threading
+import time
 from dataclasses import replace as dc_replace
 from pathlib import Path
 from typing import Callable, Protocol
@@ -112,6 +113,8 @@ class Service:
         self._scanned_at = float("-inf")  # last full scan for rows with an unknown state
         self._running_cache: dict = {}  # job id -> view fields (running_views)
         self._pending_cache: dict = {}  # job id -> JobRequest (pending_views)
+        self._queued_cache: dict = {}  # job id -> (version, JobRecord) of the last cycle's queue
+        self.max_loop_share = 0.25  # run(): after a cycle of d seconds, wait >= d * (1/share - 1)
 
     # -- paths --------------------------------------------------------------------------------
     def job_dir(self, job_id: int) -> Path:
@@ -378,8 +381,31 @@ class Service:
         )
         return snap, {j.id: j for j in queued}
 
+    def _queued_jobs(self) -> list[JobRecord]:
+        """QUEUED jobs not being cancelled, in id order. A row is read in full (JSON parsed) only
+        when it is new or one of the columns that change while a job waits differs from the last
+        cycle's (Store.queued_versions); a long queue is no longer re-read every cycle."""
+        versions = self.store.queued_versions()
+        cache = self._queued_cache
+        stale = [i for i, v in versions.items() if (hit := cache.get(i)) is None or hit[0] != v]
+        fresh = {j.id: j for j in self.store.jobs_by_id(stale)} if stale else {}
+        out, kept = [], {}
+        for i in versions:
+            if i in fresh:
+                j = fresh[i]
+                if j.state is not S.QUEUED or j.cancel_requested:  # moved since the versions were read
+                    continue
+                kept[i] = (_queued_version(j), j)
+            elif i in cache:
+                kept[i] = cache[i]
+            else:
+                continue
+            out.append(kept[i][1])
+        self._queued_cache = kept
+        return out
+
     def _schedule(self) -> None:
-        waiting = self.store.jobs(states=[S.QUEUED], cancel_requested=False)
+        waiting = self._queued_jobs()
         if not waiting:
             return  # nothing waits: no decision to make (policies start or preempt only for waiting jobs)
         snap, queued = self.snapshot(waiting)
@@ -389,10 +415,17 @@ class Service:
         for start in decision.to_start:
             self._start(queued[start.job_id], start.placement.node_id, start.placement.gpu_indices)
         etas = self._estimates(snap, decision)
+        changed = {}
         for job_id, reason in decision.pending.items():
             eta = etas.get(job_id)
             if queued[job_id].pending_reason != reason or queued[job_id].estimated_start_at != eta:
-                self.store.update_fields(job_id, pending_reason=reason, estimated_start_at=eta)
+                changed[job_id] = {"pending_reason": reason, "estimated_start_at": eta}
+        if changed:  # one transaction for the cycle's reasons (a write per job cost more than the plan)
+            self.store.update_many(changed)
+            for job_id, ch in changed.items():
+                if job_id in self._queued_cache:
+                    j = dc_replace(queued[job_id], **ch)
+                    self._queued_cache[job_id] = (_queued_version(j), j)
 
     def _estimates(self, snap: Snapshot, decision: Decision) -> dict[int, float]:
         """Estimated starts to store: the cycle's own (its reservation) plus the policy's forecast
@@ -575,6 +608,7 @@ class Service:
         logged and the next one reconciles first. Returns on `Fenced`: another replica leads."""
         interval = self.config.scheduler.interval_s
         while not stop.is_set():
+            t0 = time.perf_counter()
             try:
                 self.tick()
             except Fenced as e:
@@ -582,7 +616,15 @@ class Service:
                 return
             except Exception:  # noqa: BLE001 - keep scheduling; the error is logged
                 log.exception("scheduler cycle failed")
-            stop.wait(interval)
+            # A long queue makes a cycle long; the loop then waits longer too, so it takes at most
+            # `max_loop_share` of the process's time (the API shares the interpreter's lock).
+            spent = time.perf_counter() - t0
+            stop.wait(max(interval, spent * (1 / self.max_loop_share - 1)))
+
+
+def _queued_version(j: JobRecord) -> tuple:
+    """The columns Store.queued_versions reads, in its order."""
+    return (j.updated_at, j.attempt, j.retries, j.attained_gpu_s, j.pending_reason, j.estimated_start_at)
 
 
 def find_node(nodes, ref: str):

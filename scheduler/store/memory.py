@@ -142,6 +142,27 @@ class MemoryStore:
             self._jobs[job_id] = new
             self._index_cancel(new)
 
+    def update_many(self, changes: dict[int, dict[str, Any]]) -> None:
+        """`update_fields` for many jobs at once; a job that no longer exists is skipped."""
+        checked = {job_id: self._check_fields(ch) for job_id, ch in changes.items()}
+        with self._lock:
+            for job_id, ch in checked.items():
+                rec = self._jobs.get(job_id)
+                if rec is not None:
+                    new = _with(rec, **ch)
+                    self._jobs[job_id] = new
+                    self._index_cancel(new)
+
+    def queued_versions(self) -> dict[int, tuple]:
+        """As Store.queued_versions."""
+        with self._lock:
+            recs = [self._jobs[i] for i in sorted(self._by_state[JobState.QUEUED])]
+        return {r.id: (r.updated_at, r.attempt, r.retries, r.attained_gpu_s, r.pending_reason, r.estimated_start_at)
+                for r in recs if not r.cancel_requested}
+
+    def jobs_by_id(self, ids: Iterable[int]) -> list[JobRecord]:
+        return [self._jobs[i] for i in sorted(set(ids)) if i in self._jobs]
+
     def request_cancel(self, job_id: int) -> JobRecord:
         with self._lock:
             rec = self._jobs.get(job_id)

@@ -39,6 +39,20 @@ class TokenRecord:
     revoked_at: float | None
 
 
+@dataclass(frozen=True)
+class QueueRow:
+    """A queued job as GET /v1/queue shows it (no JSON columns read)."""
+    id: int
+    name: str
+    team: str
+    user: str
+    priority: int
+    gpus: int
+    submitted_at: float
+    pending_reason: str | None
+    estimated_start_at: float | None
+
+
 class IdempotencyMismatch(ValueError):
     """The key was used before with a different request body."""
 
@@ -51,6 +65,19 @@ def _job(row: JobRow) -> Any:
     from scheduler.store.db import JobRecord  # db.py imports this module
 
     return JobRecord.of(row)
+
+
+def _new_job(job_id: int, params: dict) -> Any:
+    """The record of a job just inserted with `params` (TenancyStore._job_params)."""
+    from scheduler.store.db import JobRecord
+
+    return JobRecord(id=job_id, name=params["name"], team=params["team"], user=params["user"],
+                     priority=params["priority"], state=JobState.QUEUED, spec=params["spec"], gpus=params["gpus"],
+                     memory_per_gpu_mib=params["memory_per_gpu_mib"], submitted_at=params["submitted_at"],
+                     updated_at=params["updated_at"], started_at=None, finished_at=None, attempt=0, retries=0,
+                     placement=None, pending_reason=None, progress=None, result=None, failure_reason=None,
+                     cancel_requested=False, last_checkpoint_step=None, last_checkpoint_at=None,
+                     attempt_started_at=None, attained_gpu_s=0.0, estimated_start_at=None)
 
 
 def _user(r: UserRow) -> UserRecord:
@@ -256,19 +283,24 @@ class TenancyStore:
         (IdempotencyMismatch). Rows go in with bulk INSERT ... RETURNING, so the cost per job is a
         fraction of a single `submit`. If another process raced us on an idempotency key the
         whole batch falls back to one transaction per item."""
-        from sqlalchemy import insert, tuple_
+        from sqlalchemy import insert
 
         results: list[tuple[Any, bool] | Exception | None] = [None] * len(items)
         try:
             with self._session.begin() as s:
                 keyed = {it["idem"][:2]: i for i, it in enumerate(items) if it.get("idem")}
-                if keyed:
-                    rows = s.execute(select(IdempotencyRow.user, IdempotencyRow.key, IdempotencyRow.request_digest,
-                                            IdempotencyRow.job_id)
-                                     .where(tuple_(IdempotencyRow.user, IdempotencyRow.key).in_(list(keyed)))).all()
-                    known = {(u, k): (d, j) for u, k, d, j in rows}
-                else:
-                    known = {}
+                known = {}
+                by_user: dict[str, list[str]] = {}
+                for user, key in keyed:
+                    by_user.setdefault(user, []).append(key)
+                t = IdempotencyRow.__table__
+                for user, keys in by_user.items():
+                    # user = ? AND key IN (...): a search of the primary key index. A row-value
+                    # IN ((user, key), ...) scanned the whole table on SQLite (cost grew with it).
+                    for i in range(0, len(keys), 500):
+                        rows = s.execute(select(t.c.user, t.c.key, t.c.request_digest, t.c.job_id)
+                                         .where(t.c.user == user, t.c.key.in_(keys[i:i + 500]))).all()
+                        known.update({(u, k): (d, j) for u, k, d, j in rows})
                 fresh: list[int] = []
                 first_of: dict[tuple, int] = {}
                 for i, it in enumerate(items):
@@ -283,20 +315,26 @@ class TenancyStore:
                             first_of[idem[:2]] = i
                         fresh.append(i)
                 ids: dict[int, int] = {}
+                jobs: dict[int, Any] = {}
                 if fresh:
+                    # Core inserts (no ORM unit of work); the new rows are known without reading
+                    # them back: a fresh job is exactly its insert parameters plus its id.
                     params = [self._job_params(**{k: v for k, v in items[i].items() if k != "idem"}) for i in fresh]
-                    got = s.execute(insert(JobRow).returning(JobRow.id, sort_by_parameter_order=True), params).all()
+                    jobs_t = JobRow.__table__
+                    got = s.execute(insert(jobs_t).returning(jobs_t.c.id, sort_by_parameter_order=True), params).all()
                     ids = {i: row[0] for i, row in zip(fresh, got)}
-                    s.execute(insert(EventRow), [
+                    s.execute(insert(EventRow.__table__), [
                         dict(job_id=ids[i], ts=items[i]["now"], from_state=None, to_state=JobState.QUEUED.value,
                              attempt=0, reason=items[i].get("reason", "submitted")) for i in fresh])
                     keyrows = [dict(user=items[i]["idem"][0], key=items[i]["idem"][1],
                                     request_digest=items[i]["idem"][2], job_id=ids[i], created_at=items[i]["now"])
                                for i in fresh if items[i].get("idem")]
                     if keyrows:
-                        s.execute(insert(IdempotencyRow), keyrows)
-                need = {ids[i] for i in fresh} | {r[1] for r in results if isinstance(r, tuple) and r[0] == "job"}
-                jobs = {r.id: _job(r) for r in s.scalars(select(JobRow).where(JobRow.id.in_(need)))} if need else {}
+                        s.execute(insert(IdempotencyRow.__table__), keyrows)
+                    jobs = {ids[i]: _new_job(ids[i], p) for i, p in zip(fresh, params)}
+                need = {r[1] for r in results if isinstance(r, tuple) and r[0] == "job"}
+                if need:  # replays of keys committed before: read their jobs
+                    jobs.update({r.id: _job(r) for r in s.scalars(select(JobRow).where(JobRow.id.in_(need)))})
         except IntegrityError:
             out: list[tuple[Any, bool] | Exception] = []
             for it in items:
@@ -330,6 +368,16 @@ class TenancyStore:
         return dict(name=name, team=team, user=user, priority=priority, state=JobState.QUEUED.value, spec=spec,
                     gpus=gpus, memory_per_gpu_mib=memory_per_gpu_mib, submitted_at=now, updated_at=now, attempt=0,
                     retries=0, cancel_requested=False, attained_gpu_s=0.0)
+
+    def queue_rows(self) -> list[QueueRow]:
+        """QUEUED jobs not being cancelled, in id order, with the pending reason and estimated
+        start the scheduler stored at its last cycle."""
+        t = JobRow.__table__
+        q = (select(t.c.id, t.c.name, t.c.team, t.c.user, t.c.priority, t.c.gpus, t.c.submitted_at,
+                    t.c.pending_reason, t.c.estimated_start_at)
+             .where(t.c.state == JobState.QUEUED.value, t.c.cancel_requested.is_(False)).order_by(t.c.id))
+        with self._session() as s:
+            return [QueueRow(*row) for row in s.execute(q)]
 
     def job_page(self, *, states: Iterable[JobState] | None = None, teams: Iterable[str] | None = None,
                  user: str | None = None, since: float | None = None, after_id: int = 0,

@@ -245,3 +245,23 @@ def test_logs_stream_and_metrics_summary(world):
     assert s.gpus_total == 4 and s.gpus_allocated == 1 and s.jobs_by_state == {"RUNNING": 1}
     assert [t.name for t in s.teams] == ["a"] and s.teams[0].gpus_in_use == 1
     assert [t.name for t in world.sdk("root").metrics_summary().teams] == ["a", "b"]
+
+
+def test_queue_reads_what_the_scheduler_stored_and_plans_nothing(world):
+    """GET /v1/queue shows each job's stored pending reason and estimated start (written by the
+    service loop), ordered by estimated start, then priority and submission; it never runs the
+    policy (a queue of thousands would cost a planning cycle per request)."""
+    late, soon, unplanned = (world.job(gpus=1, name=n) for n in ("late", "soon", "unplanned"))
+    world.store.update_many({late.id: {"pending_reason": "waiting for GPUs", "estimated_start_at": 2_000_000_000.0},
+                             soon.id: {"pending_reason": "waiting for GPUs", "estimated_start_at": 1_900_000_000.0}})
+
+    def no_planning(snap):
+        raise AssertionError("the policy ran during GET /v1/queue")
+
+    world.service.policy = no_planning
+    q = world.sdk("bob").queue()
+    assert [(e.id, e.position) for e in q] == [(soon.id, 1), (late.id, 2), (unplanned.id, 3)]
+    assert [e.estimated_start_at for e in q] == [1_900_000_000.0, 2_000_000_000.0, None]
+    assert [e.pending_reason for e in q] == ["waiting for GPUs", "waiting for GPUs", None]
+    assert [e.id for e in world.sdk("bob").queue(team="a")] == [soon.id, late.id, unplanned.id]
+    assert world.sdk("bob").queue(team="b") == []

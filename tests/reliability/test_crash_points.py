@@ -21,7 +21,7 @@ from scheduler.service import Service
 from scheduler.spec import ClusterConfig, TeamConfig
 from scheduler.store import Store
 
-WRITES = ("transition", "update_fields", "upsert_node", "mark_node_lost", "set_drained")
+WRITES = ("transition", "update_fields", "update_many", "upsert_node", "mark_node_lost", "set_drained")
 
 
 class Crash(BaseException):
