@@ -229,6 +229,8 @@ class SchedulerSettings(_Strict):
     max_preemptions_per_cycle: int = Field(default=16, ge=0)
     las_preempt_factor: float = Field(default=0.0, ge=0, description="> 0: a waiting job may preempt a running "
                                       "one that attained this many times more GPU-seconds; 0 = off")
+    share_max_duration_s: float = Field(default=7200.0, ge=0, description="a shareable job expected to run "
+                                        "longer than this does not join a shared GPU (co-tenants slow each other)")
     preempt_grace_s: float = Field(default=900.0, ge=0, description="a job whose GPUs are expected to free up "
                                    "within this many seconds waits for them instead of preempting (0 = always preempt)")
     makespan_guard: bool = Field(default=True, description="a waiting job longer than the backlog's drain time "

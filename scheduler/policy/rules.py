@@ -8,7 +8,7 @@ from scheduler.policy import explain
 from scheduler.policy.preempt import choose, lost_work, usable
 from scheduler.policy.quota import NOMINAL
 from scheduler.policy.reserve import reserve
-from scheduler.policy.state import Cycle, Job, amount
+from scheduler.policy.state import Cycle, Job, amount, packs
 from scheduler.policy.types import JobRequest, Preempt, RunningJob
 
 
@@ -67,7 +67,9 @@ def preempt_for(cy: Cycle, job: Job, allowed: list[tuple[str, str]], avoid: dict
     if not cands:
         return ""
     cy.attempts += 1
-    if s.preempt_grace_s > 0:  # GPUs expected to free up for it soon: wait for them instead
+    if s.preempt_grace_s > 0 and now - req.submitted_at < s.preempt_grace_s:
+        # GPUs expected to free up for it soon: wait for them instead - once: a job that has waited
+        # the grace already preempts (others may have taken the GPUs that freed up)
         res = reserve(c, req.job_id, sorted(flavors), req.gpus, req.memory_per_gpu_mib, now, cy.ends, s.multi_node,
                       req.cpus, cy.cpu_ends)
         if res is not None and res.at <= now + s.preempt_grace_s:
@@ -113,7 +115,7 @@ def quota_preempt(cy: Cycle, job: Job) -> str:
             continue
         cy.attempts += 1
         chosen: list[RunningJob] = []
-        if c.fit(f, req.gpus, req.memory_per_gpu_mib, req.cpus_per_gpu, req.shareable, s.multi_node, {}) is None:
+        if c.fit(f, req.gpus, req.memory_per_gpu_mib, req.cpus_per_gpu, packs(req, s), s.multi_node, {}) is None:
             cands: dict[int, list[RunningJob]] = {}
             for o, jobs in cy.victims_ok.get(f, {}).items():
                 cands[o] = [r for r in jobs.values() if r.job_id in mine]

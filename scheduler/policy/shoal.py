@@ -33,8 +33,9 @@ One cycle, in numbered steps:
     GPU shared only by shareable jobs under `share_max_utilization` - first, when the cycle's
     waiting jobs want more GPUs than are free; else only when no GPU of their own fits.
  7. Blocked by resources: (a) if GPUs of jobs already stopping would hold it, it claims them and
-    waits; (b) unless GPUs are expected to free up for it within `preempt_grace_s` (then it waits
-    for them: a preemption costs the victim a restart, and lenders' bursts would churn), preemption (rules.py decides who may be a victim, preempt.py picks) - reclaim nominal quota from borrowers of the cohort tree,
+    waits; (b) unless GPUs are expected to free up for it within `preempt_grace_s` and it has not
+    yet waited that long (then it waits for them: a preemption costs the victim a restart, and
+    lenders' bursts would churn), preemption (rules.py decides who may be a victim, preempt.py picks) - reclaim nominal quota from borrowers of the cohort tree,
     lower priority of the same team, or (las_preempt_factor > 0) a same-priority job of a team
     in the same or a worse band that has attained factor times more GPU-seconds; victims must have
     run `min_runtime_s`; at most `max_preemptions_per_cycle`; (c) otherwise the first such job
@@ -53,7 +54,7 @@ from scheduler.policy.cluster import Cluster, Part
 from scheduler.policy.quota import ANY, BORROW, NOMINAL, Check, QuotaBook
 from scheduler.policy.reserve import INF, reserve
 from scheduler.policy.rules import claim_stopping, preempt_for, quota_preempt
-from scheduler.policy.state import Cycle, Job, amount, flavor_of
+from scheduler.policy.state import Cycle, Job, amount, flavor_of, packs
 from scheduler.policy.types import (
     Decision, JobRequest, NodeView, Placement, PolicySettings, Snapshot, Start, TeamQuota,
 )
@@ -369,7 +370,7 @@ def _one(cy: Cycle, job: Job, fs: _FairShare) -> None:
     end = now + req.expected_duration_s if req.expected_duration_s is not None else None
     avoid = cy.reservation.avoid_for(end) if cy.reservation else {}
     for f, kind in allowed:
-        parts = c.fit(f, req.gpus, req.memory_per_gpu_mib, req.cpus_per_gpu, req.shareable, s.multi_node, avoid)
+        parts = c.fit(f, req.gpus, req.memory_per_gpu_mib, req.cpus_per_gpu, packs(req, s), s.multi_node, avoid)
         if parts is not None:
             _commit(cy, job, f, parts, end)
             return
@@ -427,7 +428,7 @@ def _blocked(cy: Cycle, job: Job, allowed: list[tuple[str, str]], avoid: dict, f
                                           f"free up (running jobs have no expected end)")
             return
     if avoid and cy.reservation is not None:
-        if any(c.fit(f, req.gpus, req.memory_per_gpu_mib, req.cpus_per_gpu, req.shareable, s.multi_node, {})
+        if any(c.fit(f, req.gpus, req.memory_per_gpu_mib, req.cpus_per_gpu, packs(req, s), s.multi_node, {})
                for f in flavors):
             r = cy.reservation
             cy.pending[req.job_id] = (f"backfill: would delay job {r.job_id}'s reservation (starts at "

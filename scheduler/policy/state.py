@@ -8,7 +8,7 @@ from typing import Any
 from scheduler.policy.cluster import Cluster
 from scheduler.policy.quota import QuotaBook
 from scheduler.policy.reserve import Reservation
-from scheduler.policy.types import JobRequest, Preempt, RunningJob, Snapshot, Start
+from scheduler.policy.types import JobRequest, PolicySettings, Preempt, RunningJob, Snapshot, Start
 
 
 @dataclass
@@ -58,3 +58,10 @@ def amount(c: Cluster, flavor: str, g: int, m: int, shareable: bool) -> float:
 def flavor_of(c: Cluster, r: RunningJob) -> str:
     o = c.by_gpu.get((r.node_id, r.gpu_indices[0])) if r.gpu_indices else None
     return c.units[o].flavor if o is not None else (r.gpu_model or "?")
+
+
+def packs(req: JobRequest, s: PolicySettings) -> bool:
+    """May this job join a GPU other jobs use? Shareable, and not expected to run longer than
+    `share_max_duration_s`: co-tenants slow each other down for as long as they overlap, so a long
+    job gets a GPU of its own (or waits for one) instead of crawling beside others for days."""
+    return req.shareable and (req.expected_duration_s is None or req.expected_duration_s <= s.share_max_duration_s)

@@ -106,6 +106,7 @@ class PolicySettings:
     """Knobs of the Shoal policy (the simulator sweeps them; the cluster config sets them)."""
 
     share_max_utilization: float = 0.8  # a GPU shared by shareable jobs only if live util below this
+    share_max_duration_s: float = 7200.0  # a shareable job expected to run longer takes a GPU of its own
     min_runtime_s: float = 300.0  # a job is not preempted before it ran this long
     aging_s: float = 3600.0  # waiting time that bounds starvation (the policy documents the rule)
     backfill: bool = True
@@ -118,7 +119,8 @@ class PolicySettings:
     multi_node: bool = False  # a gang too big for one node may span nodes (the Ray executor is single-node)
     max_preemptions_per_cycle: int = 16  # victims chosen per cycle, at most
     aging_ratio: float = 2.0  # a job's aging horizon = aging_s + this x its duration (or attained time)
-    preempt_grace_s: float = 900.0  # no preemption for a job whose GPUs are expected to free up within this
+    preempt_grace_s: float = 900.0  # a job that waited less than this, whose GPUs are expected to free up
+    #                                  within it, waits for them instead of preempting
     makespan_guard: bool = True  # a waiting job longer than the backlog's drain time goes first (shoal.py)
     las_preempt_factor: float = 0.0  # > 0: a waiting job may preempt a same-priority running job of its
     #                                  own band that attained this many times more GPU-s (Tiresias-like);

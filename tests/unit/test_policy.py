@@ -188,6 +188,16 @@ def test_shareable_job_takes_its_own_gpu_while_gpus_are_spare():
     assert started(d)[2] == ("n1", (0,))
 
 
+def test_a_long_shareable_job_does_not_pack():
+    """GPUs scarce (2 wanted, 1 free): a shareable job expected to run 10 h does not join the
+    shared GPU (it would crawl beside its co-tenant for the whole run); a 1 h one does."""
+    r = [run(1, "n1", (0,), share=True)]
+    long_ = schedule(snap([node("n1", gpus=2, util={0: 0.2})], [job(2, share=True, dur=36000), job(3, dur=100)], r))
+    assert 2 not in started(long_) or started(long_)[2] != ("n1", (0,))
+    short = schedule(snap([node("n1", gpus=2, util={0: 0.2})], [job(2, share=True, dur=3600), job(3, dur=100)], r))
+    assert started(short)[2] == ("n1", (0,))
+
+
 def test_flavor_constraint_and_smallest_fitting_flavor_preferred():
     nodes = [node("h", gpus=4), node("l4", gpus=4, model=L4)]
     assert started(schedule(snap(nodes, [job(1, model=H100)])))[1][0] == "h"
@@ -261,6 +271,8 @@ def test_no_preemption_when_gpus_free_up_within_the_grace():
     assert len(d.to_preempt) == 2
     d = schedule(snap([node("n1")], [job(1, team="a", gpus=2)], soon, teams=teams, cohorts=["c"], preempt_grace_s=0))
     assert len(d.to_preempt) == 2  # grace off: reclaim at once
+    waited = job(1, team="a", gpus=2, t=NOW - 901)  # waited the grace already: no more waiting
+    assert len(schedule(snap([node("n1")], [waited], soon, teams=teams, cohorts=["c"])).to_preempt) == 2
 
 
 def test_reclaim_respects_min_runtime_and_nominal_of_victim():
