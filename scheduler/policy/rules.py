@@ -41,12 +41,14 @@ def preempt_for(cy: Cycle, job: Job, allowed: list[tuple[str, str]], avoid: dict
 
     def why(r: RunningJob) -> str | None:
         rf = cy.flavor_of[r.job_id]
+        if r.team == req.team and r.priority < req.priority:
+            return f"priority {req.priority} job {req.job_id} of team {req.team} needs the GPUs"
+        if r.expected_end_at is not None and r.expected_end_at - now > cy.drain:
+            return None  # it sets the makespan (makespan guard): not for reclaim or LAS, only for priority
         if reclaim and rf in nominal and r.team != req.team and book.same_tree(r.team, req.team):
             k = book.key(r.team, rf)
             if book.borrowing(r.team, k) - cy.reclaimed[(r.team, k)] > 1e-9:
                 return f"team {r.team} borrows beyond its nominal quota; team {req.team} reclaims its own"
-        if r.team == req.team and r.priority < req.priority:
-            return f"priority {req.priority} job {req.job_id} of team {req.team} needs the GPUs"
         if (s.las_preempt_factor > 0 and r.priority <= req.priority and fs.band(r.team) >= my_band
                 and r.attained_gpu_s > s.las_preempt_factor * max(job.score, s.min_runtime_s * req.gpus)
                 and (r.team == req.team or book.borrowing(r.team, book.key(r.team, rf)) > 1e-9)):

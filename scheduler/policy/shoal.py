@@ -67,6 +67,8 @@ def _index(snap: Snapshot) -> Cycle:
     cluster = Cluster(snap, running)
     cy = Cycle(snap, cluster, QuotaBook(snap.quotas, snap.cohorts), running)
     s, now = snap.settings, snap.now
+    if s.makespan_guard:
+        cy.critical, cy.drain = _critical_length(snap, cluster)
     for u in cluster.units:
         for i, g in u.gpus.items():
             if g.allocated_to:
@@ -160,14 +162,16 @@ def _job_key(req: JobRequest, now: float, s: PolicySettings) -> tuple[tuple, flo
     return (-req.priority, effective, req.submitted_at, req.job_id), score, wait >= horizon
 
 
-def _critical_length(snap: Snapshot, c: Cluster) -> float:
+def _critical_length(snap: Snapshot, c: Cluster) -> tuple[float, float]:
     """Makespan guard: the expected duration from which a waiting job would end after everything
     else even if it started now - longer than both the latest expected end of a running job and
     the time the cluster needs to drain all known work (running remaining + pending, in GPU-seconds,
     over the healthy GPUs). Such a job sets the makespan, so it goes first within its priority
     level (ahead of shorter work, longest first): shortest-work-first alone would leave it to the
     end and stretch the makespan (SRTF's weakness). Few jobs qualify - only those longer than the
-    whole backlog - so mean completion time barely moves. Returns inf when nothing is known."""
+    whole backlog - so mean completion time barely moves. Returns (that length, the drain time);
+    inf when nothing is known. A running job with more than the drain time left is not preempted
+    for quota reclaim or LAS (rules.py): its restart would push back the end of everything."""
     now = snap.now
     latest, work = 0.0, 0.0
     for r in snap.running:
@@ -180,8 +184,8 @@ def _critical_length(snap: Snapshot, c: Cluster) -> float:
             work += p.expected_duration_s * p.gpus
     gpus = sum(fl.healthy for fl in c.flavors.values())
     if gpus <= 0:
-        return math.inf
-    return max(latest, work / gpus)
+        return math.inf, math.inf
+    return max(latest, work / gpus), work / gpus
 
 
 class _FairShare:
@@ -312,7 +316,7 @@ def _cycle(snap: Snapshot) -> Cycle:
     cy = _index(snap)
     s, now, c, book = snap.settings, snap.now, cy.cluster, cy.book
     jobs = []
-    critical = _critical_length(snap, c) if s.makespan_guard else math.inf
+    critical = cy.critical
     for req in snap.pending:
         flavors, why = _infeasible(cy, req)
         if why is not None:

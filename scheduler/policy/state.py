@@ -47,6 +47,8 @@ class Cycle:
     memo: dict = field(default_factory=dict)  # feasibility facts that depend on the request's shape only
     fair: Any = None  # the cycle's fair-share view (shoal._FairShare)
     order: list[Any] = field(default_factory=list)  # the jobs in the order the cycle considered them
+    critical: float = float("inf")  # makespan guard: expected run time from which a job sets the makespan
+    drain: float = float("inf")  # makespan guard: time to run all known work on the healthy GPUs
 
 
 def amount(c: Cluster, flavor: str, g: int, m: int, shareable: bool) -> float:

@@ -275,6 +275,19 @@ def test_no_preemption_when_gpus_free_up_within_the_grace():
     assert len(schedule(snap([node("n1")], [waited], soon, teams=teams, cohorts=["c"])).to_preempt) == 2
 
 
+def test_the_job_that_sets_the_makespan_is_not_reclaimed():
+    """Job 10 (100 h left, longer than all other work) would be the cheapest victim by lost work,
+    but preempting it would push the end of everything back: reclaim takes others."""
+    teams = [team("a", 4, cohort="c"), team("b", 4, cohort="c")]
+    running = [run(10, "n1", (0,), team="b", ckpt=NOW - 1, end=NOW + 360000)]
+    running += [run(11 + i, "n1", (1 + i,), team="b", ckpt=NOW - 60 * (i + 1), end=NOW + 3600) for i in range(7)]
+    d = schedule(snap([node("n1")], [job(1, team="a", gpus=2)], running, teams=teams, cohorts=["c"]))
+    assert {p.job_id for p in d.to_preempt} == {11, 12}
+    d = schedule(snap([node("n1")], [job(1, team="a", gpus=2)], running, teams=teams, cohorts=["c"],
+                      makespan_guard=False))
+    assert {p.job_id for p in d.to_preempt} == {10, 11}
+
+
 def test_reclaim_respects_min_runtime_and_nominal_of_victim():
     teams = [team("a", 4, cohort="c"), team("b", 4, cohort="c")]
     young = [run(10 + i, "n1", (i,), team="b", started=NOW - 10) for i in range(8)]
