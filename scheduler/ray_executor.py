@@ -27,6 +27,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import socket
 import threading
 import time
@@ -275,6 +276,9 @@ class RayNodes:
         return nodes
 
 
+_RUNNER_NAME = re.compile(r"^shoal-job-(\d+)-a(\d+)$")
+
+
 class RayExecutor:
     """`backend` is "gloo" on CPU / fake GPUs and "nccl" on real NVIDIA GPUs; `workload` is
     "train" (Ray Train + trainer/) or "probe" (failure drills, see the module docstring)."""
@@ -302,13 +306,32 @@ class RayExecutor:
 
     @staticmethod
     def _name(job_id: int, attempt: int) -> str:
-        return f"shoal-job-{job_id}-a{attempt}"
+        return f"shoal-job-{job_id}-a{attempt}"  # _RUNNER_NAME parses it back
 
     def _existing(self, job_id: int, attempt: int):
         try:
             return ray.get_actor(self._name(job_id, attempt), namespace=self.namespace)
         except ValueError:
             return None
+
+    def reap(self, keep: set[tuple[int, int]]) -> list[str]:
+        """End every runner of this namespace whose (job, attempt) is not in `keep` (the attempts
+        the store says are active) and not tracked here. A finished runner is ended at the poll
+        after its outcome was recorded; a scheduler killed in between leaves it holding its GPUs
+        for a job that is already over, and only a restart can find it. Returns their names."""
+        ended = []
+        for entry in ray.util.list_named_actors(all_namespaces=True):
+            if entry.get("namespace") != self.namespace or not (m := _RUNNER_NAME.match(entry.get("name", ""))):
+                continue
+            key = (int(m.group(1)), int(m.group(2)))
+            if key in keep or key in self._runs:
+                continue
+            try:
+                ray.kill(ray.get_actor(entry["name"], namespace=self.namespace), no_restart=True)
+                ended.append(entry["name"])
+            except ValueError:  # gone meanwhile
+                pass
+        return ended
 
     def launch(self, req: LaunchRequest) -> None:
         key = (req.job_id, req.attempt)

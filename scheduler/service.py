@@ -581,6 +581,10 @@ class Service:
                 self._move(job, job.state, S.QUEUED,
                            "not running after a service restart; resumes from the last checkpoint",
                            placement=None)
+        reap = getattr(self.executor, "reap", None)  # runners left by a crash after their outcome was recorded
+        if reap is not None:
+            for name in reap({(j.id, j.attempt) for j in self.store.active_jobs()}):
+                log.warning("ended runner %s: its attempt is over (left by a crash before it was ended)", name)
 
     def shutdown(self, grace_s: float, poll_s: float = 0.2) -> None:
         """Stop launching; ask every running job to checkpoint and stop; after `grace_s` kill
