@@ -20,7 +20,7 @@ from pathlib import Path
 from pydantic import ValidationError
 
 from monitoring.gpu import FakeGpuReader
-from monitoring.scenario import Fault
+from monitoring.scenario import Fault, inject
 
 log = logging.getLogger("shoal.faults")
 
@@ -40,16 +40,6 @@ def parse_fault_line(line: str) -> Fault:
     except ValidationError as e:
         raise ValueError("; ".join(f"{'.'.join(map(str, err['loc'])) or 'line'}: {err['msg']}"
                                    for err in e.errors())) from None
-
-
-def inject(reader: FakeGpuReader, fault: Fault) -> None:
-    if fault.xid is not None:
-        reader.inject_xid(fault.gpu, 1, code=fault.xid)
-    if fault.ecc_corrected or fault.ecc_uncorrected or fault.remapped_rows:
-        reader.inject_ecc(fault.gpu, corrected=fault.ecc_corrected, uncorrected=fault.ecc_uncorrected,
-                          remapped_rows=fault.remapped_rows)
-    if fault.disappear:
-        reader.remove_gpu(fault.gpu)
 
 
 class FaultFile:

@@ -113,15 +113,20 @@ class Scenario:
         due = [f for f in self._pending if f.at_s <= elapsed]
         self._pending = self._pending[len(due):]
         for f in due:
-            r = self.readers[f.node]
-            if f.xid is not None:
-                r.inject_xid(f.gpu, 1, code=f.xid)
-            if f.ecc_corrected or f.ecc_uncorrected or f.remapped_rows:
-                r.inject_ecc(f.gpu, corrected=f.ecc_corrected, uncorrected=f.ecc_uncorrected,
-                             remapped_rows=f.remapped_rows)
-            if f.disappear:
-                r.remove_gpu(f.gpu)
+            inject(self.readers[f.node], f)
         return due
+
+
+def inject(reader: FakeGpuReader, fault: Fault) -> None:
+    """Play one fault on a fake GPU reader (or anything with its inject_* methods: a node agent's
+    proxy passes them on); the scenario's timeline and the fault file both use it."""
+    if fault.xid is not None:
+        reader.inject_xid(fault.gpu, 1, code=fault.xid)
+    if fault.ecc_corrected or fault.ecc_uncorrected or fault.remapped_rows:
+        reader.inject_ecc(fault.gpu, corrected=fault.ecc_corrected, uncorrected=fault.ecc_uncorrected,
+                          remapped_rows=fault.remapped_rows)
+    if fault.disappear:
+        reader.remove_gpu(fault.gpu)
 
 
 def parse_scenario(text: str, source: str = "<scenario>") -> ScenarioSpec:
