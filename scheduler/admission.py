@@ -134,8 +134,7 @@ def _check_dataset(field: str, path: str | None, spec: JobSpec, tokenizer,
         problems.append(f"{field}: {path} does not exist (a data file or a folder of them)")
         return None, None
     ds, hp = spec.dataset, spec.hyperparameters
-    p = Path(path)
-    ident = _file_key(path) if _is_file(path) else (str(p), tuple(sorted(map(_file_key, p.rglob("*")), key=str)))
+    ident = _file_key(path) if _is_file(path) else (path, tuple(sorted(map(_file_key, Path(path).rglob("*")), key=str)))
     key = (ident, ds.format, hp.max_length, ds.max_length_policy,
            _tokenizer_ident(spec) if tokenizer is not None else None)
     if key not in _DATASETS:
@@ -144,7 +143,7 @@ def _check_dataset(field: str, path: str | None, spec: JobSpec, tokenizer,
             if key not in _DATASETS:
                 if len(_DATASETS) > 4096:
                     _DATASETS.clear()
-                _DATASETS[key] = _parse_dataset(p, ds.format, hp.max_length, ds.max_length_policy, tokenizer)
+                _DATASETS[key] = _parse_dataset(Path(path), ds.format, hp.max_length, ds.max_length_policy, tokenizer)
     count, summary, errs = _DATASETS[key]
     problems.extend(f"{field}: {x}" for x in errs)
     return count, summary
@@ -236,7 +235,6 @@ def _file_problems(spec: JobSpec, problems: list[str]) -> Files:
     """Checks that need only the spec's files: the model directory, every dataset record
     (format, fields, length under the spec's policy, with the model's tokenizer), the method
     on this software, the output folder."""
-    model = Path(spec.model)
     tokenizer = None
     if not _is_dir(spec.model):
         problems.append(f"model: {spec.model} is not a directory (a local Hugging Face model folder)")

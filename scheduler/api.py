@@ -208,10 +208,10 @@ class SubmitBatcher:
     (`Store.submit_many`) and answers each request with its own result. Under load this turns
     N transactions into one; alone, a request waits for nobody."""
 
-    def __init__(self, store, max_batch: int = 256):
+    def __init__(self, store, max_batch: int = 256, on_created=None):
         import queue
 
-        self.store, self.max_batch = store, max_batch
+        self.store, self.max_batch, self.on_created = store, max_batch, on_created
         self._q: "queue.Queue" = queue.Queue()
         self._empty = queue.Empty
         threading.Thread(target=self._run, name="shoal-submit-batcher", daemon=True).start()
@@ -245,6 +245,8 @@ class SubmitBatcher:
                 for _, fut in batch:
                     fut.set_exception(e)
                 continue
+            if self.on_created is not None:  # the scheduler loop need not read them back
+                self.on_created([r[0] for r in results if isinstance(r, tuple) and r[1]])
             for (_, fut), res in zip(batch, results):
                 fut.set_result(res)
 

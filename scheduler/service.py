@@ -114,6 +114,7 @@ class Service:
         self._running_cache: dict = {}  # job id -> view fields (running_views)
         self._pending_cache: dict = {}  # job id -> JobRequest (pending_views)
         self._queued_cache: dict = {}  # job id -> (version, JobRecord) of the last cycle's queue
+        self._handed: dict[int, JobRecord] = {}  # jobs this process just created (note_submitted)
         self.max_loop_share = 0.25  # run(): after a cycle of d seconds, wait >= d * (1/share - 1)
 
     # -- paths --------------------------------------------------------------------------------
@@ -381,12 +382,32 @@ class Service:
         )
         return snap, {j.id: j for j in queued}
 
+    def note_submitted(self, jobs: list[JobRecord]) -> None:
+        """The API's batcher hands over the records it just committed, so the next cycle need not
+        read those rows back. Only a hint: a record is used only while its version equals the
+        row's (Store.queued_versions), otherwise the row is read as usual. Called from the
+        batcher's thread; single dict stores are atomic under the interpreter lock."""
+        for j in jobs:
+            self._handed[j.id] = j
+
     def _queued_jobs(self) -> list[JobRecord]:
         """QUEUED jobs not being cancelled, in id order. A row is read in full (JSON parsed) only
         when it is new or one of the columns that change while a job waits differs from the last
-        cycle's (Store.queued_versions); a long queue is no longer re-read every cycle."""
+        cycle's (Store.queued_versions); a long queue is no longer re-read every cycle, and a job
+        this process's API just created is taken as the API handed it over (note_submitted)."""
         versions = self.store.queued_versions()
         cache = self._queued_cache
+        if self._handed:
+            handed, top = self._handed, max(versions, default=-1)
+            for i in list(handed):
+                j = handed[i]
+                v = versions.get(i)
+                if v is not None:
+                    if i not in cache and v == _queued_version(j):
+                        cache[i] = (v, j)
+                    del handed[i]
+                elif i < top:  # committed before a row we see, and not queued: it left the queue
+                    del handed[i]
         stale = [i for i, v in versions.items() if (hit := cache.get(i)) is None or hit[0] != v]
         fresh = {j.id: j for j in self.store.jobs_by_id(stale)} if stale else {}
         out, kept = [], {}

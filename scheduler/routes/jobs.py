@@ -1,9 +1,9 @@
 """Jobs, the queue and the metrics summary: `/v1/jobs...`, `/v1/queue`, `/v1/metrics/summary`."""
 
 import asyncio
+import os
 import time
 from dataclasses import asdict, replace
-from pathlib import Path
 from typing import Annotated, Any
 
 from fastapi import FastAPI, Header, Query
@@ -47,7 +47,7 @@ def register(app: FastAPI, service: Service, Who, visible_job, own_team):
         except ValidationError as e:
             raise Problem(422, "Invalid job spec", errors=format_validation_error(e, body.source or "")) from None
         relative = [f"{f}: {v!r} must be an absolute path (the CLI resolves paths against the spec file)"
-                    for f, v in spec.path_fields().items() if v is not None and not Path(v).is_absolute()]
+                    for f, v in spec.path_fields().items() if v is not None and not os.path.isabs(v)]
         if relative:
             raise Problem(422, "Invalid job spec", errors=relative)
         own_team(p, spec.team, "submit")
@@ -72,7 +72,7 @@ def register(app: FastAPI, service: Service, Who, visible_job, own_team):
                 pass
         return await run_in_threadpool(admit, spec)
 
-    batcher = SubmitBatcher(store)
+    batcher = SubmitBatcher(store, on_created=service.note_submitted)
 
     @app.post("/v1/jobs", status_code=201, response_model=JobOut,
               responses={200: {"model": JobOut, "description": "an idempotent replay: the job the same key "

@@ -20,7 +20,7 @@ from monitoring.gpu import FakeGpuReader
 from scheduler.api import create_app
 from scheduler.auth import TokenAuthority, load_or_create_secret
 from scheduler.clock import WallClock
-from scheduler.daemon import FakeGpuLoad
+from scheduler.daemon import FakeGpuLoad, tune_gc
 from scheduler.executor import InMemoryExecutor
 from scheduler.inventory import Inventory, NodeInfo
 from scheduler.service import Service
@@ -51,6 +51,7 @@ def main() -> None:
     server = LiveServer(create_app(service, CollectorRegistry(), auth=auth))
     (home / "daemon.json").write_text(json.dumps({"pid": os.getpid(), "url": server.url, "db": store.url,
                                                   "admin_token": str(home / "admin.token")}))
+    tune_gc()  # as the daemon does
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())

@@ -224,3 +224,28 @@ def test_snapshot_carries_attempt_times_and_attained_service(world):
     world.clock.advance(1)
     snap, _ = world.service.snapshot()
     assert snap.running[0].attained_gpu_s == pytest.approx(2 * 7)
+
+
+def test_records_the_api_hands_over_are_used_only_while_their_row_is_unchanged(tmp_path, db_url):
+    """The API's batcher hands the jobs it committed to the loop (Service.note_submitted) so the
+    loop need not read them back; a hint whose row changed since is ignored and the row read."""
+    from dataclasses import replace
+
+    w = World(tmp_path, url=db_url, quotas={"a": 1})
+    running, fresh, changed = w.submit(), w.submit(), w.submit()
+    w.service.tick()  # `running` takes the team's one GPU; the two others wait
+    w.clock.advance(5)
+    late = w.submit()
+    # `changed` was held and released after the hint was made: its row's version moved on.
+    w.store.transition(changed.id, S.QUEUED, S.HELD, reason="hold", now=w.clock.now())
+    w.store.transition(changed.id, S.HELD, S.QUEUED, reason="release", now=w.clock.now())
+    stale_hint = replace(w.store.get(changed.id), priority=99, updated_at=changed.updated_at)
+    # A hint is trusted while its version equals the row's: marked here so the test can tell.
+    w.service.note_submitted([replace(late, name="as-handed"), stale_hint])
+    w.service.tick()
+    cache = {i: rec for i, (_, rec) in w.service._queued_cache.items()}
+    assert sorted(cache) == [fresh.id, changed.id, late.id]
+    assert cache[late.id].name == "as-handed"  # taken as handed over: equal version, not read back
+    assert cache[changed.id].priority == 0  # the row, not the stale hint
+    assert w.store.get(late.id).pending_reason.startswith("waiting for quota")
+    assert w.service._handed == {}
