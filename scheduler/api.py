@@ -141,6 +141,8 @@ async def _strict_query(request: Request) -> None:
     twice, is a 422 naming it (FastAPI alone ignores the one and keeps the last of the other).
     (`async`: FastAPI runs a plain `def` dependency in its thread pool, a thread hop per request
     for a few dictionary look-ups.)"""
+    if not request.scope.get("query_string"):  # most calls (every submit) carry none
+        return
     route = request.scope.get("route")
     if not isinstance(route, APIRoute):
         return
