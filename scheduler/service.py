@@ -46,11 +46,20 @@ def _resources(spec: dict) -> dict:
 def remaining_s(spec: dict, gpus: int, attained_gpu_s: float) -> float | None:
     """Expected remaining run time: the spec's `resources.expected_duration_s` (total run time on
     its GPUs) minus the work finished attempts already did (their GPU-seconds over the job's GPU
-    count); never below 0. None when the spec gives no estimate."""
+    count). A job that has already run longer than its estimate is expected to need
+    OVERRUN_FRACTION of what it ran so far (job run times are heavy-tailed: the longer one has
+    run past its estimate, the longer it is likely to go on), not zero, which would make it look
+    about to end (reservations on its GPUs) and shortest of all. None when the spec gives no
+    estimate."""
     expected = _resources(spec).get("expected_duration_s")
     if not expected:
         return None
-    return max(0.0, float(expected) - attained_gpu_s / max(1, gpus))
+    done = attained_gpu_s / max(1, gpus)
+    left = float(expected) - done
+    return left if left > 0 else OVERRUN_FRACTION * done
+
+
+OVERRUN_FRACTION = 0.25
 
 
 def _with_attained(view: RunningJob, attained_gpu_s: float) -> RunningJob:
@@ -66,6 +75,7 @@ def _with_attained(view: RunningJob, attained_gpu_s: float) -> RunningJob:
 def policy_settings(config: ClusterConfig) -> PolicySettings:
     s = config.scheduler
     return PolicySettings(share_max_utilization=s.share_max_utilization, min_runtime_s=s.min_runtime_s,
+                          preempt_backoff=s.preempt_backoff,
                           aging_s=s.aging_s, backfill=s.backfill, preemption=s.preemption,
                           over_budget=s.over_budget, fair_share_band=s.fair_share_band,
                           fair_share_history_weight=s.fair_share_history_weight,
@@ -344,6 +354,7 @@ class Service:
             attained_gpu_s=j.attained_gpu_s,
             shareable=bool(res.get("shareable", False)), gpu_model=j.placement.get("gpu_model"),
             preemptible=j.state in (S.STARTING, S.RUNNING), stopping=j.state is S.PREEMPTING,
+            restarts=max(0, j.attempt - 1 - j.retries),
         )
         return view, len(gpus), started
 

@@ -214,6 +214,9 @@ class SchedulerSettings(_Strict):
     stop_grace_s: float = Field(default=60.0, ge=0, description="checkpoint wait when stopping jobs")
     share_max_utilization: float = Field(default=0.8, ge=0, le=1, description="GPU sharing only below this")
     min_runtime_s: float = Field(default=300.0, ge=0, description="no preemption before this runtime")
+    preempt_backoff: float = Field(default=2.0, ge=1.0, le=16.0, description="a job restarted k times is not "
+                                   "preempted for quota reclaim or LAS before it ran min_runtime_s x this ** k "
+                                   "(1 = min_runtime_s always)")
     aging_s: float = Field(default=3600.0, gt=0, description="bounds how long a feasible job waits")
     backfill: bool = True
     preemption: bool = True

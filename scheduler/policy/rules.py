@@ -45,6 +45,8 @@ def preempt_for(cy: Cycle, job: Job, allowed: list[tuple[str, str]], avoid: dict
             return f"priority {req.priority} job {req.job_id} of team {req.team} needs the GPUs"
         if r.expected_end_at is not None and r.expected_end_at - now > cy.drain:
             return None  # it sets the makespan (makespan guard): not for reclaim or LAS, only for priority
+        if r.restarts and now - r.started_at < s.min_runtime_s * s.preempt_backoff ** min(r.restarts, 24):
+            return None  # preemption backoff: restarted k times, it runs min_runtime_s x backoff^k first
         if reclaim and rf in nominal and r.team != req.team and book.same_tree(r.team, req.team):
             k = book.key(r.team, rf)
             if book.borrowing(r.team, k) - cy.reclaimed[(r.team, k)] > 1e-9:

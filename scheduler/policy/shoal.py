@@ -327,13 +327,29 @@ def _cycle(snap: Snapshot) -> Cycle:
             key = (key[0], -req.expected_duration_s, *key[2:])  # ahead of its priority level, longest first
         job = Job(req, flavors, key, score, _demand_key(cy, req, flavors), aged)
         jobs.append(job)
-        book.want(req.team, job.dkey, amount(c, flavors[0], req.gpus, req.memory_per_gpu_mib, req.shareable))
+        if _fits_now(cy, req, flavors):  # claims only for work the free GPUs could take
+            book.want(req.team, job.dkey, amount(c, flavors[0], req.gpus, req.memory_per_gpu_mib, req.shareable))
     book.build()
     c.pack_shared = sum(j.req.gpus for j in jobs) > sum(c.free_count(f) for f in c.flavors)
     for job, fs in _ordered(cy, jobs):
         cy.order.append(job)
         _one(cy, job, fs)
     return cy
+
+
+def _fits_now(cy: Cycle, req: JobRequest, flavors: list[str]) -> bool:
+    """Whether the GPUs free at the start of the cycle could take the job (memoized by shape).
+    Only such a job claims its team's idle nominal quota (step 3): a claim for a gang that cannot
+    start anyway - its GPUs are busy or scattered - would keep idle GPUs from borrowers and gain
+    the team nothing; that job gets its GPUs by reservation or reclaim instead."""
+    s = cy.snap.settings
+    share = packs(req, s)
+    key = ("fits", tuple(flavors), req.gpus, req.memory_per_gpu_mib, req.cpus_per_gpu, share)
+    if key not in cy.memo:
+        c = cy.cluster
+        cy.memo[key] = any(c.fit(f, req.gpus, req.memory_per_gpu_mib, req.cpus_per_gpu, share, s.multi_node, {})
+                           is not None for f in flavors)
+    return cy.memo[key]
 
 
 def _demand_key(cy: Cycle, req: JobRequest, flavors: list[str]) -> str:

@@ -73,6 +73,7 @@ class RunningJob:
     preemptible: bool = True  # False while stopping, or when its spec forbids it
     stopping: bool = False  # asked to checkpoint and stop (PREEMPTING): its GPUs free up soon
     parts: tuple[tuple[str, tuple[int, ...]], ...] = ()  # multi-node: every (node_id, gpu_indices); () = one node
+    restarts: int = 0  # earlier attempts that were stopped and requeued (preempted, drained), not failed
 
     def placements(self) -> tuple[tuple[str, tuple[int, ...]], ...]:
         return self.parts or ((self.node_id, self.gpu_indices),)
@@ -108,6 +109,7 @@ class PolicySettings:
     share_max_utilization: float = 0.8  # a GPU shared by shareable jobs only if live util below this
     share_max_duration_s: float = 7200.0  # a shareable job expected to run longer takes a GPU of its own
     min_runtime_s: float = 300.0  # a job is not preempted before it ran this long
+    preempt_backoff: float = 2.0  # ... and, for reclaim or LAS, not before min_runtime_s x this ** restarts
     aging_s: float = 3600.0  # waiting time that bounds starvation (the policy documents the rule)
     backfill: bool = True
     preemption: bool = True

@@ -40,11 +40,12 @@ def job(jid: int, team: str = "a", gpus: int = 1, prio: int = 0, t: float | None
 
 def run(jid: int, node: str, gpus: tuple[int, ...], team: str = "a", prio: int = 0, mem: int = 10000,
         started: float = NOW - 3600, ckpt: float | None = None, end: float | None = None, share: bool = False,
-        attained: float = 0.0, stopping: bool = False, preemptible: bool = True, cpg: int = 1) -> RunningJob:
+        attained: float = 0.0, stopping: bool = False, preemptible: bool = True, cpg: int = 1,
+        restarts: int = 0) -> RunningJob:
     return RunningJob(jid, team, prio, node, gpus, mem, cpus=cpg * len(gpus), submitted_at=started - 10,
                       started_at=started, last_checkpoint_at=ckpt, expected_end_at=end,
                       attained_gpu_s=attained, shareable=share, preemptible=preemptible and not stopping,
-                      stopping=stopping)
+                      stopping=stopping, restarts=restarts)
 
 
 def overlay(nodes: list[NodeView], running: list[RunningJob]) -> tuple[NodeView, ...]:

@@ -300,6 +300,47 @@ def test_reclaim_respects_min_runtime_and_nominal_of_victim():
     assert d.to_preempt == ()
 
 
+def test_only_work_the_free_gpus_could_take_claims_idle_nominal_quota():
+    """Team a's waiting job claims a's idle nominal quota, so b (ranked first by priority) may not
+    borrow it - but only when the free GPUs could take a's job. A 2-GPU gang facing one free GPU
+    on each of two nodes claims nothing: lending the GPU is free, and the gang gets its GPUs by
+    reservation or reclaim."""
+    teams = [team("a", 2, cohort="c"), team("b", 2, cohort="c")]
+    pending = [job(1, team="a", gpus=2), job(2, team="b", prio=5)]
+    together = [run(10, "n1", (0,), team="b", prio=5), run(11, "n1", (1,), team="b", prio=5)]
+    d = schedule(snap([node("n1", gpus=4)], pending, together, teams=teams, cohorts=["c"]))
+    assert started(d) == {1: ("n1", (2, 3))} and d.pending[2].startswith("waiting for quota")
+    scattered = [run(10, "n1", (0,), team="b", prio=5), run(11, "n2", (0,), team="b", prio=5)]
+    d = schedule(snap([node("n1", gpus=2), node("n2", gpus=2)], pending, scattered, teams=teams, cohorts=["c"]))
+    assert set(started(d)) == {2} and 1 in d.pending
+
+
+def test_reclaim_backs_off_from_jobs_it_restarted_before():
+    """A borrower restarted k times is not reclaimed again before it ran min_runtime_s x 2^k in
+    this attempt (preemption backoff): bursty lenders cannot ping-pong one job for ever. Priority
+    preemption inside a team is not held back."""
+    teams = [team("a", 4, cohort="c"), team("b", 4, cohort="c")]
+
+    def borrowers(ran: float, restarts: int) -> list:
+        return [run(10 + i, "n1", (i,), team="b", started=NOW - ran, restarts=restarts,
+                    ckpt=NOW - 60 * (i + 1)) for i in range(8)]
+
+    def victims(running, **kw) -> set[int]:
+        return {p.job_id for p in schedule(snap([node("n1")], [job(1, team="a", gpus=2, **kw)], running,
+                                                teams=teams, cohorts=["c"])).to_preempt}
+
+    assert victims(borrowers(ran=1000, restarts=0)) == {10, 11}  # past min_runtime_s (300 s)
+    assert victims(borrowers(ran=1000, restarts=2)) == set()  # restarted twice: 1,200 s first
+    assert victims(borrowers(ran=1300, restarts=2)) == {10, 11}
+    assert victims(borrowers(ran=1300, restarts=3)) == set()  # 2,400 s
+    d = schedule(snap([node("n1")], [job(1, team="a", gpus=2)], borrowers(ran=1000, restarts=2),
+                      teams=teams, cohorts=["c"], preempt_backoff=1.0))
+    assert len(d.to_preempt) == 2  # backoff off: min_runtime_s alone
+    mine = [run(10 + i, "n1", (i,), team="a", started=NOW - 400, restarts=5) for i in range(8)]
+    assert len(schedule(snap([node("n1")], [job(1, team="a", gpus=2, prio=5)], mine,
+                             teams=[team("a", 8)])).to_preempt) == 2  # priority: min_runtime_s only
+
+
 def test_priority_preemption_within_a_team_only():
     running = [run(10, "n1", (0, 1), team="a", prio=0), run(11, "n1", (2, 3), team="b", prio=0)]
     d = schedule(snap([node("n1", gpus=4)], [job(1, team="a", gpus=2, prio=5)], running))

@@ -249,3 +249,17 @@ def test_records_the_api_hands_over_are_used_only_while_their_row_is_unchanged(t
     assert cache[changed.id].priority == 0  # the row, not the stale hint
     assert w.store.get(late.id).pending_reason.startswith("waiting for quota")
     assert w.service._handed == {}
+
+
+def test_remaining_time_of_a_job_past_its_estimate_is_not_zero():
+    """Expected remaining run time: the estimate minus the work done; once a job has run past its
+    estimate, a quarter of what it ran so far (heavy-tailed run times), so it neither looks about
+    to end nor shortest of all."""
+    from scheduler.service import remaining_s
+
+    spec = {"resources": {"expected_duration_s": 1000}}
+    assert remaining_s(spec, 2, attained_gpu_s=0) == 1000
+    assert remaining_s(spec, 2, attained_gpu_s=2 * 600) == 400
+    assert remaining_s(spec, 2, attained_gpu_s=2 * 1000) == 250  # at the estimate: 0.25 x 1000
+    assert remaining_s(spec, 2, attained_gpu_s=2 * 4000) == 1000
+    assert remaining_s({"resources": {}}, 2, attained_gpu_s=50) is None
