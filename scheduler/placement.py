@@ -20,7 +20,7 @@ def parts(placement: dict | None) -> list[Part]:
     listed = placement.get("parts")
     if listed:
         return [(p["node_id"], tuple(p["gpu_indices"])) for p in listed]
-    return [(placement["node_id"], tuple(placement.get("gpu_indices", ())))]
+    return [(placement.get("node_id"), tuple(placement.get("gpu_indices", ())))]
 
 
 def named_parts(placement: dict | None) -> list[tuple[str, str, tuple[int, ...]]]:
@@ -28,7 +28,7 @@ def named_parts(placement: dict | None) -> list[tuple[str, str, tuple[int, ...]]
     if not placement:
         return []
     listed = placement.get("parts") or [placement]
-    return [(p["node_id"], p.get("node") or p["node_id"], tuple(p.get("gpu_indices", ()))) for p in listed]
+    return [(p.get("node_id"), p.get("node") or p.get("node_id"), tuple(p.get("gpu_indices", ()))) for p in listed]
 
 
 def node_ids(placement: dict | None) -> list[str]:
