@@ -20,11 +20,11 @@ from dataclasses import replace as dc_replace
 from pathlib import Path
 from typing import Callable, Protocol
 
+from scheduler import placement as pl
 from scheduler.accounting import TeamUsage, charge_fraction
 from scheduler.clock import Clock
 from scheduler.executor import Executor, LaunchRequest, Outcome, ProgressEvent
 from scheduler.inventory import Inventory
-from scheduler import placement as pl
 from scheduler.lifecycle import ACTIVE, JobState
 from scheduler.policy import (
     Cohort, Decision, JobRequest, Placement, PolicySettings, RunningJob, Snapshot, TeamQuota, forecast, schedule,

@@ -82,7 +82,11 @@ def gang_gpu(cfg: TrainConfig, rank: int, world: int) -> tuple[str, int]:
 
     node_id = ray.get_runtime_context().get_node_id()
     nodes: list = [None] * world
-    dist.all_gather_object(nodes, node_id)
+    # over gloo (CPU) even under NCCL: before set_device every local rank would be on cuda:0
+    group = None if dist.get_backend() == "gloo" else dist.new_group(backend="gloo")
+    dist.all_gather_object(nodes, node_id, group=group)
+    if group is not None:
+        dist.destroy_process_group(group)
     mine = cfg.gpu_indices_by_node.get(node_id, [])
     local = nodes[:rank].count(node_id)
     if local >= len(mine):
