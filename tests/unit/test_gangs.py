@@ -283,3 +283,32 @@ def test_sim_executor_runs_a_gang_on_the_gpus_of_every_node():
     assert ex.poll() == []  # 10 s of work at half speed (alone on its GPUs, the gang would be done)
     clock.advance(5)
     assert {o.job_id: o.status for o in ex.poll()} == {1: "succeeded", 2: "succeeded"}
+
+
+def test_submit_admits_a_gang_wider_than_a_node_only_with_multi_node(tmp_path):
+    import json
+
+    from scheduler.admission import SubmitError, check_submission
+    from scheduler.policy import GpuView, NodeView, TeamQuota
+    from scheduler.spec import JobSpec
+
+    model = tmp_path / "m"
+    model.mkdir()
+    (model / "config.json").write_text(json.dumps({"torch_dtype": "bfloat16", "hidden_size": 64,
+                                                   "num_hidden_layers": 2}))
+    (model / "model.safetensors").write_bytes(b"\0" * 2_000_000)
+    train = tmp_path / "train.jsonl"
+    train.write_text('{"prompt": "a", "completion": "b"}\n' * 3)
+    nodes = tuple(NodeView(n, n, tuple(GpuView(i, "H100 80GB", 81920, 0) for i in range(8))) for n in ("n1", "n2"))
+
+    def submit(gpus: int, multi_node: bool):
+        cfg = ClusterConfig.model_validate({"teams": {"a": {"gpus": 32}}, "scheduler": {"multi_node": multi_node}})
+        spec = JobSpec.model_validate({"name": "j", "team": "a", "model": str(model), "dataset": {"train": str(train)},
+                                       "resources": {"gpus": gpus}})
+        return check_submission(spec, cfg, nodes, (TeamQuota("a", 32),))
+
+    assert submit(16, multi_node=True).gpus == 16
+    with pytest.raises(SubmitError, match="can never run here: .*largest H100 80GB node has 8 GPUs"):
+        submit(16, multi_node=False)
+    with pytest.raises(SubmitError, match="can never run here"):
+        submit(24, multi_node=True)  # more than the whole cluster
