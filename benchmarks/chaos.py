@@ -187,10 +187,11 @@ def orphan_gpus(store, total_gpus: int, settle_s: float = 15.0) -> tuple[int, in
     import ray
 
     from scheduler.lifecycle import ACTIVE
+    from scheduler.placement import gpu_count  # every node of a multi-node gang
 
     deadline = time.monotonic() + settle_s
     while True:
-        active = {(j.id, j.attempt): len((j.placement or {}).get("gpu_indices", ())) for j in store.active_jobs()}
+        active = {(j.id, j.attempt): gpu_count(j.placement) for j in store.active_jobs()}
         held = total_gpus - int(ray.available_resources().get("GPU", 0)) - sum(active.values())
         runners = [a["name"] for a in ray.util.list_named_actors(all_namespaces=True)
                    if a["name"].startswith("shoal-job-")
@@ -203,7 +204,7 @@ def orphan_gpus(store, total_gpus: int, settle_s: float = 15.0) -> tuple[int, in
     stale = [j for j in store.jobs() if j.state not in ACTIVE and j.placement]
     details += [f"job {j.id} {j.state.value} keeps placement {j.placement}" for j in stale]
     details += [f"runner {name} alive for an attempt that is not active" for name in runners]
-    return held + sum(len(j.placement.get("gpu_indices", ())) for j in stale), len(runners), details
+    return held + sum(gpu_count(j.placement) for j in stale), len(runners), details
 
 
 def run_chaos(jobs: int = 200, kills: int = 10, seed: int = 7, gpus: int = 8, steps: int = 10,

@@ -25,6 +25,7 @@ from monitoring.dcgm import (ALLOCATION_FAMILIES, IDLE_UTILIZATION_PCT, JOB_FAMI
                              Holders, NodeHolders,
                              NodeText, holders_by_node, node_families)
 from monitoring.gpu import GpuReading
+from scheduler import placement as pl
 from scheduler.lifecycle import JobState
 
 log = logging.getLogger("shoal.metrics")
@@ -50,9 +51,9 @@ def reason_category(reason: str | None) -> str:
 def _holders(running: Iterable) -> dict[tuple[str, int], list[tuple[int, str]]]:
     out: dict[tuple[str, int], list[tuple[int, str]]] = defaultdict(list)
     for job in running:
-        if job.placement:
-            for idx in job.placement["gpu_indices"]:
-                out[(job.placement["node_id"], idx)].append((job.id, job.team))
+        for node_id, idxs in pl.parts(job.placement):  # every node of a multi-node gang
+            for idx in idxs:
+                out[(node_id, idx)].append((job.id, job.team))
     return out
 
 
@@ -199,10 +200,11 @@ class ShoalCollector(Collector):
         for job in running:
             if not job.placement:
                 continue
-            nid, idxs = job.placement["node_id"], job.placement["gpu_indices"]
-            res.add_rendered(self._job_labels[(job.id, job.team)], job.memory_per_gpu_mib * len(idxs) * 2**20)
-            gpus.add_metric([str(job.id), job.team, job.placement.get("node") or nid,
-                             job.placement.get("gpu_model") or ""], len(idxs))
+            named = pl.named_parts(job.placement)  # a gang: one shoal_job_gpus series per node
+            res.add_rendered(self._job_labels[(job.id, job.team)],
+                             job.memory_per_gpu_mib * sum(len(ix) for _, _, ix in named) * 2**20)
+            for _, node, idxs in named:
+                gpus.add_metric([str(job.id), job.team, node, job.placement.get("gpu_model") or ""], len(idxs))
         yield from (res, gpus)
 
     # -- quota --------------------------------------------------------------------------------
@@ -224,7 +226,7 @@ class ShoalCollector(Collector):
                 continue
             t = teams[job.team]
             flavor = (job.placement.get("gpu_model") or "") if t.gpus_by_model else ANY_FLAVOR
-            use[(job.team, flavor)] += len(job.placement["gpu_indices"])
+            use[(job.team, flavor)] += pl.gpu_count(job.placement)
         nom: dict[tuple[str, str], int] = {}
         for name, t in teams.items():
             for flavor, n in (t.gpus_by_model.items() if t.gpus_by_model else [(ANY_FLAVOR, t.gpus)]):

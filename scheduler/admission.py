@@ -297,13 +297,13 @@ def _cohorts(config: ClusterConfig) -> tuple[Cohort, ...]:
 _NEVER_FITS: dict[tuple, tuple[object, object, object, str | None]] = {}
 
 
-def _never_fits(req: JobRequest, nodes, quotas, cohorts, headroom_mib: int) -> str | None:
-    key = (id(nodes), id(quotas), id(cohorts), headroom_mib, req.team, req.priority, req.gpus,
+def _never_fits(req: JobRequest, nodes, quotas, cohorts, headroom_mib: int, multi_node: bool = False) -> str | None:
+    key = (id(nodes), id(quotas), id(cohorts), headroom_mib, multi_node, req.team, req.priority, req.gpus,
            req.memory_per_gpu_mib, req.gpu_model, req.cpus_per_gpu, req.shareable)
     hit = _NEVER_FITS.get(key)
     if hit is not None and hit[0] is nodes and hit[1] is quotas and hit[2] is cohorts:
         return hit[3]
-    why = never_fits(req, nodes, quotas, cohorts, PolicySettings(), headroom_mib)
+    why = never_fits(req, nodes, quotas, cohorts, PolicySettings(multi_node=multi_node), headroom_mib)
     if len(_NEVER_FITS) > 256:
         _NEVER_FITS.clear()
     _NEVER_FITS[key] = (nodes, quotas, cohorts, why)
@@ -340,7 +340,7 @@ def _check_submission(spec: JobSpec, config: ClusterConfig, nodes: tuple[NodeVie
         req = JobRequest(0, spec.team, spec.priority, 0.0, est.gpus, est.memory_per_gpu_mib, flavor,
                          spec.resources.cpus_per_gpu, shareable=spec.resources.shareable)
         if (why := _never_fits(req, nodes, quotas, _cohorts(config),
-                               config.scheduler.memory_headroom_mib)) is not None:
+                               config.scheduler.memory_headroom_mib, config.scheduler.multi_node)) is not None:
             problems.append(f"resources: can never run here: {why}")
     if problems:
         raise SubmitError(problems)

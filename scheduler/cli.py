@@ -24,6 +24,7 @@ from scheduler.models import JobOut, Role
 from scheduler.client import Client, NotRunning, ShoalError
 from scheduler.daemon import default_home
 from scheduler.lifecycle import JobState
+from scheduler.placement import describe, named_parts
 from scheduler.spec import SpecError, load_job_spec
 
 app = typer.Typer(help="Shoal: a GPU scheduler for LLM fine-tuning on Ray.", no_args_is_help=True,
@@ -376,7 +377,7 @@ def queue(state: Optional[list[JobState]] = typer.Option(None, "--state", "-s"),
                fold="REASON")
     for j in jobs:
         p = j.progress or {}
-        where = f"{j.placement['node']}:{','.join(map(str, j.placement['gpu_indices']))}" if j.placement else "-"
+        where = "+".join(f"{name}:{','.join(map(str, ix))}" for _, name, ix in named_parts(j.placement)) or "-"
         prog = f"{p.get('step', 0)}/{p.get('total_steps', '?')}" if p else "-"
         queued = j.state is JobState.QUEUED
         t.add_row(str(j.id), j.name, j.team, j.user, str(j.priority), j.state.value, str(j.gpus), where, prog,
@@ -408,7 +409,7 @@ def status(job_id: int, output: Output = OUTPUT) -> None:
     out.print(f"  resources  {job.gpus} GPU(s), ~{job.memory_per_gpu_mib} MiB each; attempt {job.attempt}, "
               f"retries {job.retries}")
     if job.placement:
-        out.print(f"  placement  {job.placement['node']} GPU {job.placement['gpu_indices']}")
+        out.print(f"  placement  {describe(job.placement)}")
     if job.progress:
         p = job.progress
         out.print(f"  progress   step {p.get('step')}/{p.get('total_steps')}  loss {p.get('loss')}  "

@@ -43,15 +43,19 @@ class FakeGpuLoad:
         self.reader = reader
         self.on_change = on_change  # e.g. the node agent's poll, so readings show the change at once
 
-    def _reader(self, job):
-        if isinstance(self.reader, dict):
-            return self.reader.get((job.placement or {}).get("node_id"))
-        return self.reader
+    def _parts(self, job):
+        """(reader, GPU indices) for every node of the job (a multi-node gang has several)."""
+        from scheduler.placement import parts
+
+        for node_id, idx in parts(job.placement):
+            reader = self.reader.get(node_id) if isinstance(self.reader, dict) else self.reader
+            if reader is not None:
+                yield reader, idx
 
     def placed(self, job) -> None:
-        if (reader := self._reader(job)) is not None:
+        for reader, idx in self._parts(job):
             reader.detach_job(job.id)
-            reader.attach_job(job.id, tuple(job.placement["gpu_indices"]), job.memory_per_gpu_mib)
+            reader.attach_job(job.id, idx, job.memory_per_gpu_mib)
         if self.on_change:
             self.on_change()
 

@@ -30,6 +30,17 @@ class LaunchRequest:
     job_dir: str  # per-job folder: checkpoints (Ray storage), logs
     output_dir: str  # where the final adapter / model goes
     price_per_gpu_hour: float | None = None  # USD, from the placed GPU model; for the model card
+    # A gang spanning nodes: every (node_id, gpu_indices), the first equal to node_id/gpu_indices.
+    # () = one node (node_id, gpu_indices), so single-node callers need not set it.
+    parts: tuple[tuple[str, tuple[int, ...]], ...] = ()
+
+    def all_parts(self) -> tuple[tuple[str, tuple[int, ...]], ...]:
+        return self.parts or ((self.node_id, tuple(self.gpu_indices)),)
+
+    @property
+    def gpus(self) -> int:
+        """GPUs of the whole gang, on every node (= Ray Train workers)."""
+        return sum(len(ix) for _, ix in self.all_parts())
 
 
 @dataclass(frozen=True)

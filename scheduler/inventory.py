@@ -54,10 +54,13 @@ class Inventory:
         holders: dict[tuple[str, int], list[int]] = defaultdict(list)
         cpus_held: dict[str, int] = defaultdict(int)
         for job in running:
-            cpus_held[job.node_id] += job.cpus
-            for idx in job.gpu_indices:
-                reserved[(job.node_id, idx)] += job.memory_per_gpu_mib
-                holders[(job.node_id, idx)].append(job.job_id)
+            parts = job.placements()  # a multi-node gang holds GPUs (and CPUs) on every node
+            total = sum(len(ix) for _, ix in parts) or 1
+            for node_id, ix in parts:
+                cpus_held[node_id] += job.cpus * len(ix) // total if len(parts) > 1 else job.cpus
+                for idx in ix:
+                    reserved[(node_id, idx)] += job.memory_per_gpu_mib
+                    holders[(node_id, idx)].append(job.job_id)
         views = []
         for node in self._nodes():
             gpus = tuple(

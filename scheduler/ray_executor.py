@@ -8,6 +8,11 @@ fire-and-forget, so a step never waits on the scheduler) and the stop flag for p
 
 Placement: the workers are pinned to the chosen node with a label selector and get the chosen
 GPU indices in their config (`gpu_indices`); on real GPUs the trainer uses `cuda:<index>`.
+A multi-node gang (`LaunchRequest.parts`) is ONE TorchTrainer with a worker per GPU of every
+node: `label_selector` is a list with one `ray.io/node-id` selector per worker (so each node gets
+exactly its part's workers) and the placement group is PACK (STRICT_PACK cannot span nodes). Ray
+Train orders ranks its own way, so the config carries `gpu_indices_by_node` and each worker
+picks its GPU from its own node's list (trainer.ray_worker). The runner stays on the first node.
 Checkpoints live in `<job_dir>/ray/job-<id>`; a later attempt with the same run name resumes
 from the newest one (Ray Train's run snapshot).
 
@@ -18,7 +23,8 @@ and adopts it instead of launching again; a finished runner keeps its result unt
 has read it (it is ended one poll later, after the service recorded the outcome).
 
 `workload="probe"` replaces the trainer by a light stand-in for failure drills (benchmarks/chaos.py):
-the runner itself holds the job's GPUs on the chosen node, steps `max_steps` x PROBE_STEP_S,
+the runner itself holds the job's GPUs on the chosen node (a gang's other nodes: one `GpuHolder`
+actor each, owned by the runner, checked every step so a lost node fails the attempt), steps `max_steps` x PROBE_STEP_S,
 checkpoints every `checkpoint_every_steps`, honours stop requests, and appends every start and end
 to `<job_dir>/probe-ledger.jsonl` so a checker can prove no job ran twice.
 """
@@ -81,6 +87,8 @@ def train_config(req: LaunchRequest) -> dict:
         # Staged checkpoints of a killed worker stay with the job, not in the system temp dir.
         "scratch_dir": f"{req.job_dir}/scratch",
     }
+    if req.parts:  # a multi-node gang: each worker takes its GPU from its own node's list
+        cfg["gpu_indices_by_node"] = {node_id: list(ix) for node_id, ix in req.all_parts()}
     if "validation_fraction" in ds:
         cfg["val_fraction"] = ds["validation_fraction"]
     for key in ("r", "alpha", "dropout", "target_modules"):
@@ -145,9 +153,8 @@ class JobRunner:
             train_loop_per_worker,
             train_loop_config={"train": train_config(req), "progress_actor": hub_name, "namespace": namespace},
             scaling_config=ScalingConfig(
-                num_workers=len(req.gpu_indices), use_gpu=True,
-                resources_per_worker={"CPU": cpus, "GPU": 1}, placement_strategy="STRICT_PACK",
-                label_selector={"ray.io/node-id": req.node_id},
+                num_workers=req.gpus, use_gpu=True, resources_per_worker={"CPU": cpus, "GPU": 1},
+                **worker_placement(req),
             ),
             torch_config=TorchConfig(backend=backend),
             run_config=RunConfig(
@@ -162,6 +169,40 @@ class JobRunner:
         metrics = dict(result.metrics or {})
         status = metrics.pop("status", "succeeded")
         return {"status": "preempted" if status == "preempted" else "succeeded", "metrics": metrics}
+
+
+def worker_placement(req: LaunchRequest) -> dict:
+    """ScalingConfig placement of the job's workers: all on its node (one node), or one
+    `ray.io/node-id` selector per worker, a node's selector repeated once per GPU of its part."""
+    if not req.parts:
+        return {"placement_strategy": "STRICT_PACK", "label_selector": {"ray.io/node-id": req.node_id}}
+    return {"placement_strategy": "PACK",
+            "label_selector": [{"ray.io/node-id": node_id} for node_id, ix in req.all_parts() for _ in ix]}
+
+
+@ray.remote(num_cpus=0)
+class GpuHolder:
+    """Holds a probe gang's GPUs on one of its other nodes (created with num_gpus and a hard
+    affinity to that node); dies with its node, or with the runner that owns it."""
+
+    def where(self) -> str:
+        return ray.get_runtime_context().get_node_id()
+
+
+HOLDER_START_S = 60.0  # a gang's holders must be placed by then (their GPUs were free when committed)
+HOLDER_ANSWER_S = 5.0  # a holder that does not answer a step's check this long is lost with its node
+
+
+def _hold_other_nodes(req: LaunchRequest) -> list:
+    """One GpuHolder per node of the gang but the first (the runner holds that one's GPUs);
+    returns once every holder runs on its node (a TimeoutError if one cannot be placed)."""
+    holders = [(node_id, GpuHolder.options(num_gpus=len(ix), scheduling_strategy=NodeAffinitySchedulingStrategy(
+        node_id, soft=False)).remote()) for node_id, ix in req.all_parts()[1:]]
+    for node_id, h in holders:
+        got = ray.get(h.where.remote(), timeout=HOLDER_START_S)
+        if got != node_id:  # a hard affinity makes this a Ray bug, not a job's
+            raise RuntimeError(f"probe gang: the GPU holder for node {node_id} runs on {got}")
+    return holders
 
 
 def _probe(req: LaunchRequest, hub) -> dict:
@@ -186,9 +227,16 @@ def _probe(req: LaunchRequest, hub) -> dict:
         os.replace(tmp, ckpt)
         hub.push.remote(req.job_id, req.attempt, {"type": "checkpoint", "step": step})
 
+    holders = _hold_other_nodes(req)  # owned by this runner: they end with it
     resumed = int(open(ckpt).read()) if os.path.exists(ckpt) else 0
-    note("start", resumed_from_step=resumed)
+    note("start", resumed_from_step=resumed, nodes=[n for n, _ in req.all_parts()])
     for step in range(resumed + 1, steps + 1):
+        for node_id, h in holders:  # a gang's node lost: the attempt fails (the service requeues it)
+            try:
+                ray.get(h.where.remote(), timeout=HOLDER_ANSWER_S)
+            except (ray.exceptions.RayError, TimeoutError) as e:
+                note("lost", step=step - 1, node=node_id)
+                raise RuntimeError(f"probe gang: the GPUs on node {node_id} are gone ({type(e).__name__})") from None
         if ray.get(hub.should_stop.remote(req.job_id, req.attempt)):
             save(step - 1)
             note("stop", step=step - 1)
@@ -343,7 +391,7 @@ class RayExecutor:
             # loss ends both, and is told apart from a job failure by probing that node), and it
             # never lands on a node Ray still lists but Shoal already knows to be lost.
             opts = {"scheduling_strategy": NodeAffinitySchedulingStrategy(req.node_id, soft=False)}
-            if self.workload == "probe":  # the runner itself holds the job's GPUs on its node
+            if self.workload == "probe":  # the runner itself holds the job's GPUs on its (first) node
                 opts["num_gpus"] = len(req.gpu_indices)
             try:
                 actor = JobRunner.options(name=self._name(*key), namespace=self.namespace, lifetime="detached",

@@ -20,13 +20,14 @@ from dataclasses import replace as dc_replace
 from pathlib import Path
 from typing import Callable, Protocol
 
+from scheduler import placement as pl
 from scheduler.accounting import TeamUsage, charge_fraction
 from scheduler.clock import Clock
 from scheduler.executor import Executor, LaunchRequest, Outcome, ProgressEvent
 from scheduler.inventory import Inventory
 from scheduler.lifecycle import ACTIVE, JobState
 from scheduler.policy import (
-    Cohort, Decision, JobRequest, PolicySettings, RunningJob, Snapshot, TeamQuota, forecast, schedule,
+    Cohort, Decision, JobRequest, Placement, PolicySettings, RunningJob, Snapshot, TeamQuota, forecast, schedule,
 )
 from scheduler.spec import ClusterConfig
 from scheduler.store import Conflict, Fenced, JobRecord, Store
@@ -81,7 +82,8 @@ def policy_settings(config: ClusterConfig) -> PolicySettings:
                           fair_share_history_weight=s.fair_share_history_weight,
                           max_preemptions_per_cycle=s.max_preemptions_per_cycle, aging_ratio=s.aging_ratio,
                           las_preempt_factor=s.las_preempt_factor, makespan_guard=s.makespan_guard,
-                          preempt_grace_s=s.preempt_grace_s, share_max_duration_s=s.share_max_duration_s)
+                          preempt_grace_s=s.preempt_grace_s, share_max_duration_s=s.share_max_duration_s,
+                          multi_node=s.multi_node)
 
 
 class JobListener(Protocol):
@@ -149,7 +151,7 @@ class Service:
             changes.setdefault("finished_at", now)
         if job.state.active and not dst.active and job.attempt_started_at is not None:
             # GPU-seconds this attempt received (fair share, LAS); the attempt clock stops here
-            held = len((job.placement or {}).get("gpu_indices", ())) or job.gpus
+            held = pl.gpu_count(job.placement) or job.gpus
             changes.setdefault("attained_gpu_s", job.attained_gpu_s + held * max(0.0, now - job.attempt_started_at))
             changes.setdefault("attempt_started_at", None)
         try:
@@ -272,16 +274,20 @@ class Service:
     def _lost_with_its_node(self, job: JobRecord, src: JobState) -> bool:
         """A failed attempt whose node is gone (the node died and took the job with it, often
         before the cluster declares the node dead) is the infrastructure's failure, not the
-        job's: the node is marked lost and the job requeued without spending a retry."""
-        node_id = (job.placement or {}).get("node_id")
-        if not node_id or not self.inventory.node_down(node_id):
+        job's: the node is marked lost and the job requeued without spending a retry. A gang
+        spanning nodes is requeued whole when ANY of its nodes is gone (its other workers fail
+        with the lost ones: one DDP world)."""
+        down = [(node_id, name) for node_id, name, _ in pl.named_parts(job.placement)
+                if self.inventory.node_down(node_id)]
+        if not down:
             return False
-        name = (job.placement or {}).get("node") or node_id
-        node = self.store.nodes().get(node_id)
-        if node is not None and not node.lost:
-            log.warning("node %s lost (job %s's attempt %s failed with it)", name, job.id, job.attempt)
-            self.store.mark_node_lost(node_id, self.clock.now())
-        self._move(job, src, S.QUEUED, self._lost_reason(name), placement=None)
+        stored = self.store.nodes()
+        for node_id, name in down:
+            node = stored.get(node_id)
+            if node is not None and not node.lost:
+                log.warning("node %s lost (job %s's attempt %s failed with it)", name, job.id, job.attempt)
+                self.store.mark_node_lost(node_id, self.clock.now())
+        self._move(job, src, S.QUEUED, self._lost_reason(", ".join(name for _, name in down)), placement=None)
         return True
 
     @staticmethod
@@ -342,21 +348,24 @@ class Service:
         return views
 
     def _running_view(self, j: JobRecord, now: float) -> tuple[RunningJob, int, float]:
-        gpus = tuple(j.placement["gpu_indices"])
+        parts = pl.parts(j.placement)  # a multi-node gang: every node; RunningJob.parts lists them
+        gpus = tuple(j.placement["gpu_indices"])  # the first node's
+        total = sum(len(ix) for _, ix in parts)
         started = j.attempt_started_at if j.attempt_started_at is not None else now
         res = _resources(j.spec)
-        remaining = remaining_s(j.spec, len(gpus) or j.gpus, j.attained_gpu_s)  # at this attempt's start
+        remaining = remaining_s(j.spec, total or j.gpus, j.attained_gpu_s)  # at this attempt's start
         view = RunningJob(
             j.id, j.team, j.priority, j.placement["node_id"], gpus, j.memory_per_gpu_mib,
-            cpus=_cpus_per_gpu(j.spec) * len(gpus), submitted_at=j.submitted_at, started_at=started,
+            cpus=_cpus_per_gpu(j.spec) * total, submitted_at=j.submitted_at, started_at=started,
             last_checkpoint_at=j.last_checkpoint_at,
             expected_end_at=(started + remaining) if remaining is not None else None,
             attained_gpu_s=j.attained_gpu_s,
             shareable=bool(res.get("shareable", False)), gpu_model=j.placement.get("gpu_model"),
             preemptible=j.state in (S.STARTING, S.RUNNING), stopping=j.state is S.PREEMPTING,
             restarts=max(0, j.attempt - 1 - j.retries),
+            parts=tuple(parts) if len(parts) > 1 else (),
         )
-        return view, len(gpus), started
+        return view, total, started
 
     def pending_views(self, queued: list[JobRecord]) -> tuple[JobRequest, ...]:
         """One request per queued job, cached by job id while its attempt and attained service
@@ -445,7 +454,7 @@ class Service:
         for pre in decision.to_preempt:
             self._preempt(pre.job_id, pre.reason)
         for start in decision.to_start:
-            self._start(queued[start.job_id], start.placement.node_id, start.placement.gpu_indices)
+            self._start(queued[start.job_id], start.placement)
         etas = self._estimates(snap, decision)
         changed = {}
         for job_id, reason in decision.pending.items():
@@ -485,25 +494,30 @@ class Service:
         d = self.job_dir(job.id)
         if self.job_logs:
             d.mkdir(parents=True, exist_ok=True)
+        parts = pl.parts(job.placement)
         return LaunchRequest(
             job_id=job.id, attempt=job.attempt, spec=job.spec, node_id=job.placement["node_id"],
             gpu_indices=tuple(job.placement["gpu_indices"]), memory_per_gpu_mib=job.memory_per_gpu_mib,
             job_dir=str(d), output_dir=job.spec.get("output") or str(d / "output"),
             price_per_gpu_hour=getattr(self.config.gpu_models.get(job.placement.get("gpu_model") or ""),
                                        "price_per_hour", None),
+            parts=tuple(parts) if len(parts) > 1 else (),
         )
 
-    def _start(self, job: JobRecord, node_id: str, gpu_indices: tuple[int, ...]) -> None:
-        flavor, gpu_mib = self.inventory.gpu_info(node_id, gpu_indices)
-        placement = {"node_id": node_id, "node": self.inventory.node_name(node_id), "gpu_indices": list(gpu_indices),
-                     "gpu_model": flavor}
+    def _start(self, job: JobRecord, where: Placement) -> None:
+        """Commit the placement (every node of a gang) and launch. The flavor, GPU memory and
+        price come from the first part: a gang never mixes GPU models."""
+        flavor, gpu_mib = self.inventory.gpu_info(where.node_id, where.gpu_indices)
+        named = [(n, self.inventory.node_name(n), tuple(ix)) for n, ix in where.all_parts()]
+        placement = pl.record(named, flavor)
         model = self.config.gpu_models.get(flavor or "")
-        usage = {"gpu_model": flavor, "node": placement["node"], "gpus": len(gpu_indices),
+        # the usage ledger has one row per attempt: a gang's row names all its nodes ("a+b")
+        usage = {"gpu_model": flavor, "node": "+".join(name for _, name, _ in named),
+                 "gpus": sum(len(ix) for _, _, ix in named),
                  "gpu_fraction": charge_fraction(bool(_resources(job.spec).get("shareable", False)),
                                                  job.memory_per_gpu_mib, gpu_mib),
                  "price_per_gpu_hour": model.price_per_hour if model else 0.0}
-        admitted = self._move(job, S.QUEUED, S.ADMITTED,
-                              f"placed on {placement['node']} GPU {','.join(map(str, gpu_indices))}",
+        admitted = self._move(job, S.QUEUED, S.ADMITTED, f"placed on {pl.describe(placement)}",
                               placement=placement, attempt=job.attempt + 1, pending_reason=None,
                               estimated_start_at=None,
                               attempt_started_at=self.clock.now(), last_checkpoint_at=None, usage=usage)
@@ -560,14 +574,16 @@ class Service:
                     why = "; ".join(f"GPU {r.index}: {r.xid_errors} XID/ECC error(s)" for r in faults)
                     log.warning("draining node %s: %s", info.name, why)
                     stored[info.node_id] = self.store.set_drained(info.node_id, True, reason=f"auto: {why}", now=now)
-        for job in self.store.active_jobs():
-            node = stored.get((job.placement or {}).get("node_id", ""))
-            if node is None:
-                continue
-            if node.lost:
+        for job in self.store.active_jobs():  # a gang moves whole when any of its nodes does
+            nodes = [n for n in (stored.get(i) for i in pl.node_ids(job.placement)) if n is not None]
+            lost = [n for n in nodes if n.lost]
+            drained = [n for n in nodes if n.drained]
+            if lost:
                 self.executor.kill(job.id, job.attempt)
-                self._move(job, job.state, S.QUEUED, self._lost_reason(node.name), placement=None)
-            elif node.drained and job.state in (S.STARTING, S.RUNNING):
+                self._move(job, job.state, S.QUEUED, self._lost_reason(", ".join(n.name for n in lost)),
+                           placement=None)
+            elif drained and job.state in (S.STARTING, S.RUNNING):
+                node = drained[0]
                 self._preempt(job.id, f"node {node.name} drained ({node.drain_reason}); checkpoint and move")
 
     def find_node(self, ref: str):

@@ -238,6 +238,9 @@ class SchedulerSettings(_Strict):
                                    "within this many seconds waits for them instead of preempting (0 = always preempt)")
     makespan_guard: bool = Field(default=True, description="a waiting job longer than the backlog's drain time "
                                  "(it would set the makespan) goes first in its priority level")
+    multi_node: bool = Field(default=True, description="a gang too big for any one node runs on the fewest "
+                             "nodes (one GPU model, all GPUs at once); a job that fits one node always gets one. "
+                             "false: such a job waits (or is rejected) instead")
 
 
 class ClusterConfig(_Strict):

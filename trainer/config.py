@@ -56,6 +56,9 @@ class TrainConfig(BaseModel):
     job_name: str | None = None  # for the model card
     output_dir: str  # final adapter (lora) or model (full) + tokenizer
     gpu_indices: list[int] = Field(default_factory=list)  # one per local worker
+    # multi-node gang: Ray node id -> that node's physical GPU indices (one per worker there);
+    # empty for a single node (gpu_indices). trainer.ray_worker picks the worker's own.
+    gpu_indices_by_node: dict[str, list[int]] = Field(default_factory=dict)
     torch_threads: int | None = Field(None, ge=1)
     scratch_dir: str | None = None  # where checkpoints are staged before Ray persists them (default: system temp)
 

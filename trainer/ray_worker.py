@@ -17,7 +17,7 @@ import torch
 from transformers.utils import logging as hf_logging
 
 from trainer.config import TrainConfig
-from trainer.loop import Hooks, train
+from trainer.loop import Hooks, pick_device, train
 
 STOP_POLL_INTERVAL_S = 0.5  # ask the actor at most this often
 STOP_TIMEOUT_S = 5.0  # an unanswered should_stop counts as "no"
@@ -74,6 +74,27 @@ def _report(rank: int):
     return save
 
 
+def gang_gpu(cfg: TrainConfig, rank: int, world: int) -> tuple[str, int]:
+    """(Ray node id, physical GPU index) of this worker of a multi-node gang: its node's entry of
+    `gpu_indices_by_node`, at its position among the gang's workers on that node in world-rank
+    order. (Ray Train's local_rank groups workers by node IP, which nodes sharing a host share.)"""
+    import torch.distributed as dist
+
+    node_id = ray.get_runtime_context().get_node_id()
+    nodes: list = [None] * world
+    # over gloo (CPU) even under NCCL: before set_device every local rank would be on cuda:0
+    group = None if dist.get_backend() == "gloo" else dist.new_group(backend="gloo")
+    dist.all_gather_object(nodes, node_id, group=group)
+    if group is not None:
+        dist.destroy_process_group(group)
+    mine = cfg.gpu_indices_by_node.get(node_id, [])
+    local = nodes[:rank].count(node_id)
+    if local >= len(mine):
+        raise RuntimeError(f"worker {rank} runs on node {node_id}, which the placement gives "
+                           f"{len(mine)} GPU(s) ({nodes.count(node_id)} workers there): Ray placed it elsewhere")
+    return node_id, mine[local]
+
+
 def train_loop_per_worker(config: dict) -> dict:
     cfg = TrainConfig.model_validate(config["train"])
     hf_logging.disable_progress_bar()  # no "Loading weights" bars in the job log
@@ -83,6 +104,11 @@ def train_loop_per_worker(config: dict) -> dict:
     rank = ctx.get_world_rank()
     channel = ProgressChannel(config.get("progress_actor"), config.get("namespace"),
                               cfg.job_id, cfg.attempt)
+    if cfg.gpu_indices_by_node:  # a multi-node gang: this worker's own GPU on its own node
+        node_id, gpu = gang_gpu(cfg, rank, ctx.get_world_size())
+        cfg = cfg.model_copy(update={"gpu_indices": [gpu]})
+        channel.push({"type": "log", "line": f"[shoal trainer] worker {rank}/{ctx.get_world_size()} on node "
+                      f"{node_id}: GPU {gpu} ({pick_device(cfg.gpu_indices, ctx.get_local_rank())})"})
     hooks = Hooks(progress=channel.push, should_stop=channel.should_stop,
                   save_checkpoint=_report(rank), rank=rank,
                   world_size=ctx.get_world_size(), local_rank=ctx.get_local_rank())

@@ -140,8 +140,10 @@ class Cluster:
     def fit(self, flavor: str, g: int, m: int, cpg: int, shareable: bool, multi_node: bool,
             avoid: dict[int, set[int]]) -> list[Part] | None:
         """GPUs for a gang of `g` GPUs with `m` MiB each and `cpg` CPUs per GPU, or None.
-        One unit when one holds it; else, if `multi_node`, the fewest units. `avoid` maps a
-        unit to GPU indices this job must not take (a reservation it would delay)."""
+        One unit when one holds it; else, if `multi_node` and the gang is bigger than any one node
+        of the flavor (GPUs or CPUs), the fewest units: a gang that one node could hold waits for
+        one rather than spreading over busy nodes. `avoid` maps a unit to GPU indices this job
+        must not take (a reservation it would delay)."""
         if flavor not in self.flavors:
             return None
         share = shareable and g == 1
@@ -164,12 +166,19 @@ class Cluster:
                     return [(o, tuple(sorted(fits[:g])))]
         if share and not self.pack_shared and (hit := self._fit_shared(flavor, m, cpg, avoid)) is not None:
             return [hit]
-        if multi_node:
+        if multi_node and not self.one_node_holds(flavor, g, g * cpg):
             parts = self._fit_spread(flavor, g, m, cpg, avoid)
             if parts is not None:
                 return parts
         self._remember_failure(flavor, (g, m, cpg, avoiding))
         return None
+
+    def one_node_holds(self, flavor: str, g: int, cpus: float) -> bool:
+        """Whether some node has >= g GPUs of the flavor and `cpus` CPUs (busy or not): a gang
+        spreads over nodes only when none does (multi-node)."""
+        fl = self.flavors[flavor]
+        return g <= fl.largest_unit and any(
+            len(self.units[o].gpus) >= g and self.node_cpus[self.units[o].node_id] >= cpus for o in fl.units)
 
     def _remember_failure(self, flavor: str, f: tuple[int, int, int, bool]) -> None:
         fails = self.failures[flavor]

@@ -71,7 +71,8 @@ def reserve(cluster: Cluster, job_id: int, flavors: list[str], g: int, m: int, n
             ends: dict[tuple[int, int], float], multi_node: bool, cpus: float = 0.0,
             cpu_ends: dict[str, list[tuple[float, float]]] | None = None) -> Reservation | None:
     """The earliest start of a gang of g GPUs x m MiB on one unit of `flavors` (or, with
-    `multi_node`, on the fewest GPUs' earliest times across a flavor); None if it never fits."""
+    `multi_node` and a gang no one node of the flavor could hold, on the fewest GPUs' earliest
+    times across a flavor: Cluster.fit's rule); None if it never fits."""
     best: tuple[float, int, Part] | None = None
     spread: tuple[float, tuple[Part, ...]] | None = None
     for flavor in flavors:
@@ -84,7 +85,7 @@ def reserve(cluster: Cluster, job_id: int, flavors: list[str], g: int, m: int, n
                 if best is None or key < best[:2]:
                     best = (key[0], key[1], (o, tuple(sorted(i for _, i in times[:g]))))
             per_unit.extend((t, o, i) for t, i in times)
-        if multi_node and best is None and len(per_unit) >= g:
+        if multi_node and best is None and len(per_unit) >= g and not cluster.one_node_holds(flavor, g, cpus):
             per_unit.sort()
             at = per_unit[g - 1][0]
             if spread is None or at < spread[0]:

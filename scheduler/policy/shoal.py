@@ -83,7 +83,8 @@ def _index(snap: Snapshot) -> Cycle:
         if r.stopping and r.team in cy.book.teams:
             cy.stopping_amt[(r.team, cy.book.key(r.team, flavor))] += amt
         end = r.expected_end_at if r.expected_end_at is not None else INF
-        cy.cpu_ends.setdefault(r.node_id, []).append((end, float(r.cpus)))
+        for node_id, ix in r.placements():  # a multi-node gang frees its CPUs on each of its nodes
+            cy.cpu_ends.setdefault(node_id, []).append((end, float(r.cpus) * len(ix) / max(1, gpus)))
         for node_id, ix in r.placements():
             for i in ix:
                 o = cluster.by_gpu.get((node_id, i))

@@ -118,7 +118,8 @@ class PolicySettings:
     fair_share_band: float = 1.0  # teams whose usage/entitlement ratios fall in one band of this width
     #                               rank as equals (then shortest work first); 0 = strict fair share
     fair_share_history_weight: float = 0.5  # share = (1-w) * live dominant share + w * decayed history
-    multi_node: bool = False  # a gang too big for one node may span nodes (the Ray executor is single-node)
+    multi_node: bool = False  # a gang bigger than every node of its flavor spans the fewest nodes (the
+    #                           cluster config's scheduler.multi_node, default true, sets it in the service)
     max_preemptions_per_cycle: int = 16  # victims chosen per cycle, at most
     aging_ratio: float = 2.0  # a job's aging horizon = aging_s + this x its duration (or attained time)
     preempt_grace_s: float = 900.0  # a job that waited less than this, whose GPUs are expected to free up

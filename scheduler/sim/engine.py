@@ -35,6 +35,7 @@ from monitoring.gpu import FakeGpuReader
 from scheduler.clock import FakeClock
 from scheduler.inventory import Inventory, NodeInfo
 from scheduler.lifecycle import JobState
+from scheduler.placement import parts as placement_parts
 from scheduler.policy import Decision, JobRequest, Snapshot, never_fits
 from scheduler.service import Service
 from scheduler.sim.config import SimCluster
@@ -109,8 +110,9 @@ class CachingInventory(Inventory):
         if self.dirty:
             by_node: dict[str, list] = {}
             for job in running:
-                if job.node_id in self.dirty:
-                    by_node.setdefault(job.node_id, []).append(job)
+                for node_id, _ in job.placements():  # a multi-node gang: each of its nodes
+                    if node_id in self.dirty:
+                        by_node.setdefault(node_id, []).append(job)
             for node in self._node_list:
                 if node.node_id in self.dirty:
                     one = Inventory(lambda: [node], {node.node_id: self.readers[node.node_id]})
@@ -143,26 +145,30 @@ class ReaderLoad:
         self.readers = readers
         self.dirty = dirty  # the inventory's set of nodes to rebuild
         self.held: dict[str, int] = {}
-        self._where: dict[int, tuple[str, int]] = {}  # the store clears placement before `released`
+        # the store clears placement before `released`: job id -> (its nodes, GPUs held)
+        self._where: dict[int, tuple[tuple[str, ...], int]] = {}
 
     def placed(self, job) -> None:
-        node, gpus = job.placement["node_id"], tuple(job.placement["gpu_indices"])
-        r = self.readers[node]
-        self.dirty.add(node)
-        r.detach_job(job.id)
         shared = bool((job.spec.get("resources") or {}).get("shareable"))
-        r.attach_job(job.id, gpus, job.memory_per_gpu_mib,
-                     utilization_pct=SHARED_UTIL_PCT if shared else EXCLUSIVE_UTIL_PCT)
+        parts = placement_parts(job.placement)  # a multi-node gang shows on every node
+        for node, gpus in parts:
+            r = self.readers[node]
+            self.dirty.add(node)
+            r.detach_job(job.id)
+            r.attach_job(job.id, gpus, job.memory_per_gpu_mib,
+                         utilization_pct=SHARED_UTIL_PCT if shared else EXCLUSIVE_UTIL_PCT)
+        count = sum(len(g) for _, g in parts)
         if job.id not in self._where:
-            self.held[job.team] = self.held.get(job.team, 0) + len(gpus)
-        self._where[job.id] = (node, len(gpus))
+            self.held[job.team] = self.held.get(job.team, 0) + count
+        self._where[job.id] = (tuple(n for n, _ in parts), count)
 
     def released(self, job) -> None:
         where = self._where.pop(job.id, None)
         if where is None:
             return
-        self.readers[where[0]].detach_job(job.id)
-        self.dirty.add(where[0])
+        for node in where[0]:
+            self.readers[node].detach_job(job.id)
+            self.dirty.add(node)
         self.held[job.team] -= where[1]
 
 

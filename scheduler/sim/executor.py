@@ -35,8 +35,8 @@ EPS = 1e-6
 class _Run:
     job_id: int
     attempt: int
-    node_id: str
-    gpus: tuple[int, ...]
+    node_id: str  # the first (or only) node: its GPU price is the gang's (one GPU model)
+    gpus: tuple[tuple[str, int], ...]  # every (node_id, index) it holds: a multi-node gang's on all nodes
     total: float
     start: float
     progress_from: float
@@ -77,7 +77,7 @@ class SimExecutor:
         return t / k
 
     def _rate(self, run: _Run) -> float:
-        return min(self._speed(len(self.tenants[(run.node_id, i)])) for i in run.gpus)
+        return min(self._speed(len(self.tenants[g])) for g in run.gpus)
 
     def _accrue(self, run: _Run, now: float) -> None:
         begin = max(run.last, run.progress_from)
@@ -115,11 +115,12 @@ class SimExecutor:
             raise ValueError(f"job {req.job_id}: spec has no sim.duration_s (not a simulated job)")
         done = self.work.get(req.job_id, 0.0)
         overhead = self.startup_s + (self.restart_overhead_s if done > 0 else 0.0)
-        run = _Run(req.job_id, req.attempt, req.node_id, tuple(req.gpu_indices), float(sim["duration_s"]), now,
+        slots = tuple((node, i) for node, ix in req.all_parts() for i in ix)
+        run = _Run(req.job_id, req.attempt, req.node_id, slots, float(sim["duration_s"]), now,
                    now + overhead, now, checkpoint_every_s=float(sim.get("checkpoint_every_s") or 0.0))
         self._team[req.job_id] = req.spec.get("team", "")
         self.runs[key] = run
-        gpus = [(req.node_id, i) for i in run.gpus]
+        gpus = list(run.gpus)
         for g in gpus:
             tenants = self.tenants.setdefault(g, [])
             if not tenants:
@@ -135,7 +136,7 @@ class SimExecutor:
     def _end(self, key: tuple[int, int], status: str, now: float, metrics: dict | None = None) -> None:
         run = self.runs.pop(key)
         self._accrue(run, now)
-        gpus = [(run.node_id, i) for i in run.gpus]
+        gpus = list(run.gpus)
         for g in gpus:
             self.tenants[g].remove(key)
             if not self.tenants[g]:
