@@ -30,6 +30,7 @@ class LaunchRequest:
     job_dir: str  # per-job folder: checkpoints (Ray storage), logs
     output_dir: str  # where the final adapter / model goes
     price_per_gpu_hour: float | None = None  # USD, from the placed GPU model; for the model card
+    storage_root: str | None = None  # a user-chosen output_dir must lie under it (the trainer checks)
 
 
 @dataclass(frozen=True)
