@@ -96,15 +96,42 @@ def forward_logits(model, batch: dict, device: torch.device) -> torch.Tensor:
         return model(**inputs, use_cache=False).logits
 
 
+def _selective_head(model) -> torch.nn.Module:
+    """The model's LM head, patched once so that, while `head.shoal_keep` holds a (batch, seq) bool
+    mask, it projects only the hidden states of those positions (logits of shape (n, vocab)).
+
+    Only the positions that predict a labelled token need logits: prompt and padding positions
+    skip the head's matmul (vocab x hidden per token, a large share on real vocabularies) and the
+    (batch, seq, vocab) logits tensor is never materialized. The head is patched in place (its
+    forward, not its module path), so state dicts, DDP/FSDP wrapping and generation are unchanged;
+    TRL's SFTTrainer patches its model's head for the same reason."""
+    head = model.get_output_embeddings()
+    if not getattr(head, "shoal_patched", False):
+        plain = head.forward
+
+        def forward(hidden: torch.Tensor) -> torch.Tensor:
+            keep = head.shoal_keep
+            if keep is not None and hidden.shape[:2] == keep.shape:
+                hidden = hidden[keep]
+            return plain(hidden)
+
+        head.forward, head.shoal_keep, head.shoal_patched = forward, None, True
+    return head
+
+
 def completion_ce(model, batch: dict, device: torch.device) -> tuple[torch.Tensor, int]:
-    """(summed next-token CE over labelled tokens, number of labelled tokens)."""
-    logits = forward_logits(model, batch, device)
-    batch = {"labels": batch["labels"].to(device)}
-    logits = logits[:, :-1].float()
-    labels = batch["labels"][:, 1:]
-    total = F.cross_entropy(logits.reshape(-1, logits.size(-1)), labels.reshape(-1),
-                            ignore_index=D.IGNORE_INDEX, reduction="sum")
-    return total, int((labels != D.IGNORE_INDEX).sum())
+    """(summed next-token CE over labelled tokens, number of labelled tokens). Logits are computed
+    only at the positions that predict a labelled token (see _selective_head)."""
+    target = batch["labels"].to(device)[:, 1:]
+    keep = target != D.IGNORE_INDEX  # position t predicts token t + 1
+    head = _selective_head(getattr(model, "module", model))  # DDP wraps the model
+    head.shoal_keep = F.pad(keep, (0, 1), value=False)  # the last position predicts nothing
+    try:
+        logits = forward_logits(model, batch, device)
+    finally:
+        head.shoal_keep = None
+    total = F.cross_entropy(logits.float(), target[keep], reduction="sum")
+    return total, int(keep.sum())
 
 
 @torch.no_grad()
