@@ -13,12 +13,26 @@ PEFT model, built by Shoal's loader, is handed to TRL). TRL's differing SFTConfi
 (bf16, gradient checkpointing, learning rate, packing, ...) are set explicitly. Each run is a
 separate process (clean peak memory) and covers whole epochs, so both see every example.
 
-Figures: tokens/s (non-padding tokens / time of the training loop: the process's CPU time by
-default, wall time with --clock wall), final validation
-loss on a held-out set (computed by the same function for both models), padding waste, peak
-resident memory (CPU) or peak CUDA memory. Runs: TRL (padding), Shoal (padding), Shoal
-(packing). --gpu: a ~0.5B model (hidden 1024, 24 layers), bf16, full fine-tuning, MFU
-(UNTESTED: written without access to a GPU).
+TRL SFTConfig defaults that differ from Shoal's or could skew the comparison, all set
+explicitly: bf16 (True in SFTConfig; off on CPU), gradient_checkpointing (True; off), learning
+rate (2e-5), lr_scheduler_type (linear; cosine), warmup, optim (adamw_torch_fused; adamw_torch =
+Shoal's torch.optim.AdamW), pad_to_multiple_of ("auto"; None), packing / padding_free (off),
+max_length (1024), completion_only_loss, loss_type "nll", liger off, activation offloading and
+torch.compile off, logging every step (Shoal reports every step too). What stays TRL's own: its
+seeded RandomSampler order (Shoal's is a numpy permutation, so padded batches differ: see the
+pad waste column) and its per-step extras (entropy / token accuracy from its chunked LM head).
+
+Figures: tokens/s (non-padding tokens / time of the training loop, both the process's CPU
+time and the wall time are printed; RESULT lines use --clock: CPU time by default on CPU,
+wall on a GPU), final validation loss on a held-out set (computed by the same function for
+both models), padding waste, peak resident memory (CPU) or peak CUDA memory, MFU (GPU). Runs:
+TRL (padding), Shoal (padding), Shoal (packing).
+
+--gpu (NVIDIA GPU; exits with an error without CUDA): a ~0.47B Llama (hidden 1024, 24 layers,
+MLP 4096, 32k vocabulary) built from a config, full fine-tuning, bf16 autocast for both, 32768
+records, padded batch 64, packed 8 rows of 2048, lr 2e-5, wall clock; extra RESULT lines
+trainer_gpu_tok_s, trainer_gpu_mfu_pct, trainer_gpu_packed_mfu_pct. Written and checked on CPU
+only: no GPU was available to this work.
 
 Ends with RESULT lines: trainer_tok_s_vs_trl, trainer_loss_diff_pct, trainer_packed_tok_s_vs_trl.
 """
@@ -201,7 +215,8 @@ def run_trl(assets: dict, args, out: str) -> dict:
         warmup_steps=5, weight_decay=0.0, max_grad_norm=1.0, optim="adamw_torch",
         adam_beta1=0.9, adam_beta2=0.999, adam_epsilon=1e-8,
         bf16=args.gpu, fp16=False, gradient_checkpointing=False,  # SFTConfig defaults: True, True
-        packing=False, padding_free=False, max_length=cfg.max_length, completion_only_loss=True,
+        packing=False, padding_free=False, pad_to_multiple_of=None, max_length=cfg.max_length,
+        completion_only_loss=True, activation_offloading=False, torch_compile=False, shuffle_dataset=False,
         assistant_only_loss=False, loss_type="nll", use_liger_kernel=False,
         logging_steps=1, report_to="none", save_strategy="no", eval_strategy="no",
         seed=cfg.seed, data_seed=cfg.seed, dataloader_num_workers=0, dataloader_drop_last=False,

@@ -155,8 +155,9 @@ def test_two_ranks_stop_together_and_resume_exactly(make_cfg, tmp_path, method, 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
+    # restore_best with a rule that makes step 0 the best: the ranks restore it together at the end
     cfg = make_cfg(max_steps=5, batch_size=16, lora_dropout=0.1, learning_rate=3e-3, method=method,
-                   grad_accum_steps=2)
+                   grad_accum_steps=2, eval_every_steps=2, restore_best=True, early_stopping_min_delta=100.0)
     mp.spawn(_ddp_worker, args=(2, port, cfg.model_dump(mode="json"), str(tmp_path)), nprocs=2)
     runs = json.loads((tmp_path / "runs.json").read_text())
     assert runs["first"]["result"] == {"status": "preempted", "step": 2}
@@ -167,10 +168,17 @@ def test_two_ranks_stop_together_and_resume_exactly(make_cfg, tmp_path, method, 
     assert runs["second"]["result"]["eval_loss"] == pytest.approx(
         runs["full"]["result"]["eval_loss"], abs=1e-5)
     assert runs["full"]["result"]["parallelism"] == parallelism
-    assert runs["full"]["result"]["eval_loss"] < runs["full"]["result"]["eval_loss_initial"]
-    if method == "full":  # the gathered full weights load as a normal HF model
+    full = runs["full"]["result"]
+    assert full["eval_loss_last"] < full["eval_loss_initial"] and full["restored_best_step"] == 0
+    assert full["eval_loss"] == pytest.approx(full["eval_loss_initial"], abs=1e-5)
+    assert runs["second"]["result"]["eval_loss_last"] == pytest.approx(full["eval_loss_last"], abs=1e-5)
+    if method == "full":  # the gathered full weights load as a normal HF model: the restored step 0
         model = AutoModelForCausalLM.from_pretrained(cfg.output_dir, local_files_only=True)
         assert sum(p.numel() for p in model.parameters()) > 100_000
+        tok = load_tokenizer(cfg.output_dir)
+        val = D.encode_pairs(tok, D.load_pairs(cfg.val_path), cfg.max_length)
+        batches = [D.collate(val[i:i + 8], tok.pad_token_id) for i in range(0, len(val), 8)]
+        assert evaluate(model, batches, "cpu") == pytest.approx(full["eval_loss"], abs=1e-4)
 
 
 @pytest.mark.ray
