@@ -414,7 +414,13 @@ class _Trainer:
             from torch.distributed.checkpoint.state_dict import set_model_state_dict
 
             from trainer.fsdp import FULL_FROM_RANK0
-            set_model_state_dict(self.model, self.best_state or {}, options=FULL_FROM_RANK0)
+            for m in self.model.modules():  # an evaluation leaves the root's parameters unsharded
+                if hasattr(m, "reshard"):
+                    m.reshard()
+            # a copy: broadcasting from rank 0 frees the tensors it is given, and the final
+            # checkpoint still writes the best weights
+            copy = {k: v.clone() for k, v in (self.best_state or {}).items()}
+            set_model_state_dict(self.model, copy, options=FULL_FROM_RANK0)
         elif self.cfg.adapter:
             set_peft_model_state_dict(self.model, {k: v.to(self.device) for k, v in self.best_state.items()})
         else:

@@ -20,10 +20,7 @@ from trainer.config import TrainConfig
 from trainer.loop import Hooks, train
 
 STOP_POLL_INTERVAL_S = 0.5  # ask the actor at most this often
-# How long one poll waits for the actor's answer. A later answer is not lost: the request stays
-# pending and is read at the next poll, so a busy actor delays a stop by a poll or two but never
-# holds training for more than this per poll.
-STOP_WAIT_S = 0.05
+STOP_TIMEOUT_S = 5.0  # an unanswered should_stop counts as "no"
 
 
 class ProgressChannel:
@@ -35,17 +32,6 @@ class ProgressChannel:
         self._actor = None
         self._last_poll = -float("inf")  # time.monotonic() of the last should_stop call
         self._stop = False
-        self._pending = None  # ObjectRef of an unanswered should_stop request
-        self._ask()  # the first answer arrives while the model and data load
-
-    def _ask(self) -> None:
-        """Send a should_stop request unless one is pending."""
-        if self._pending is None and (actor := self._get_actor()) is not None:
-            try:
-                self._pending = actor.should_stop.remote(self.job_id, self.attempt)
-            except Exception as e:
-                print(f"[shoal trainer] should_stop request failed: {e}")
-                self._actor = None
 
     def _get_actor(self):
         if self._actor is None and self.actor_name:
@@ -69,16 +55,14 @@ class ProgressChannel:
         if self._stop or now - self._last_poll < STOP_POLL_INTERVAL_S:
             return self._stop
         self._last_poll = now
-        self._ask()
-        if self._pending is None:
+        actor = self._get_actor()
+        if actor is None:
             return False
-        ready, _ = ray.wait([self._pending], timeout=STOP_WAIT_S)
-        if ready:
-            ref, self._pending = self._pending, None
-            try:
-                self._stop = bool(ray.get(ref))
-            except Exception:  # the actor died: "no", and ask a fresh handle next time
-                self._actor, self._stop = None, False
+        try:
+            self._stop = bool(ray.get(actor.should_stop.remote(self.job_id, self.attempt),
+                                      timeout=STOP_TIMEOUT_S))
+        except Exception:
+            self._stop = False
         return self._stop
 
 
