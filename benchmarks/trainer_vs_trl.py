@@ -19,8 +19,10 @@ rate (2e-5), lr_scheduler_type (linear; cosine), warmup, optim (adamw_torch_fuse
 Shoal's torch.optim.AdamW), pad_to_multiple_of ("auto"; None), packing / padding_free (off),
 max_length (1024), completion_only_loss, loss_type "nll", liger off, activation offloading and
 torch.compile off, logging every step (Shoal reports every step too). What stays TRL's own: its
-seeded RandomSampler order (Shoal's is a numpy permutation, so padded batches differ: see the
-pad waste column) and its per-step extras (entropy / token accuracy from its chunked LM head).
+per-step extras (entropy / token accuracy from its chunked LM head). Data order: TRL gets the
+rows in Shoal's seeded order with a SequentialSampler, so both trainers see the same batches
+(same padding, same work per step; exact for epochs whose size is a multiple of the batch, as
+the default 160 / 8).
 
 Figures: tokens/s (non-padding tokens / time of the training loop, both the process's CPU
 time and the wall time are printed; RESULT lines use --clock: CPU time by default on CPU,
@@ -196,9 +198,13 @@ def run_trl(assets: dict, args, out: str) -> dict:
     device = "cuda" if torch.cuda.is_available() else "cpu"
     _, train_enc, _ = D.prepare(cfg.train_path, tok, "auto", cfg.max_length, "error")
     _, val_enc, _ = D.prepare(cfg.val_path, tok, "auto", cfg.max_length, "error")
-    rows = [{"input_ids": e["input_ids"],
-             "completion_mask": [int(x != D.IGNORE_INDEX) for x in e["labels"]]} for e in train_enc]
-    tokens = sum(len(e["input_ids"]) for e in train_enc) * args.epochs
+    # Shoal's batch order (seeded permutation per epoch), fed to TRL in sequence: both runs see
+    # the same batches, so padding, work per step and the loss curve are comparable one to one
+    order = [i for epoch in range(args.epochs)
+             for batch in D.epoch_batches(len(train_enc), cfg.batch_size, epoch, cfg.seed) for i in batch]
+    rows = [{"input_ids": train_enc[i]["input_ids"],
+             "completion_mask": [int(x != D.IGNORE_INDEX) for x in train_enc[i]["labels"]]} for i in order]
+    tokens = sum(len(r["input_ids"]) for r in rows)
     padded = {"positions": 0}
 
     class Timer(TrainerCallback):
@@ -210,7 +216,7 @@ def run_trl(assets: dict, args, out: str) -> dict:
 
     timer = Timer()
     sft = SFTConfig(
-        output_dir=out, num_train_epochs=args.epochs, per_device_train_batch_size=args.batch_size,
+        output_dir=out, num_train_epochs=1, per_device_train_batch_size=args.batch_size,  # epochs in `rows`
         gradient_accumulation_steps=1, learning_rate=cfg.learning_rate, lr_scheduler_type="cosine",
         warmup_steps=5, weight_decay=0.0, max_grad_norm=1.0, optim="adamw_torch",
         adam_beta1=0.9, adam_beta2=0.999, adam_epsilon=1e-8,
@@ -221,8 +227,12 @@ def run_trl(assets: dict, args, out: str) -> dict:
         logging_steps=1, report_to="none", save_strategy="no", eval_strategy="no",
         seed=cfg.seed, data_seed=cfg.seed, dataloader_num_workers=0, dataloader_drop_last=False,
         use_cpu=device == "cpu", disable_tqdm=True)
-    trainer = SFTTrainer(model=model, args=sft, train_dataset=Dataset.from_list(rows),
-                         processing_class=tok, callbacks=[timer])
+    class InOrder(SFTTrainer):
+        def _get_train_sampler(self, *a, **k):  # rows are already in Shoal's seeded order
+            return torch.utils.data.SequentialSampler(self.train_dataset)
+
+    trainer = InOrder(model=model, args=sft, train_dataset=Dataset.from_list(rows),
+                      processing_class=tok, callbacks=[timer])
     trainer.remove_callback(PrinterCallback)  # no per-step dict on stdout (log_history keeps it)
     collator = trainer.data_collator
 
