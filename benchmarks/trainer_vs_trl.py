@@ -13,12 +13,28 @@ PEFT model, built by Shoal's loader, is handed to TRL). TRL's differing SFTConfi
 (bf16, gradient checkpointing, learning rate, packing, ...) are set explicitly. Each run is a
 separate process (clean peak memory) and covers whole epochs, so both see every example.
 
-Figures: tokens/s (non-padding tokens / time of the training loop: the process's CPU time by
-default, wall time with --clock wall), final validation
-loss on a held-out set (computed by the same function for both models), padding waste, peak
-resident memory (CPU) or peak CUDA memory. Runs: TRL (padding), Shoal (padding), Shoal
-(packing). --gpu: a ~0.5B model (hidden 1024, 24 layers), bf16, full fine-tuning, MFU
-(UNTESTED: written without access to a GPU).
+TRL SFTConfig defaults that differ from Shoal's or could skew the comparison, all set
+explicitly: bf16 (True in SFTConfig; off on CPU), gradient_checkpointing (True; off), learning
+rate (2e-5), lr_scheduler_type (linear; cosine), warmup, optim (adamw_torch_fused; adamw_torch =
+Shoal's torch.optim.AdamW), pad_to_multiple_of ("auto"; None), packing / padding_free (off),
+max_length (1024), completion_only_loss, loss_type "nll", liger off, activation offloading and
+torch.compile off, logging every step (Shoal reports every step too). What stays TRL's own: its
+per-step extras (entropy / token accuracy from its chunked LM head). Data order: TRL gets the
+rows in Shoal's seeded order with a SequentialSampler, so both trainers see the same batches
+(same padding, same work per step; exact for epochs whose size is a multiple of the batch, as
+the default 160 / 8).
+
+Figures: tokens/s (non-padding tokens / time of the training loop, both the process's CPU
+time and the wall time are printed; RESULT lines use --clock: CPU time by default on CPU,
+wall on a GPU), final validation loss on a held-out set (computed by the same function for
+both models), padding waste, peak resident memory (CPU) or peak CUDA memory, MFU (GPU). Runs:
+TRL (padding), Shoal (padding), Shoal (packing).
+
+--gpu (NVIDIA GPU; exits with an error without CUDA): a ~0.47B Llama (hidden 1024, 24 layers,
+MLP 4096, 32k vocabulary) built from a config, full fine-tuning, bf16 autocast for both, 32768
+records, padded batch 64, packed 8 rows of 2048, lr 2e-5, wall clock; extra RESULT lines
+trainer_gpu_tok_s, trainer_gpu_mfu_pct, trainer_gpu_packed_mfu_pct. Written and checked on CPU
+only: no GPU was available to this work.
 
 Ends with RESULT lines: trainer_tok_s_vs_trl, trainer_loss_diff_pct, trainer_packed_tok_s_vs_trl.
 """
@@ -68,8 +84,11 @@ def build_assets(work: Path, args) -> dict:
     for name, recs in (("train.jsonl", train), ("val.jsonl", val)):
         (work / name).write_text("".join(json.dumps(r) + "\n" for r in recs))
     tok = build_tokenizer([r["prompt"] + r["completion"] for r in records])
-    hidden, layers, heads = (1024, 24, 16) if args.gpu else (256, 4, 4)
-    config = LlamaConfig(vocab_size=len(tok), hidden_size=hidden, intermediate_size=hidden * 8 // 3,
+    # --gpu: ~0.47B parameters (hidden 1024, 24 layers, MLP 4096, a 32k vocabulary as real
+    # models have: the tokenizer uses the first len(tok) rows)
+    hidden, layers, heads, mlp, vocab = (1024, 24, 16, 4096, 32000) if args.gpu else \
+        (256, 4, 4, 256 * 8 // 3, len(tok))
+    config = LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=mlp,
                          num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=heads,
                          max_position_embeddings=args.max_length, tie_word_embeddings=False,
                          bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
@@ -79,14 +98,27 @@ def build_assets(work: Path, args) -> dict:
     LlamaForCausalLM(config).save_pretrained(model_dir)
     tok.save_pretrained(model_dir)
     n_params = sum(p.numel() for p in LlamaForCausalLM(config).parameters())
+    lengths = [len(tok(r["prompt"] + r["completion"])["input_ids"]) + 2 for r in train]  # + bos, eos
     return {"train": str(work / "train.jsonl"), "val": str(work / "val.jsonl"), "model": str(model_dir),
-            "params": n_params}
+            "params": n_params, "mean_tokens": sum(lengths) / len(lengths)}
 
 
-def clock(args) -> float:
-    """Seconds: the process's CPU time (default; on a shared, oversubscribed machine the wall
-    clock mostly measures the neighbours) or the wall clock (--clock wall, e.g. on a GPU)."""
-    return time.process_time() if args.clock == "cpu" else time.perf_counter()
+def clocks() -> tuple[float, float]:
+    """(process CPU time, wall time) in seconds. Both are recorded; tokens/s uses --clock: CPU
+    time by default on CPU (on a shared, oversubscribed machine the wall clock mostly measures
+    the neighbours), wall time on a GPU (where the CPU waits for the device)."""
+    import torch
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    return time.process_time(), time.perf_counter()
+
+
+def timed(run: dict, start: tuple[float, float], end: tuple[float, float], args) -> dict:
+    """Adds seconds (the chosen clock), cpu_s, wall_s and tokens/s to a run's figures."""
+    cpu, wall = end[0] - start[0], end[1] - start[1]
+    seconds = cpu if args.clock == "cpu" else wall
+    return {**run, "seconds": seconds, "cpu_s": cpu, "wall_s": wall,
+            "tokens_per_s": run["tokens"] / seconds, "tokens_per_wall_s": run["tokens"] / wall}
 
 
 def train_config(assets: dict, args, out: str, packing: bool):
@@ -100,6 +132,20 @@ def train_config(assets: dict, args, out: str, packing: bool):
         batch_size=args.packed_batch_size if packing else args.batch_size, grad_accum_steps=1,
         max_length=args.max_length, max_length_policy="error", max_grad_norm=1.0, weight_decay=0.0,
         seed=args.seed, checkpoint_every_steps=10**9, packing=packing, torch_threads=args.threads)
+
+
+def with_mfu(run: dict, assets: dict, args) -> dict:
+    """Model FLOPs utilization of a run on a GPU (trainer.telemetry's formula, wall clock, the
+    mean example length of the data for the attention term); None on CPU (no known peak)."""
+    import torch
+    from transformers import AutoConfig
+
+    from trainer import telemetry as T
+
+    peak = T.peak_flops(torch.device("cuda")) if torch.cuda.is_available() else None
+    config = AutoConfig.from_pretrained(assets["model"], local_files_only=True)
+    per_token = T.flops_per_token(config, assets["params"], assets["mean_tokens"], adapter=not args.gpu)
+    return {**run, "mfu": T.mfu(run["tokens_per_wall_s"], per_token, peak)}
 
 
 def peak_memory_mib(device_type: str) -> float:
@@ -120,18 +166,19 @@ def run_shoal(assets: dict, args, packing: bool, out: str) -> dict:
 
     def progress(event):
         if event["type"] == "eval" and event["step"] == 0:
-            start.append(clock(args))  # the initial evaluation is done; the loop starts
+            start.append(clocks())  # the initial evaluation is done; the loop starts
         if event["type"] == "step":
-            steps.append((clock(args), event))
+            steps.append((clocks(), event))
 
     result = train(cfg, Hooks(progress=progress))
-    seconds = steps[-1][0] - start[0]  # the training loop, as for TRL (its train() call)
     tokens = sum(e["tokens_per_s"] * e["step_time_s"] for _, e in steps)
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    return {"name": "shoal-packed" if packing else "shoal", "steps": len(steps), "seconds": seconds,
-            "tokens": round(tokens), "tokens_per_s": tokens / seconds, "eval_loss": result["eval_loss"],
-            "train_loss": result["train_loss"], "padding_waste": result["padding_waste"],
-            "mfu": result["mfu"], "peak_mib": peak_memory_mib(device)}
+    run = {"name": "shoal-packed" if packing else "shoal", "steps": len(steps), "tokens": round(tokens),
+           "eval_loss": result["eval_loss"], "train_loss": result["train_loss"],
+           "padding_waste": result["padding_waste"], "peak_mib": peak_memory_mib(device)}
+    # the training loop, as for TRL (its train() call): from the end of the initial evaluation
+    # to the last step's event
+    return with_mfu(timed(run, start[0], steps[-1][0], args), assets, args)
 
 
 def run_trl(assets: dict, args, out: str) -> dict:
@@ -151,32 +198,41 @@ def run_trl(assets: dict, args, out: str) -> dict:
     device = "cuda" if torch.cuda.is_available() else "cpu"
     _, train_enc, _ = D.prepare(cfg.train_path, tok, "auto", cfg.max_length, "error")
     _, val_enc, _ = D.prepare(cfg.val_path, tok, "auto", cfg.max_length, "error")
-    rows = [{"input_ids": e["input_ids"],
-             "completion_mask": [int(x != D.IGNORE_INDEX) for x in e["labels"]]} for e in train_enc]
-    tokens = sum(len(e["input_ids"]) for e in train_enc) * args.epochs
+    # Shoal's batch order (seeded permutation per epoch), fed to TRL in sequence: both runs see
+    # the same batches, so padding, work per step and the loss curve are comparable one to one
+    order = [i for epoch in range(args.epochs)
+             for batch in D.epoch_batches(len(train_enc), cfg.batch_size, epoch, cfg.seed) for i in batch]
+    rows = [{"input_ids": train_enc[i]["input_ids"],
+             "completion_mask": [int(x != D.IGNORE_INDEX) for x in train_enc[i]["labels"]]} for i in order]
+    tokens = sum(len(r["input_ids"]) for r in rows)
     padded = {"positions": 0}
 
     class Timer(TrainerCallback):
         def on_train_begin(self, *a, **k):
-            self.t0 = clock(args)
+            self.start = clocks()
 
         def on_train_end(self, *a, **k):
-            self.seconds = clock(args) - self.t0
+            self.end = clocks()
 
     timer = Timer()
     sft = SFTConfig(
-        output_dir=out, num_train_epochs=args.epochs, per_device_train_batch_size=args.batch_size,
+        output_dir=out, num_train_epochs=1, per_device_train_batch_size=args.batch_size,  # epochs in `rows`
         gradient_accumulation_steps=1, learning_rate=cfg.learning_rate, lr_scheduler_type="cosine",
         warmup_steps=5, weight_decay=0.0, max_grad_norm=1.0, optim="adamw_torch",
         adam_beta1=0.9, adam_beta2=0.999, adam_epsilon=1e-8,
         bf16=args.gpu, fp16=False, gradient_checkpointing=False,  # SFTConfig defaults: True, True
-        packing=False, padding_free=False, max_length=cfg.max_length, completion_only_loss=True,
+        packing=False, padding_free=False, pad_to_multiple_of=None, max_length=cfg.max_length,
+        completion_only_loss=True, activation_offloading=False, torch_compile=False, shuffle_dataset=False,
         assistant_only_loss=False, loss_type="nll", use_liger_kernel=False,
         logging_steps=1, report_to="none", save_strategy="no", eval_strategy="no",
         seed=cfg.seed, data_seed=cfg.seed, dataloader_num_workers=0, dataloader_drop_last=False,
         use_cpu=device == "cpu", disable_tqdm=True)
-    trainer = SFTTrainer(model=model, args=sft, train_dataset=Dataset.from_list(rows),
-                         processing_class=tok, callbacks=[timer])
+    class InOrder(SFTTrainer):
+        def _get_train_sampler(self, *a, **k):  # rows are already in Shoal's seeded order
+            return torch.utils.data.SequentialSampler(self.train_dataset)
+
+    trainer = InOrder(model=model, args=sft, train_dataset=Dataset.from_list(rows),
+                      processing_class=tok, callbacks=[timer])
     trainer.remove_callback(PrinterCallback)  # no per-step dict on stdout (log_history keeps it)
     collator = trainer.data_collator
 
@@ -191,11 +247,11 @@ def run_trl(assets: dict, args, out: str) -> dict:
     val_batches = [D.collate(val_enc[i:i + cfg.batch_size], tok.pad_token_id)
                    for i in range(0, len(val_enc), cfg.batch_size)]
     eval_loss = evaluate(trainer.model, val_batches, device)
-    return {"name": "trl", "steps": out_metrics.global_step, "seconds": timer.seconds, "tokens": tokens,
-            "tokens_per_s": tokens / timer.seconds, "eval_loss": eval_loss,
-            "train_loss": sum(losses[-10:]) / len(losses[-10:]),
-            "padding_waste": 1 - tokens / padded["positions"] if padded["positions"] else None,
-            "mfu": None, "peak_mib": peak_memory_mib(device)}
+    run = {"name": "trl", "steps": out_metrics.global_step, "tokens": tokens, "eval_loss": eval_loss,
+           "train_loss": sum(losses[-10:]) / len(losses[-10:]),
+           "padding_waste": 1 - tokens / padded["positions"] if padded["positions"] else None,
+           "peak_mib": peak_memory_mib(device)}
+    return with_mfu(timed(run, timer.start, timer.end, args), assets, args)
 
 
 def _child(kind: str, assets: dict, args, queue) -> None:
@@ -226,33 +282,59 @@ def in_process(kind: str, assets: dict, args) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--records", type=int, default=160)
+    ap.add_argument("--gpu", action="store_true",
+                    help="NVIDIA GPU: ~0.47B model, bf16 autocast, full fine-tuning, wall clock, MFU; "
+                         "defaults below in [brackets]")
+    ap.add_argument("--records", type=int, help="training records (160) [32768]")
     ap.add_argument("--val-records", type=int, default=32)
     ap.add_argument("--epochs", type=int, default=1)
-    ap.add_argument("--batch-size", type=int, default=8)
-    ap.add_argument("--packed-batch-size", type=int, default=1,
-                    help="rows of max-length tokens per step with packing (1 row ~ the real tokens "
-                         "of a padded batch of 8 here)")
-    ap.add_argument("--max-length", type=int, default=256)
-    ap.add_argument("--lr", type=float, default=1e-3)
+    ap.add_argument("--batch-size", type=int, help="examples per padded batch (8) [64]")
+    ap.add_argument("--packed-batch-size", type=int,
+                    help="rows of max-length tokens per step with packing (1) [8]: 1 row of 256 ~ the "
+                         "real tokens of a padded batch of 8 here")
+    ap.add_argument("--max-length", type=int, help="tokens per example / packed row (256) [2048]")
+    ap.add_argument("--lr", type=float, help="(1e-3) [2e-5]")
     ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--clock", choices=("cpu", "wall"), default="cpu")
+    ap.add_argument("--clock", choices=("cpu", "wall"), help="for tokens/s (cpu) [wall]")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--gpu", action="store_true", help="~0.5B model, bf16, full FT, MFU (untested)")
     args = ap.parse_args()
+    # GPU: ~16k tokens per packed step, enough work per step to keep an H100 busy
+    preset = dict(records=32768, batch_size=64, packed_batch_size=8, max_length=2048, lr=2e-5,
+                  clock="wall") if args.gpu else \
+        dict(records=160, batch_size=8, packed_batch_size=1, max_length=256, lr=1e-3, clock="cpu")
+    for key, value in preset.items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    if args.gpu:
+        import torch
+        if not torch.cuda.is_available():
+            sys.exit("error: --gpu needs an NVIDIA GPU with CUDA, and torch.cuda.is_available() is False "
+                     f"here (torch {torch.__version__}, CUDA build {torch.version.cuda}); run without --gpu "
+                     "for the CPU comparison")
     with tempfile.TemporaryDirectory() as work:
         assets = build_assets(Path(work), args)
-        print(f"model: {assets['params'] / 1e6:.1f}M params; {args.records} train / {args.val_records} val "
-              f"records, mixed lengths; batch {args.batch_size}, {args.epochs} epoch(s), "
-              f"{args.threads} thread(s), {args.clock} clock")
+        device = "cuda" if args.gpu else "cpu"
+        print(f"model: {assets['params'] / 1e6:.1f}M params, {'full bf16' if args.gpu else 'LoRA r=16 fp32'} "
+              f"on {device}; {args.records} train / {args.val_records} val records, mixed lengths (mean "
+              f"{assets['mean_tokens']:.1f} tokens); batch {args.batch_size} (packed: {args.packed_batch_size} "
+              f"row(s) of {args.max_length}), {args.epochs} epoch(s), {args.threads} thread(s), "
+              f"tokens/s on the {args.clock} clock; load average {os.getloadavg()[0]:.2f}")
         runs = {k: in_process(k, assets, args) for k in ("trl", "shoal", "shoal-packed")}
-    print(f"{'run':<13}{'steps':>6}{'seconds':>9}{'tokens':>8}{'tok/s':>9}{'eval loss':>11}"
-          f"{'train loss':>11}{'pad waste':>10}{'peak MiB':>10}")
+    print(f"{'run':<13}{'steps':>6}{'cpu s':>8}{'wall s':>8}{'tokens':>8}{'tok/s':>9}{'tok/wall s':>11}"
+          f"{'eval loss':>11}{'train loss':>11}{'pad waste':>10}{'peak MiB':>10}{'MFU':>7}")
     for r in runs.values():
-        print(f"{r['name']:<13}{r['steps']:>6}{r['seconds']:>9.1f}{r['tokens']:>8}{r['tokens_per_s']:>9.0f}"
-              f"{r['eval_loss']:>11.4f}{r['train_loss']:>11.4f}{r['padding_waste']:>10.1%}{r['peak_mib']:>10.0f}"
-              + (f"  MFU {r['mfu']:.1%}" if r.get("mfu") else ""))
+        mfu = f"{r['mfu']:.1%}" if r.get("mfu") is not None else "-"
+        print(f"{r['name']:<13}{r['steps']:>6}{r['cpu_s']:>8.1f}{r['wall_s']:>8.1f}{r['tokens']:>8}"
+              f"{r['tokens_per_s']:>9.0f}{r['tokens_per_wall_s']:>11.0f}{r['eval_loss']:>11.4f}"
+              f"{r['train_loss']:>11.4f}{r['padding_waste']:>10.1%}{r['peak_mib']:>10.0f}{mfu:>7}")
     trl, shoal, packed = runs["trl"], runs["shoal"], runs["shoal-packed"]
+    print(f"wall clock: shoal / trl {shoal['tokens_per_wall_s'] / trl['tokens_per_wall_s']:.3f}, "
+          f"packed / trl {packed['tokens_per_wall_s'] / trl['tokens_per_wall_s']:.3f}; "
+          f"load average now {os.getloadavg()[0]:.2f}")
+    if args.gpu:
+        print(f"RESULT trainer_gpu_tok_s {shoal['tokens_per_s']:.0f}")
+        print(f"RESULT trainer_gpu_mfu_pct {100 * (shoal['mfu'] or 0):.1f}")
+        print(f"RESULT trainer_gpu_packed_mfu_pct {100 * (packed['mfu'] or 0):.1f}")
     print(f"RESULT trainer_tok_s_vs_trl {shoal['tokens_per_s'] / trl['tokens_per_s']:.3f}")
     print(f"RESULT trainer_loss_diff_pct {abs(shoal['eval_loss'] - trl['eval_loss']) / trl['eval_loss'] * 100:.3f}")
     print(f"RESULT trainer_packed_tok_s_vs_trl {packed['tokens_per_s'] / trl['tokens_per_s']:.3f}")

@@ -156,7 +156,14 @@ class ShoalCollector(Collector):
             "total_steps": gauge("shoal_job_steps", "Optimizer steps planned", lab),
             "mfu": gauge("shoal_job_mfu_ratio", "Model FLOPs utilization (0..1) as the trainer "
                                      "reports it", lab),
+            "lr": gauge("shoal_job_learning_rate", "Learning rate of the latest step", lab),
+            "step_time_s": gauge("shoal_job_step_seconds", "Wall time of the latest optimizer step", lab),
+            "gpu_mem_peak_mib": gauge("shoal_job_gpu_memory_peak_bytes", "Peak GPU memory torch allocated "
+                                      "on the trainer's rank 0 (CUDA only)", lab),
+            "padding_waste": gauge("shoal_job_padding_waste_ratio", "Share of batch positions that are "
+                                   "padding (0..1)", lab),
         }
+        scale = {"gpu_mem_peak_mib": 2**20}  # the trainer reports MiB; Prometheus wants bytes
         items = list(fams.items())
         for job in running:
             p = job.progress
@@ -166,7 +173,7 @@ class ShoalCollector(Collector):
             for key, fam in items:
                 v = p.get(key)
                 if isinstance(v, (int, float)):
-                    fam.add_rendered(ls, v)
+                    fam.add_rendered(ls, v * scale.get(key, 1))
         yield from fams.values()
 
     def _queue(self, queued: list):

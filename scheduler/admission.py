@@ -12,7 +12,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from scheduler.estimate import estimate
+from scheduler.estimate import data_duration_s, estimate, training_positions
 from scheduler.policy import Cohort, JobRequest, NodeView, PolicySettings, TeamQuota, never_fits
 from scheduler.spec import ClusterConfig, JobSpec
 
@@ -29,6 +29,11 @@ class Admission:
     memory_per_gpu_mib: int
     train_records: int
     validation_records: int | None
+    # from the data check's summary: token positions the training pushes through the model
+    # (real + padding, all epochs) and the compute time that takes on the cluster's GPU model at
+    # the estimator's MFU; None without a tokenizer or for a GPU model of unknown peak
+    train_positions: int | None = None
+    estimated_duration_s: float | None = None
 
 
 _LOOK = threading.local()  # .memo: path -> os.stat result (None: missing) during one check;
@@ -345,4 +350,14 @@ def _check_submission(spec: JobSpec, config: ClusterConfig, nodes: tuple[NodeVie
     if problems:
         raise SubmitError(problems)
     assert est is not None
-    return Admission(est.gpus, est.memory_per_gpu_mib, files.train_records, files.validation_records)
+    positions = duration = None
+    if files.train_summary:
+        hp = spec.hyperparameters
+        positions = training_positions(files.train_summary, epochs=hp.epochs, max_steps=hp.max_steps,
+                                       batch_size=hp.batch_size, grad_accum_steps=hp.grad_accum_steps,
+                                       gpus=est.gpus, packing=hp.packing)
+        gpu_model = flavor if flavor in config.gpu_models else next(iter(sorted(config.gpu_models)), None)
+        if gpu_model is not None:
+            duration = data_duration_s(est, positions, est.gpus, hp.batch_size, hp.max_length, gpu_model)
+    return Admission(est.gpus, est.memory_per_gpu_mib, files.train_records, files.validation_records,
+                     positions, duration)

@@ -241,9 +241,20 @@ def down(timeout: float = typer.Option(120, help="seconds to wait for running jo
 # -- jobs --------------------------------------------------------------------------------------
 
 @app.command()
-def validate(file: Path) -> None:
-    """Check a job spec and its files locally without submitting: every invalid field (with its
-    line), the model directory, every dataset record. Team and quota are checked at submit."""
+def validate(file: Path,
+             model: Optional[Path] = typer.Option(None, help="data file only: model folder whose tokenizer "
+                                                  "counts tokens and renders chat (without it: records only)"),
+             max_length: int = typer.Option(512, "--max-length", min=2, help="data file only: tokens per record"),
+             policy: str = typer.Option("error", help="data file only: records over max-length: error | "
+                                        "truncate | drop"),
+             format: str = typer.Option("auto", "--format", help="data file only: auto | prompt_completion | "
+                                        "chat | alpaca")) -> None:
+    """Check a job spec (YAML) and its files locally without submitting: every invalid field (with its
+    line), the model directory, every dataset record. Team and quota are checked at submit.
+    Given a data file or folder (.jsonl / .json / .parquet) instead, check its records alone."""
+    from trainer.formats import SUFFIXES  # .jsonl .json .parquet
+    if file.is_dir() or file.suffix in SUFFIXES:
+        return _validate_data(file, model, max_length, policy, format)
     try:
         spec = load_job_spec(file)
         files = check_files(spec)
@@ -253,12 +264,53 @@ def validate(file: Path) -> None:
     out.print(f"{file}: valid ({spec.method} fine-tuning of {spec.model} for team {spec.team}; "
               f"{files.train_records} training records{val})", highlight=False)
     for name, summary in (("train", files.train_summary), ("validation", files.validation_summary)):
-        if summary:  # trainer.data.summarize: what the estimator and the user can plan with
-            hist = " ".join(f"{k}:{v}" for k, v in summary["histogram"].items())
-            out.print(f"  {name}: {summary['format']}, {summary['examples']} examples, {summary['tokens']} tokens "
-                      f"(mean {summary['mean_tokens']}, max {summary['max_tokens']}; {summary['truncated']} truncated, "
-                      f"{summary['dropped']} dropped at max_length {summary['max_length']}); lengths {hist}",
-                      highlight=False)
+        if summary:
+            _print_summary(name, summary)
+
+
+def _print_summary(name: str, summary: dict) -> None:
+    """trainer.data.summarize's figures: what the estimator and the user can plan with."""
+    hist = " ".join(f"{k}:{v}" for k, v in summary["histogram"].items())
+    out.print(f"  {name}: {summary['format']}, {summary['examples']} examples, {summary['tokens']} tokens "
+              f"(mean {summary['mean_tokens']}, max {summary['max_tokens']}; {summary['truncated']} truncated, "
+              f"{summary['dropped']} dropped at max_length {summary['max_length']}); lengths {hist}",
+              highlight=False)
+
+
+def _bad_data(problems: list[str]) -> typer.Exit:
+    _error(f"invalid data ({len(problems)} problem(s)):\n" + "\n".join(f"  {p}" for p in problems))
+    return typer.Exit(2)
+
+
+def _validate_data(path: Path, model: Path | None, max_length: int, policy: str, fmt: str) -> None:
+    """`shoal validate DATA`: every bad record with its file and line; with --model, token lengths
+    under the policy, the chat template and the summary."""
+    from trainer.data import POLICIES, DatasetError, collect_records, prepare
+    from trainer.formats import FORMATS
+
+    problems = [f"--policy: {policy!r} is not one of {', '.join(POLICIES)}"] if policy not in POLICIES else []
+    if fmt != "auto" and fmt not in FORMATS:
+        problems.append(f"--format: {fmt!r} is not one of auto, {', '.join(FORMATS)}")
+    if problems:
+        raise _bad_data(problems)
+    try:
+        if model is None:
+            records, found, errs = collect_records(path, fmt)
+            if errs:
+                raise DatasetError(errs)
+            out.print(f"{path}: valid ({found}, {len(records)} records; give --model to check token lengths "
+                      f"and see the summary)", highlight=False)
+            return
+        from trainer.model import load_tokenizer
+        try:
+            tokenizer = load_tokenizer(model)
+        except Exception as e:  # noqa: BLE001 - any failure to load is the user's model folder
+            raise _bad_data([f"--model: {model}: cannot load its tokenizer ({e})"]) from None
+        _, _, summary = prepare(path, tokenizer, fmt, max_length, policy)
+    except (DatasetError, ValueError) as e:
+        raise _bad_data(getattr(e, "problems", None) or [str(e)]) from None
+    out.print(f"{path}: valid ({summary['records']} records)", highlight=False)
+    _print_summary("data", summary)
 
 
 @app.command()

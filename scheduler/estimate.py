@@ -197,3 +197,56 @@ def estimate(model_dir: str | Path, method: str, batch_size: int, max_length: in
     attention = 12 * layers * hidden * max_length
     return Estimate(params=params, memory_per_gpu_mib=math.ceil(total), gpus=n, trainable_params=trainable,
                     breakdown_mib=parts, flops_per_step=tokens * (per_token + attention))
+
+
+def training_positions(summary: dict, *, epochs: int, max_steps: int | None, batch_size: int,
+                       grad_accum_steps: int, gpus: int, packing: bool) -> int:
+    """Token positions (real + padding) a job pushes through the model, from the data check's
+    summary (trainer.data.summarize: examples, tokens, max_tokens, histogram, max_length).
+
+    Packing fills rows with real tokens (padding ~0). Plain padding pads each batch to its longest
+    example: the expected maximum of a random batch, from the length histogram at each bucket's
+    upper edge (an upper-side estimate). max_steps (optimizer steps) overrides epochs, as in the
+    trainer."""
+    examples = int(summary.get("examples") or 0)
+    if examples == 0:
+        return 0
+    per_step = batch_size * grad_accum_steps * gpus  # examples (or packed rows) per optimizer step
+    if packing:  # rows of ~max_length real tokens (best-fit packing leaves little room)
+        if max_steps is not None:
+            return int(max_steps * per_step * summary.get("max_length", 0))
+        return int(epochs * summary["tokens"])
+    per_example = summary["tokens"] / examples
+    if batch_size > 1:  # a batch of one is never padded
+        per_example = max(per_example, _batch_max(summary, batch_size))
+    seen = max_steps * per_step if max_steps is not None else epochs * examples
+    return int(seen * per_example)
+
+
+def _batch_max(summary: dict, batch_size: int) -> float:
+    """Expected longest example of a random batch of batch_size: sum over length buckets of the
+    bucket's upper edge (capped by max_tokens and max_length) times P(the batch's longest example
+    falls in it) = F_k^b - F_(k-1)^b, F the cumulative share of examples up to bucket k."""
+    hist = summary.get("histogram") or {}
+    total = sum(hist.values())
+    cap = min(summary.get("max_tokens") or 0, summary.get("max_length") or 10**9)
+    if not total:
+        return cap
+    expected, below = 0.0, 0.0
+    for bucket, n in hist.items():  # "<=32", ..., ">32768", in ascending order
+        upto = below + n / total
+        edge = min(int(bucket.lstrip("<=>")), cap) if bucket.startswith("<=") else cap
+        expected += edge * (upto ** batch_size - below ** batch_size)
+        below = upto
+    return expected
+
+
+def data_duration_s(est: Estimate, positions: int, gpus: int, batch_size: int, max_length: int,
+                    gpu_model: str, mfu: float = 0.35) -> float | None:
+    """Seconds to train `positions` token positions (training_positions) on `gpus` GPUs of
+    `gpu_model` at `mfu`; the per-token FLOPs are est's (one micro-batch of batch_size x
+    max_length). None for an unknown GPU model."""
+    step = est.step_time_s(gpu_model, mfu)
+    if step is None:
+        return None
+    return positions * step / (batch_size * max_length) / max(gpus, 1)

@@ -33,6 +33,7 @@ class LaunchRequest:
     # A gang spanning nodes: every (node_id, gpu_indices), the first equal to node_id/gpu_indices.
     # () = one node (node_id, gpu_indices), so single-node callers need not set it.
     parts: tuple[tuple[str, tuple[int, ...]], ...] = ()
+    storage_root: str | None = None  # a user-chosen output_dir must lie under it (the trainer checks)
 
     def all_parts(self) -> tuple[tuple[str, tuple[int, ...]], ...]:
         return self.parts or ((self.node_id, tuple(self.gpu_indices)),)

@@ -102,13 +102,15 @@ def train_config(req: LaunchRequest) -> dict:
     for key, name in (("every_steps", "eval_every_steps"), ("generate_examples", "eval_generate_examples"),
                       ("max_new_tokens", "eval_max_new_tokens"), ("metric", "eval_metric"),
                       ("early_stopping_patience", "early_stopping_patience"),
-                      ("early_stopping_min_delta", "early_stopping_min_delta")):
+                      ("early_stopping_min_delta", "early_stopping_min_delta"),
+                      ("restore_best", "restore_best")):
         if ev.get(key) is not None:
             cfg[name] = ev[key]
     cfg["merge"] = bool(s.get("export", {}).get("merge", False))
     cfg["target"] = dict(s.get("target") or {})
     cfg["job_name"] = s.get("name")
     cfg["price_per_gpu_hour"] = getattr(req, "price_per_gpu_hour", None)
+    cfg["storage_root"] = getattr(req, "storage_root", None)  # the trainer refuses an output_dir outside it
     return cfg
 
 

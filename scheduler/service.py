@@ -22,6 +22,7 @@ from typing import Callable, Protocol
 
 from scheduler import placement as pl
 from scheduler.accounting import TeamUsage, charge_fraction
+from scheduler.admission import storage_root
 from scheduler.clock import Clock
 from scheduler.executor import Executor, LaunchRequest, Outcome, ProgressEvent
 from scheduler.inventory import Inventory
@@ -492,13 +493,17 @@ class Service:
 
     def _launch_request(self, job: JobRecord) -> LaunchRequest:
         d = self.job_dir(job.id)
+        out = job.spec.get("output")
         if self.job_logs:
             d.mkdir(parents=True, exist_ok=True)
         parts = pl.parts(job.placement)
         return LaunchRequest(
             job_id=job.id, attempt=job.attempt, spec=job.spec, node_id=job.placement["node_id"],
             gpu_indices=tuple(job.placement["gpu_indices"]), memory_per_gpu_mib=job.memory_per_gpu_mib,
-            job_dir=str(d), output_dir=job.spec.get("output") or str(d / "output"),
+            # a chosen output folder gets a per-job subfolder (two jobs never write into one
+            # folder); the default is the job's own folder
+            job_dir=str(d), output_dir=f"{out}/job-{job.id}" if out else str(d / "output"),
+            storage_root=str(storage_root()) if out else None,
             price_per_gpu_hour=getattr(self.config.gpu_models.get(job.placement.get("gpu_model") or ""),
                                        "price_per_hour", None),
             parts=tuple(parts) if len(parts) > 1 else (),

@@ -65,6 +65,8 @@ class EvalSpec(_Strict):
                                description="'module:function' or 'file.py:function'(predictions, references)")
     early_stopping_patience: int | None = Field(default=None, ge=1, description="evaluations without improvement")
     early_stopping_min_delta: float = Field(default=0.0, ge=0.0)
+    restore_best: bool | None = Field(default=None, description="export the weights of the lowest validation "
+                                      "loss, not the last step's (default: on with early stopping)")
 
     @model_validator(mode="after")
     def _needs(self) -> EvalSpec:
@@ -72,6 +74,8 @@ class EvalSpec(_Strict):
             raise ValueError("metric needs generate_examples > 0 (it scores generated answers)")
         if self.early_stopping_patience is not None and self.every_steps is None:
             raise ValueError("early_stopping_patience needs every_steps (how often to evaluate)")
+        if self.restore_best and self.every_steps is None:
+            raise ValueError("restore_best needs every_steps (the best of which evaluations?)")
         return self
 
 

@@ -49,12 +49,17 @@ class TrainConfig(BaseModel):
     eval_metric: str | None = None
     early_stopping_patience: int | None = Field(None, ge=1)  # evals without improvement
     early_stopping_min_delta: float = Field(0.0, ge=0.0)  # an improvement is a drop > this
+    # export the weights of the best evaluation (lowest validation loss) instead of the last
+    # step's, like HF `load_best_model_at_end`. None: on exactly when early stopping is on.
+    restore_best: bool | None = None
     # {"eval_loss": max, "perplexity": max, "exact_match": min, "<user metric>": min}
     target: dict[str, float] = Field(default_factory=dict)
     merge: bool = False  # also write the base model merged with the adapter (output/merged)
     price_per_gpu_hour: float | None = Field(None, ge=0.0)  # USD; for the model card's cost
     job_name: str | None = None  # for the model card
     output_dir: str  # final adapter (lora) or model (full) + tokenizer
+    # output_dir must lie under this folder (the scheduler's storage root); None: not checked
+    storage_root: str | None = None
     gpu_indices: list[int] = Field(default_factory=list)  # one per local worker
     # multi-node gang: Ray node id -> that node's physical GPU indices (one per worker there);
     # empty for a single node (gpu_indices). trainer.ray_worker picks the worker's own.
@@ -68,7 +73,15 @@ class TrainConfig(BaseModel):
             raise ValueError("lora_target_modules must not be empty")
         if self.eval_metric is not None and ":" not in self.eval_metric:
             raise ValueError("eval_metric must be 'module:function' or 'file.py:function'")
+        if self.restore_best and self.eval_every_steps is None:
+            raise ValueError("restore_best needs eval_every_steps (the best of which evaluations?)")
         return self
+
+    @property
+    def restores_best(self) -> bool:
+        """Whether the exported weights are those of the best evaluation."""
+        return self.restore_best if self.restore_best is not None \
+            else self.early_stopping_patience is not None
 
     @property
     def adapter(self) -> bool:

@@ -25,6 +25,18 @@ HYPERPARAMETERS = ("learning_rate", "lr_scheduler", "warmup_steps", "epochs", "m
                    "weight_decay", "max_grad_norm", "gradient_checkpointing", "seed")
 
 
+def check_output_dir(output_dir: str, storage_root: str | None) -> None:
+    """ValueError naming both paths if output_dir does not resolve under storage_root (symlinks
+    followed, so a link cannot lead out); nothing is checked without a root."""
+    if storage_root is None:
+        return
+    root = Path(storage_root).expanduser().resolve()
+    real = Path(output_dir).expanduser().resolve()
+    if not real.is_relative_to(root):
+        raise ValueError(f"output_dir: {output_dir} (resolves to {real}) is outside the storage root "
+                         f"{root}; the job may only write under it")
+
+
 def save_output(model, tokenizer, out_dir: str | Path, state_dict: dict | None = None) -> None:
     """PEFT adapter or full model (safetensors) + tokenizer into out_dir; `state_dict`: the
     full weights of a sharded (FSDP) model."""
@@ -92,8 +104,8 @@ def model_card(cfg: TrainConfig, metrics: dict, data_summary: dict | None) -> st
     lines += [f"| {k} | {_fmt(getattr(cfg, k))} |" for k in HYPERPARAMETERS]
     lines += ["", "## Results", "", "| metric | value |", "| --- | --- |"]
     for key in ("steps", "train_loss", "eval_loss_initial", "eval_loss", "perplexity",
-                "best_eval_loss", "exact_match", "tokens_per_s", "padding_waste", "mfu",
-                "early_stopped"):
+                "best_eval_loss", "best_eval_step", "restored_best_step", "eval_loss_last",
+                "exact_match", "tokens_per_s", "padding_waste", "mfu", "early_stopped"):
         if key in metrics and metrics[key] is not None:
             lines.append(f"| {key} | {_fmt(metrics[key])} |")
     for key, value in (metrics.get("generation") or {}).items():

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from peft import set_peft_model_state_dict
+from peft import get_peft_model_state_dict, set_peft_model_state_dict
 from safetensors.torch import load_file, load_model, save_file, save_model
 from transformers import get_scheduler
 
@@ -96,15 +96,42 @@ def forward_logits(model, batch: dict, device: torch.device) -> torch.Tensor:
         return model(**inputs, use_cache=False).logits
 
 
+def _selective_head(model) -> torch.nn.Module:
+    """The model's LM head, patched once so that, while `head.shoal_keep` holds a (batch, seq) bool
+    mask, it projects only the hidden states of those positions (logits of shape (n, vocab)).
+
+    Only the positions that predict a labelled token need logits: prompt and padding positions
+    skip the head's matmul (vocab x hidden per token, a large share on real vocabularies) and the
+    (batch, seq, vocab) logits tensor is never materialized. The head is patched in place (its
+    forward, not its module path), so state dicts, DDP/FSDP wrapping and generation are unchanged;
+    TRL's SFTTrainer patches its model's head for the same reason."""
+    head = model.get_output_embeddings()
+    if not getattr(head, "shoal_patched", False):
+        plain = head.forward
+
+        def forward(hidden: torch.Tensor) -> torch.Tensor:
+            keep = head.shoal_keep
+            if keep is not None and hidden.shape[:2] == keep.shape:
+                hidden = hidden[keep]
+            return plain(hidden)
+
+        head.forward, head.shoal_keep, head.shoal_patched = forward, None, True
+    return head
+
+
 def completion_ce(model, batch: dict, device: torch.device) -> tuple[torch.Tensor, int]:
-    """(summed next-token CE over labelled tokens, number of labelled tokens)."""
-    logits = forward_logits(model, batch, device)
-    batch = {"labels": batch["labels"].to(device)}
-    logits = logits[:, :-1].float()
-    labels = batch["labels"][:, 1:]
-    total = F.cross_entropy(logits.reshape(-1, logits.size(-1)), labels.reshape(-1),
-                            ignore_index=D.IGNORE_INDEX, reduction="sum")
-    return total, int((labels != D.IGNORE_INDEX).sum())
+    """(summed next-token CE over labelled tokens, number of labelled tokens). Logits are computed
+    only at the positions that predict a labelled token (see _selective_head)."""
+    target = batch["labels"].to(device)[:, 1:]
+    keep = target != D.IGNORE_INDEX  # position t predicts token t + 1
+    head = _selective_head(getattr(model, "module", model))  # DDP wraps the model
+    head.shoal_keep = F.pad(keep, (0, 1), value=False)  # the last position predicts nothing
+    try:
+        logits = forward_logits(model, batch, device)
+    finally:
+        head.shoal_keep = None
+    total = F.cross_entropy(logits.float(), target[keep], reduction="sum")
+    return total, int(keep.sum())
 
 
 @torch.no_grad()
@@ -133,6 +160,7 @@ class _Trainer:
         self.rank, self.world = hooks.rank, hooks.world_size
         self.device = pick_device(cfg.gpu_indices, hooks.local_rank)
         check_method_supported(cfg.method, self.device)  # before any weight is loaded
+        X.check_output_dir(cfg.output_dir, cfg.storage_root)
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)  # NCCL collectives use the current device
         # the user's metric is imported first, so a typo fails before training, not after
@@ -149,6 +177,9 @@ class _Trainer:
         self.val_batches = E.eval_batches(self.val_set, cfg.batch_size, self.tokenizer.pad_token_id)
         self.last_eval: tuple[int, float] | None = None  # (step, eval loss)
         self.early = E.EarlyStopping(cfg.early_stopping_patience, cfg.early_stopping_min_delta)
+        # restore_best: CPU copy of the weights of the best evaluation so far (the adapter's,
+        # or the full model's; with FSDP complete on rank 0 and {} elsewhere)
+        self.best_state: dict[str, torch.Tensor] | None = None
         self.train_seconds = 0.0  # wall time of training in earlier attempts (from checkpoints)
         self.padded_positions, self.real_tokens = 0, 0  # this rank, this attempt
         n_params = sum(p.numel() for p in self.model.parameters())
@@ -320,7 +351,7 @@ class _Trainer:
         else:
             self.eval_loss_initial = self._eval()
             if self.eval_loss_initial is not None:
-                self.early.update(self.eval_loss_initial, 0)
+                self._track(self.eval_loss_initial)
         attempt_tokens, attempt_secs = 0, 0.0
         self.attempt_start = time.perf_counter()
         early_stopped = False
@@ -337,7 +368,7 @@ class _Trainer:
                 break  # final eval + save follow
             if cfg.eval_every_steps and self.step % cfg.eval_every_steps == 0:
                 eval_loss = self._eval()
-                if eval_loss is not None and self.early.update(eval_loss, self.step):
+                if eval_loss is not None and self._track(eval_loss):
                     self._log(f"early stopping at step {self.step}: no improvement over "
                               f"{self.early.best:.4f} (step {self.early.best_step}) in "
                               f"{self.early.bad_evals} evaluations")
@@ -351,6 +382,52 @@ class _Trainer:
                 return {"status": "preempted", "step": self.step}
         return self._finish(attempt_tokens / attempt_secs if attempt_secs > 0 else 0.0,
                             early_stopped)
+
+    # ---- best weights (restore_best) -----------------------------------------------------
+    def _track(self, loss: float) -> bool:
+        """Early-stopping bookkeeping of the evaluation at self.step; with restore_best keeps a
+        copy of the weights when it is a new best. True when early stopping says stop."""
+        stop = self.early.update(loss, self.step)
+        if self.cfg.restores_best and self.early.best_step == self.step:
+            self.best_state = self._weights()  # collective with FSDP (all ranks track alike)
+        return stop
+
+    def _weights(self) -> dict[str, torch.Tensor]:
+        """CPU copy of the weights restore_best keeps: the adapter's (PEFT names) or the
+        model's. FSDP: gathered, complete on rank 0 ({} elsewhere); collective."""
+        if self.fsdp:
+            from trainer.fsdp import full_model_state
+            return full_model_state(self.model)
+        state = get_peft_model_state_dict(self.model) if self.cfg.adapter else self.model.state_dict()
+        return {k: v.detach().to("cpu", copy=True) for k, v in state.items()}
+
+    def _restore_best(self) -> int | None:
+        """Load the best evaluation's weights into the model if they are not the current ones;
+        the step they come from, or None. Same decision on every rank (collective with FSDP)."""
+        best = self.early.best_step
+        if not self.cfg.restores_best or best is None or best == self.step:
+            return None
+        if not self.fsdp and self.best_state is None:  # a checkpoint from before restore_best
+            self._log(f"restore_best: the weights of step {best} were not kept; exporting step {self.step}")
+            return None
+        if self.fsdp:
+            from torch.distributed.checkpoint.state_dict import set_model_state_dict
+
+            from trainer.fsdp import FULL_FROM_RANK0
+            for m in self.model.modules():  # an evaluation leaves the root's parameters unsharded
+                if hasattr(m, "reshard"):
+                    m.reshard()
+            # a copy: broadcasting from rank 0 frees the tensors it is given, and the final
+            # checkpoint still writes the best weights
+            copy = {k: v.clone() for k, v in (self.best_state or {}).items()}
+            set_model_state_dict(self.model, copy, options=FULL_FROM_RANK0)
+        elif self.cfg.adapter:
+            set_peft_model_state_dict(self.model, {k: v.to(self.device) for k, v in self.best_state.items()})
+        else:
+            self.model.load_state_dict(self.best_state)
+        self._log(f"restore_best: exporting the weights of step {best} (eval_loss {self.early.best:.4f}), "
+                  f"not those of step {self.step}")
+        return best
 
     def _running_metrics(self, status: str) -> dict:
         return {"status": status, "step": self.step, "total_steps": self.total_steps,
@@ -368,7 +445,10 @@ class _Trainer:
         evaluated = self.last_eval is not None and self.last_eval[0] == self.step
         eval_loss = self._eval()
         if eval_loss is not None and not evaluated:
-            self.early.update(eval_loss, self.step)
+            self._track(eval_loss)
+        eval_loss_last, restored = eval_loss, self._restore_best()
+        if restored is not None:  # report what is exported: the best weights' loss
+            eval_loss = evaluate(self.model, self.val_batches, self.device)
         seconds = self._elapsed()
         gpu_hours = seconds * self.world / 3600.0
         metrics = {
@@ -376,7 +456,8 @@ class _Trainer:
             "eval_loss": eval_loss, "eval_loss_initial": self.eval_loss_initial,
             "perplexity": math.exp(min(eval_loss, 700.0)) if eval_loss is not None else None,
             "best_eval_loss": self.early.best, "best_eval_step": self.early.best_step,
-            "early_stopped": early_stopped,
+            "early_stopped": early_stopped, "restored_best_step": restored,
+            "eval_loss_last": eval_loss_last,
             "tokens_per_s": tokens_per_s, "train_tokens": self.train_tokens,
             "padding_waste": self._padding_waste(),
             "mfu": T.mfu(tokens_per_s / self.world, self.flops_token, self.peak_flops),
@@ -452,10 +533,30 @@ class _Trainer:
 
 # ---- checkpoint files -------------------------------------------------------------
 # <dir>/adapter/ (PEFT save_pretrained) or <dir>/model.safetensors (full weights),
-# optimizer.pt, scheduler.pt, per rank r: rng_rank<r>.json (python, numpy) and
+# optimizer.pt, scheduler.pt, best/weights.safetensors (restore_best), per rank r: rng_rank<r>.json (python, numpy) and
 # rng_torch_rank<r>.pt (torch cpu/cuda),
 # trainer_state.json (step, epoch, position in the epoch, counters), written last.
 STATE_FILE = "trainer_state.json"
+BEST_DIR, BEST_FILE = "best", "weights.safetensors"  # restore_best: <dir>/best/weights.safetensors
+
+
+def _unshared(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Contiguous tensors, none sharing memory with another (safetensors refuses tied weights)."""
+    seen, out = set(), {}
+    for k, v in state.items():
+        v = v.contiguous()
+        out[k] = v.clone() if v.data_ptr() in seen else v
+        seen.add(v.data_ptr())
+    return out
+
+
+def _read_best(p: Path, t: "_Trainer") -> None:
+    """best_state from the checkpoint (FSDP: rank 0 reads, the others hold {})."""
+    f = p / BEST_DIR / BEST_FILE
+    if t.fsdp and t.rank != 0:
+        t.best_state = {} if t.cfg.restores_best else None
+    elif f.is_file():
+        t.best_state = load_file(str(f))
 
 
 def write_checkpoint(path: str, t: _Trainer, rng_states: list[dict],
@@ -474,6 +575,9 @@ def write_checkpoint(path: str, t: _Trainer, rng_states: list[dict],
         save_model(t.model, str(p / "model.safetensors"))
     torch.save(full_states[1] if full_states else t.optimizer.state_dict(), p / "optimizer.pt")
     torch.save(t.scheduler.state_dict(), p / "scheduler.pt")
+    if t.best_state:  # restore_best: the best evaluation's weights so far
+        (p / BEST_DIR).mkdir()
+        save_file(_unshared(t.best_state), str(p / BEST_DIR / BEST_FILE))
     for rank, state in enumerate(rng_states):
         _save_rng(p, rank, state)
     epoch, pos = divmod(t.step, t.steps_per_epoch)
@@ -504,6 +608,7 @@ def read_checkpoint(path: str, t: _Trainer) -> dict:
                         torch.load(p / "optimizer.pt", weights_only=True) if full else {})
         t.scheduler.load_state_dict(torch.load(p / "scheduler.pt", weights_only=True))
         _load_rng(p, t.rank, t.device)
+        _read_best(p, t)
         return state
     if t.cfg.adapter:
         weights = load_file(str(p / "adapter" / "adapter_model.safetensors"), device=dev)
@@ -517,6 +622,7 @@ def read_checkpoint(path: str, t: _Trainer) -> dict:
     t.optimizer.load_state_dict(optimizer_state)
     t.scheduler.load_state_dict(torch.load(p / "scheduler.pt", weights_only=True))
     _load_rng(p, t.rank, t.device)
+    _read_best(p, t)
     return state
 
 

@@ -193,3 +193,22 @@ def test_borrowed_and_lent_in_a_cohort(tmp_path):
 ])
 def test_reason_category_is_bounded(reason, category):
     assert reason_category(reason) == category
+
+
+def test_trainer_step_telemetry_is_exported(tmp_path):
+    """Every per-step figure the trainer sends (trainer.loop step events) becomes a job gauge."""
+    from scheduler.executor import ProgressEvent
+
+    world = World(tmp_path, {"a": {"gpus": 4}})
+    job = world.submit("a", duration=100)
+    world.run(2)
+    world.executor._progress.append(ProgressEvent(job.id, world.store.get(job.id).attempt, {
+        "type": "step", "step": 3, "total_steps": 100, "loss": 2.5, "lr": 1e-4, "tokens_per_s": 1234.0,
+        "step_time_s": 0.25, "padding_waste": 0.1, "gpu_mem_peak_mib": 512.0, "mfu": 0.41}))
+    world.run(1)
+    got = {name: world.value(name, job_id=str(job.id)) for name in (
+        "shoal_job_learning_rate", "shoal_job_tokens_per_second", "shoal_job_step_seconds",
+        "shoal_job_padding_waste_ratio", "shoal_job_gpu_memory_peak_bytes", "shoal_job_mfu_ratio")}
+    assert got == {"shoal_job_learning_rate": 1e-4, "shoal_job_tokens_per_second": 1234.0,
+                   "shoal_job_step_seconds": 0.25, "shoal_job_padding_waste_ratio": 0.1,
+                   "shoal_job_gpu_memory_peak_bytes": 512 * 2**20, "shoal_job_mfu_ratio": 0.41}

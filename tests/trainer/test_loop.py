@@ -90,14 +90,17 @@ def test_training_lowers_val_loss_and_saves_loadable_adapter(make_cfg, tmp_path)
     assert evaluate(model, batches, "cpu") == pytest.approx(result["eval_loss"], abs=1e-5)
 
 
-@pytest.mark.parametrize("method,packing", [("lora", False), ("full", False), ("dora", True)])
-def test_resume_reproduces_uninterrupted_losses(make_cfg, tmp_path, method, packing):
+@pytest.mark.parametrize("method,packing,best", [("lora", False, True), ("full", False, True),
+                                                  ("dora", True, False)])
+def test_resume_reproduces_uninterrupted_losses(make_cfg, tmp_path, method, packing, best):
     # 400 examples / 16 per batch = 25 micro-batches = 13 steps per epoch (last one
     # has a single micro-batch), so 16 steps cross an epoch boundary; dropout
-    # checks that RNG state is restored.
+    # checks that RNG state is restored. best: restore_best with a rule that makes step 0
+    # the best, so the resumed run must take those weights from the checkpoint.
     cfg = make_cfg(method=method, max_steps=16, batch_size=4 if packing else 16, grad_accum_steps=2,
                    lora_dropout=0.1, learning_rate=3e-3, checkpoint_every_steps=100, packing=packing,
-                   eval_every_steps=4, early_stopping_patience=10)
+                   eval_every_steps=4, early_stopping_patience=10, restore_best=best,
+                   early_stopping_min_delta=100.0 if best else 0.0)
     full = Recorder(tmp_path / "a")
     expected = train(cfg, full.hooks())
 
@@ -111,8 +114,12 @@ def test_resume_reproduces_uninterrupted_losses(make_cfg, tmp_path, method, pack
     assert second.steps() == list(range(6, 17))
     assert first.losses() + second.losses() == pytest.approx(full.losses(), abs=1e-5, rel=0)
     assert resumed["resumed_from_step"] == 5
-    for key in ("eval_loss", "eval_loss_initial", "train_loss", "train_tokens"):
+    for key in ("eval_loss", "eval_loss_last", "eval_loss_initial", "train_loss", "train_tokens"):
         assert resumed[key] == pytest.approx(expected[key], abs=1e-5), key
+    assert resumed["restored_best_step"] == expected["restored_best_step"] == (0 if best else None)
+    if best:
+        assert os.path.isfile(os.path.join(ckpt_dir, "best", "weights.safetensors"))
+        assert resumed["eval_loss"] == pytest.approx(resumed["eval_loss_initial"], abs=1e-5)
 
 
 def _ddp_worker(rank: int, world: int, port: int, cfg_json: dict, tmp: str) -> None:
@@ -148,8 +155,9 @@ def test_two_ranks_stop_together_and_resume_exactly(make_cfg, tmp_path, method, 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
+    # restore_best with a rule that makes step 0 the best: the ranks restore it together at the end
     cfg = make_cfg(max_steps=5, batch_size=16, lora_dropout=0.1, learning_rate=3e-3, method=method,
-                   grad_accum_steps=2)
+                   grad_accum_steps=2, eval_every_steps=2, restore_best=True, early_stopping_min_delta=100.0)
     mp.spawn(_ddp_worker, args=(2, port, cfg.model_dump(mode="json"), str(tmp_path)), nprocs=2)
     runs = json.loads((tmp_path / "runs.json").read_text())
     assert runs["first"]["result"] == {"status": "preempted", "step": 2}
@@ -160,10 +168,17 @@ def test_two_ranks_stop_together_and_resume_exactly(make_cfg, tmp_path, method, 
     assert runs["second"]["result"]["eval_loss"] == pytest.approx(
         runs["full"]["result"]["eval_loss"], abs=1e-5)
     assert runs["full"]["result"]["parallelism"] == parallelism
-    assert runs["full"]["result"]["eval_loss"] < runs["full"]["result"]["eval_loss_initial"]
-    if method == "full":  # the gathered full weights load as a normal HF model
+    full = runs["full"]["result"]
+    assert full["eval_loss_last"] < full["eval_loss_initial"] and full["restored_best_step"] == 0
+    assert full["eval_loss"] == pytest.approx(full["eval_loss_initial"], abs=1e-5)
+    assert runs["second"]["result"]["eval_loss_last"] == pytest.approx(full["eval_loss_last"], abs=1e-5)
+    if method == "full":  # the gathered full weights load as a normal HF model: the restored step 0
         model = AutoModelForCausalLM.from_pretrained(cfg.output_dir, local_files_only=True)
         assert sum(p.numel() for p in model.parameters()) > 100_000
+        tok = load_tokenizer(cfg.output_dir)
+        val = D.encode_pairs(tok, D.load_pairs(cfg.val_path), cfg.max_length)
+        batches = [D.collate(val[i:i + 8], tok.pad_token_id) for i in range(0, len(val), 8)]
+        assert evaluate(model, batches, "cpu") == pytest.approx(full["eval_loss"], abs=1e-4)
 
 
 @pytest.mark.ray

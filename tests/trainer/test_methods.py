@@ -160,11 +160,58 @@ def test_qlora_on_cpu_is_a_clear_error(make_cfg):
 def test_early_stopping_stops_when_val_loss_stops_improving(make_cfg):
     # an improvement must exceed 100 nats: never; patience 2 -> stop at the 2nd eval after step 0
     cfg = make_cfg(max_steps=30, eval_every_steps=3, early_stopping_patience=2,
-                   early_stopping_min_delta=100.0)
+                   early_stopping_min_delta=100.0, restore_best=False)
     result, events = run(cfg)
     assert result["early_stopped"] is True and result["steps"] == 6
-    assert result["best_eval_step"] == 0
+    assert result["best_eval_step"] == 0 and result["restored_best_step"] is None
+    assert result["eval_loss"] == result["eval_loss_last"] < result["eval_loss_initial"]
     assert any("early stopping at step 6" in e.get("line", "") for e in events)
+
+
+def val_loss_of_export(cfg: TrainConfig) -> float:
+    """Validation loss of the exported adapter, reloaded as a user would."""
+    from trainer.loop import evaluate
+    from trainer.model import quiet_peft
+    tok = load_tokenizer(cfg.output_dir)
+    base = AutoModelForCausalLM.from_pretrained(cfg.model_path, local_files_only=True)
+    with quiet_peft():
+        model = PeftModel.from_pretrained(base, cfg.output_dir)
+    _, val, _ = D.prepare(cfg.val_path, tok, "auto", cfg.max_length, "error")
+    return evaluate(model, [D.collate(val[i:i + 8], tok.pad_token_id) for i in range(0, len(val), 8)], "cpu")
+
+
+def test_early_stopping_exports_the_best_weights_by_default(make_cfg):
+    # the rule (improvement > 100 nats) makes step 0 the best; training did lower the loss, so
+    # the last step's weights differ from the exported ones
+    cfg = make_cfg(max_steps=30, eval_every_steps=3, early_stopping_patience=2, early_stopping_min_delta=100.0)
+    assert cfg.restores_best  # default with early stopping
+    result, events = run(cfg)
+    assert result["early_stopped"] and result["restored_best_step"] == 0 and result["steps"] == 6
+    assert result["eval_loss_last"] < result["eval_loss_initial"] - 0.5
+    assert result["eval_loss"] == pytest.approx(result["eval_loss_initial"], abs=1e-5)
+    assert val_loss_of_export(cfg) == pytest.approx(result["eval_loss"], abs=1e-5)
+    assert any("exporting the weights of step 0" in e.get("line", "") for e in events)
+    assert "| restored_best_step | 0 |" in open(os.path.join(cfg.output_dir, "README.md")).read()
+
+
+def test_restore_best_keeps_the_last_weights_when_they_are_best(make_cfg):
+    cfg = make_cfg(max_steps=6, eval_every_steps=3, restore_best=True)
+    result, _ = run(cfg)
+    assert result["best_eval_step"] == 6 and result["restored_best_step"] is None
+    assert val_loss_of_export(cfg) == pytest.approx(result["eval_loss"], abs=1e-5)
+    with pytest.raises(ValueError, match="restore_best needs eval_every_steps"):
+        make_cfg(restore_best=True)
+
+
+def test_output_outside_the_storage_root_is_refused_by_the_trainer(make_cfg, tmp_path):
+    root = tmp_path / "root"
+    (root / "link").parent.mkdir()
+    (root / "link").symlink_to(tmp_path / "elsewhere", target_is_directory=True)
+    for out in (tmp_path / "elsewhere", root / "link" / "out", root / ".." / "x"):
+        with pytest.raises(ValueError, match="outside the storage root"):
+            run(make_cfg(output_dir=str(out), storage_root=str(root)))
+    result, _ = run(make_cfg(output_dir=str(root / "job-3"), storage_root=str(root), max_steps=1))
+    assert os.path.isfile(root / "job-3" / "adapter_model.safetensors")
 
 
 def test_early_stopping_unit():

@@ -148,3 +148,41 @@ def test_qlora_without_bitsandbytes_is_refused_at_submit(tiny_model_dir):
         pytest.skip("bitsandbytes installed here")
     with pytest.raises(SubmitError, match="method: qlora needs the bitsandbytes package"):
         check_files(spec_for(tiny_model_dir, DATA / "train.jsonl", method="qlora"))
+
+
+def test_the_data_summary_reaches_the_estimator(tiny_model_dir):
+    from scheduler.admission import check_submission
+    from scheduler.estimate import training_positions
+    from scheduler.policy import GpuView, NodeView, TeamQuota
+    from scheduler.spec import ClusterConfig, TeamConfig
+
+    nodes = (NodeView("n1", "n1", tuple(GpuView(i, "H100 80GB", 81920, 0) for i in range(2))),)
+    cfg = ClusterConfig(teams={"default": TeamConfig(gpus=2)})
+
+    def admit(**hp):
+        spec = spec_for(tiny_model_dir, DATA / "train.jsonl", hyperparameters={"max_length": 64, **hp})
+        return check_submission(spec, cfg, nodes, (TeamQuota("default", 2),))
+
+    summary = check_files(spec_for(tiny_model_dir, DATA / "train.jsonl",
+                                   hyperparameters={"max_length": 64})).train_summary
+    one, two = admit(), admit(epochs=2)
+    assert one.train_positions >= summary["tokens"]  # real tokens plus padding
+    assert two.train_positions == 2 * one.train_positions
+    assert two.estimated_duration_s == pytest.approx(2 * one.estimated_duration_s) and one.estimated_duration_s > 0
+    packed = admit(packing=True)
+    assert packed.train_positions == summary["tokens"] < one.train_positions
+    assert admit(max_steps=3, batch_size=4).train_positions == int(3 * 4 * max(
+        summary["tokens"] / summary["examples"], min(32, summary["max_tokens"])))  # all lengths <=32
+
+
+def test_training_positions_pads_to_the_expected_batch_maximum():
+    # 90 short examples (<=32) and 10 long (<=256): a batch of 8 likely holds a long one
+    summary = {"examples": 100, "tokens": 90 * 20 + 10 * 200, "max_tokens": 200, "max_length": 512,
+               "histogram": {"<=32": 90, "<=256": 10}}
+    from scheduler.estimate import training_positions
+    kw = dict(epochs=1, max_steps=None, grad_accum_steps=1, gpus=1)
+    batch_max = 32 * 0.9 ** 8 + 200 * (1 - 0.9 ** 8)  # the long bucket's edge capped at max_tokens
+    assert training_positions(summary, batch_size=8, packing=False, **kw) == int(100 * batch_max)
+    assert training_positions(summary, batch_size=1, packing=False, **kw) == 100 * 38  # no padding: the mean
+    assert training_positions(summary, batch_size=8, packing=True, **kw) == summary["tokens"]
+    assert training_positions({"examples": 0}, batch_size=8, packing=False, **kw) == 0

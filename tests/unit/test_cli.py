@@ -37,3 +37,26 @@ def test_no_server_is_exit_code_3(tmp_path, monkeypatch):
     assert res.exit_code == 3 and "cannot reach" in res.output
     res = runner.invoke(app, ["down"])
     assert res.exit_code == 0 and "not running" in res.output
+
+
+def test_validate_a_data_file_alone(tmp_path, tiny_model_dir):
+    data = tmp_path / "train.jsonl"
+    data.write_text('{"prompt": "a", "completion": "b"}\n{"prompt": "x", "completion": ""}\n{oops\n'
+                    '{"messages": [{"role": "robot", "content": "hi"}]}\n')
+    bad = runner.invoke(app, ["validate", str(data)])
+    assert bad.exit_code == 2 and "invalid data (3 problem(s))" in bad.output
+    for line, what in ((2, "empty completion"), (3, "invalid JSON"), (4, "")):
+        assert f"{data}:{line}: {what}" in bad.output
+
+    data.write_text('{"prompt": "What is 1 + 1?", "completion": " 2"}\n'
+                    '{"prompt": "' + "apple " * 40 + '", "completion": " x"}\n')
+    ok = runner.invoke(app, ["validate", str(data)])
+    assert ok.exit_code == 0 and "prompt_completion, 2 records" in ok.output
+    long = runner.invoke(app, ["validate", str(data), "--model", str(tiny_model_dir), "--max-length", "16"])
+    assert long.exit_code == 2 and f"{data}:2: record is" in long.output and "longer than max_length=16" in long.output
+    dropped = runner.invoke(app, ["validate", str(data), "--model", str(tiny_model_dir), "--max-length", "16",
+                                  "--policy", "drop"])
+    assert dropped.exit_code == 0 and "1 examples" in dropped.output and "1 dropped at max_length 16" in dropped.output
+    assert "lengths <=32:1" in dropped.output
+    wrong = runner.invoke(app, ["validate", str(data), "--policy", "cut", "--format", "csv"])
+    assert wrong.exit_code == 2 and "--policy: 'cut'" in wrong.output and "--format: 'csv'" in wrong.output

@@ -24,3 +24,25 @@ def test_full_spec_maps_onto_train_config():
     assert (cfg.max_length, cfg.warmup_steps, cfg.lr_scheduler, cfg.weight_decay) == (99, 1, "linear", 0.1)
     assert (cfg.max_grad_norm, cfg.seed, cfg.checkpoint_every_steps) == (0.5, 5, 11)
     assert (cfg.val_path, cfg.val_fraction, cfg.output_dir, cfg.scratch_dir) == (None, 0.2, "/out", "/jobs/4/scratch")
+
+
+def test_a_chosen_output_gets_a_per_job_folder_and_the_storage_root(tmp_path, monkeypatch):
+    from tests.unit.test_service import World
+
+    monkeypatch.setenv("SHOAL_STORAGE_ROOT", str(tmp_path / "root"))
+    w = World(tmp_path)
+    try:
+        chosen = w.store.submit(spec={"name": "j", "dataset": {"train": "/t.jsonl"}, "model": "/m",
+                                                      "output": str(tmp_path / "root" / "models")}, name="j",
+                                team="a", user="u", priority=0, gpus=1, memory_per_gpu_mib=1000, now=0)
+        default = w.store.submit(spec={"name": "k"}, name="k", team="a", user="u", priority=0, gpus=1,
+                                 memory_per_gpu_mib=1000, now=0)
+        w.service.tick()
+        reqs = {r.req.job_id: r.req for r in w.executor.runs.values()}
+        assert reqs[chosen.id].output_dir == f"{tmp_path / 'root' / 'models'}/job-{chosen.id}"
+        assert reqs[chosen.id].storage_root == str((tmp_path / "root").resolve())
+        assert reqs[default.id].output_dir.endswith(f"/{default.id}/output")
+        assert reqs[default.id].storage_root is None  # the scheduler's own job folder
+        assert train_config(reqs[chosen.id])["storage_root"] == reqs[chosen.id].storage_root
+    finally:
+        w.store.close()
