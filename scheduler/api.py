@@ -208,12 +208,18 @@ class SubmitBatcher:
     """Group commit. Request threads hand their submission to one writer thread, which commits
     everything that queued up meanwhile (up to `max_batch`) in ONE transaction
     (`Store.submit_many`) and answers each request with its own result. Under load this turns
-    N transactions into one; alone, a request waits for nobody."""
+    N transactions into one; alone, a request waits for nobody.
 
-    def __init__(self, store, max_batch: int = 256, on_created=None):
+    Under concurrency (the last batch held more than one submission) the writer first lingers
+    `linger_s` for more to arrive, as PostgreSQL's `commit_delay` does: a transaction costs
+    ~0.4 ms of CPU plus ~0.06 ms per job (SQLite, this machine), so batches of 1-2 spent a fifth
+    of the server's CPU per submit on transaction overhead; a few ms of latency buy larger ones."""
+
+    def __init__(self, store, max_batch: int = 256, on_created=None, linger_s: float = 0.004):
         import queue
 
         self.store, self.max_batch, self.on_created = store, max_batch, on_created
+        self.linger_s, self._crowded = linger_s, False
         self._q: "queue.Queue" = queue.Queue()
         self._empty = queue.Empty
         threading.Thread(target=self._run, name="shoal-submit-batcher", daemon=True).start()
@@ -236,11 +242,14 @@ class SubmitBatcher:
     def _run(self) -> None:
         while True:
             batch = [self._q.get()]
+            if self._crowded and self.linger_s > 0:
+                time.sleep(self.linger_s)
             while len(batch) < self.max_batch:
                 try:
                     batch.append(self._q.get_nowait())
                 except self._empty:
                     break
+            self._crowded = len(batch) > 1
             try:
                 results = self.store.submit_many([item for item, _ in batch])
             except Exception as e:  # noqa: BLE001 - each waiting request gets the error
