@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import heapq
 from collections import defaultdict
+from operator import attrgetter
 from typing import Callable, Iterable
 
 from scheduler.policy.types import (
@@ -158,7 +159,10 @@ def _greedy(snap: Snapshot, order: list[JobRequest], name: str) -> Decision:
     cl = _Cluster(snap)
     starts, pending = [], {}
     for req in order:
-        p = cl.fit(req) if req.gpus <= cl.max_free else None
+        if req.gpus > cl.max_free:  # the common case in a long queue: answered without a fit
+            pending[req.job_id] = _REASONS.get((name, req.gpus)) or _reason(name, req)
+            continue
+        p = cl.fit(req)
         if p is None:
             pending[req.job_id] = _reason(name, req)
             continue
@@ -167,8 +171,11 @@ def _greedy(snap: Snapshot, order: list[JobRequest], name: str) -> Decision:
     return Decision(to_start=tuple(starts), pending=pending)
 
 
+_SUBMIT_ORDER = attrgetter("submitted_at", "job_id")
+
+
 def fifo(snap: Snapshot) -> Decision:
-    return _greedy(snap, sorted(snap.pending, key=lambda j: (j.submitted_at, j.job_id)), "fifo")
+    return _greedy(snap, sorted(snap.pending, key=_SUBMIT_ORDER), "fifo")
 
 
 def _true_remaining(req: JobRequest) -> float:
