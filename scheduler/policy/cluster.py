@@ -37,6 +37,9 @@ class Unit:
     gpus: dict[int, GpuView]  # every GPU of this flavor on the node, by index
     schedulable: bool = True
     free: list[tuple[int, int]] = field(default_factory=list)  # exclusive-free (free MiB, index), sorted
+    foreign: dict[int, int] = field(default_factory=dict)  # index -> MiB free once Shoal's jobs left (foreign_free)
+    healthy: tuple[int, ...] = ()  # indices of its healthy GPUs
+    held: dict[int, tuple[int, ...]] = field(default_factory=dict)  # index -> Shoal jobs on it (never mutated)
 
 
 @dataclass
@@ -57,7 +60,8 @@ _NODE_INDEX: dict[int, tuple] = {}
 
 def _node_index(node: NodeView, headroom: int, share_max_util: float) -> list[tuple]:
     """Per flavor of the node: (flavor, GPUs by index, by_gpu keys, largest GPU memory, healthy
-    GPUs, sorted exclusive-free (free MiB, index), shared candidates (free MiB, index, tenants)).
+    GPUs on a schedulable node, sorted exclusive-free (free MiB, index), shared candidates (free
+    MiB, index, tenants), MiB free per GPU once Shoal's jobs left, healthy indices, jobs per GPU).
     What Cluster.__init__ computed per GPU, memoized on the (immutable) NodeView object: the
     simulator's inventory reuses a node's view while nothing on it changed, so an unchanged node
     costs nothing per cycle. A pure speed-up: same values, computed once per view."""
@@ -82,8 +86,11 @@ def _node_index(node: NodeView, headroom: int, share_max_util: float) -> list[tu
             elif g.utilization < share_max_util:
                 shared.append((free, g.index, g.allocated_to))
         free_list.sort()
+        foreign = {i: g.memory_total_mib - max(0, g.memory_used_mib - g.reserved_mib) - headroom
+                   for i, g in gpus.items()}
         out.append((model, gpus, [(node.node_id, i) for i in gpus], max(g.memory_total_mib for g in gpus.values()),
-                    healthy, tuple(free_list), tuple(shared)))
+                    healthy, tuple(free_list), tuple(shared), foreign, tuple(i for i, g in gpus.items() if g.healthy),
+                    {i: g.allocated_to for i, g in gpus.items() if g.allocated_to}))
     if len(_NODE_INDEX) > 4096:  # bounded: live views are re-indexed after a clear
         _NODE_INDEX.clear()
     _NODE_INDEX[id(node)] = (node, (headroom, share_max_util), out)
@@ -110,9 +117,11 @@ class Cluster:
         for node in snap.nodes:
             self.cpus_free[node.node_id] = node.cpus_free()
             self.node_cpus[node.node_id] = float("inf") if node.cpus is None else float(node.cpus)
-            for model, gpus, keys, mem, healthy, free, shared in _node_index(node, self.headroom, self.share_max_util):
+            for model, gpus, keys, mem, healthy, free, shared, foreign, ok, held in _node_index(
+                    node, self.headroom, self.share_max_util):
                 fl = self.flavors.setdefault(model, Flavor(model))
-                u = Unit(len(self.units), node.node_id, node.name, model, gpus, node.schedulable, list(free))
+                u = Unit(len(self.units), node.node_id, node.name, model, gpus, node.schedulable, list(free),
+                         foreign, ok, held)
                 self.units.append(u)
                 fl.units.append(u.order)
                 fl.gpus += len(gpus)
@@ -257,8 +266,7 @@ class Cluster:
 
     def foreign_free(self, o: int, i: int) -> int:
         """MiB free on GPU i of unit o once every Shoal job on it has gone (foreign use stays)."""
-        g = self.units[o].gpus[i]
-        return g.memory_total_mib - max(0, g.memory_used_mib - g.reserved_mib) - self.headroom
+        return self.units[o].foreign[i]
 
     def gpus_of(self, part: Part) -> tuple[str, tuple[int, ...]]:
         return self.units[part[0]].node_id, part[1]
