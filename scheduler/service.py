@@ -520,6 +520,8 @@ class Service:
                     why = "; ".join(f"GPU {r.index}: {r.xid_errors} XID/ECC error(s)" for r in faults)
                     log.warning("draining node %s: %s", info.name, why)
                     stored[info.node_id] = self.store.set_drained(info.node_id, True, reason=f"auto: {why}", now=now)
+        if not any(n.lost or n.drained for n in stored.values()):
+            return  # no job to move (the usual case: skips a pass over every active job)
         for job in self.store.active_jobs():
             node = stored.get((job.placement or {}).get("node_id", ""))
             if node is None:
