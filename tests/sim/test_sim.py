@@ -135,6 +135,27 @@ def test_shared_gpu_slowdown_model():
     assert ex.next_event_time() == pytest.approx(35.0)  # job 1 alone again: 5 s left at full speed
 
 
+def test_a_stop_is_not_lost_when_a_co_tenant_changes_the_rate():
+    """A preempted job sharing a GPU stops at its stop time even if its co-tenants change while
+    it stops (a re-rate used to invalidate the pending stop: the run then held its GPU forever -
+    139 jobs stuck that way in the 10k Shoal replay)."""
+    from scheduler.clock import FakeClock
+    from scheduler.executor import LaunchRequest
+
+    clock = FakeClock(0.0)
+    ex = SimExecutor(clock, share_throughput=[1.0, 1.5], stop_s=5.0)
+    spec = lambda d: {"sim": {"duration_s": d}}  # noqa: E731
+    ex.launch(LaunchRequest(1, 1, spec(100), "n", (0,), 1, "", ""))
+    ex.launch(LaunchRequest(2, 1, spec(100), "n", (0,), 1, "", ""))
+    clock.advance(10)
+    ex.request_stop(1, 1)  # stops at 15
+    ex.launch(LaunchRequest(3, 1, spec(100), "n", (0,), 1, "", ""))  # a third tenant: everyone re-rated
+    assert ex.next_event_time() == pytest.approx(15.0)
+    clock.advance(5)
+    assert [(o.job_id, o.status) for o in ex.poll()] == [(1, "preempted")]
+    assert set(ex.runs) == {(2, 1), (3, 1)}
+
+
 def test_workload_memory_and_classes():
     # 8B LoRA, batch 2, 1024 tokens: (8.03e9 x 2 B x 1.05 + 34*1024*2*4096*32 B + 2^30 B) / 2^20 = 25,810 MiB
     assert memory_per_gpu_mib("llama-3-8b", "lora", 1, 2, 1024) == 25_810
