@@ -67,9 +67,10 @@ def job_spec(i: int, steps: int) -> dict:
 class Scheduler:
     """The Shoal daemon as a process we can SIGKILL."""
 
-    def __init__(self, home: Path, ray_address: str, config: Path, db: str | None = None,
+    def __init__(self, home: Path, ray_address: str | None, config: Path, db: str | None = None,
                  extra: list[str] | None = None, secret: str | None = None):
-        """`secret`: the server secret (SHOAL_SECRET); replicas sharing a database need the same."""
+        """`secret`: the server secret (SHOAL_SECRET); replicas sharing a database need the same.
+        `ray_address` None: the daemon starts its own local Ray node (the embedded cluster)."""
         self.home, self.ray_address, self.config, self.db = home, ray_address, config, db
         self.extra = extra or []
         self.env = {**os.environ, **({"SHOAL_SECRET": secret} if secret else {})}
@@ -78,7 +79,8 @@ class Scheduler:
     def start(self, timeout: float = 120) -> Client:
         (self.home / "daemon.json").unlink(missing_ok=True)
         args = [sys.executable, "-m", "scheduler.daemon", "--home", str(self.home), "--port", "0",
-                "--ray-address", self.ray_address, "--workload", "probe", "--config", str(self.config),
+                *(["--ray-address", self.ray_address] if self.ray_address else []),
+                "--workload", "probe", "--config", str(self.config),
                 *(["--db", self.db] if self.db else []), *self.extra]
         log = (self.home / "shoal.log").open("ab")
         self.proc = subprocess.Popen(args, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,

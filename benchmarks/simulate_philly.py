@@ -17,6 +17,7 @@ Options: --jobs N (quality setting size), --skip-full, --out DIR (writes the usu
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from pathlib import Path
@@ -34,13 +35,15 @@ if not TRACE.exists():
     TRACE = ROOT.parent / "shared" / "traces" / "philly.csv"
 
 
-def fmt(s: dict) -> str:
+def fmt(s: dict, cpu_s: float | None = None, ticks: int | None = None) -> str:
     h = lambda v: "-" if v is None else f"{v / 3600:.2f} h"  # noqa: E731
     r = lambda v: "-" if v is None else f"{v:.3f}"  # noqa: E731
     return (f"{s['policy']:<9} done {s['jobs_completed']:>6} rejected {s['jobs_rejected']:>4}  avg JCT {h(s['jct_avg_s'])}"
             f"  p50 {h(s['jct_p50_s'])}  p99 {h(s['jct_p99_s'])}  avg wait {h(s['queue_delay_avg_s'])}"
             f"  makespan/bound {r(s['makespan_vs_bound'])}  alloc(queue>0) {r(s['allocation_while_queue_nonempty'])}"
-            f"  preemptions {s['preemptions']}  wall {s['sim_wall_s']:.1f} s  {s['sim_events_per_s']:.0f} events/s")
+            f"  preemptions {s['preemptions']}  wall {s['sim_wall_s']:.1f} s  {s['sim_events_per_s']:.0f} simulated events/s"
+            + (f"  CPU {cpu_s:.1f} s ({s['sim_events'] / cpu_s:.0f} events per CPU-s)" if cpu_s else "")
+            + (f"  {ticks} service ticks" if ticks is not None else ""))
 
 
 def main() -> None:
@@ -61,11 +64,13 @@ def main() -> None:
     by, results = {}, []
     print(f"\nquality setting: first {args.jobs} jobs on {sc.total_gpus} GPUs", flush=True)
     for name in names:  # one at a time, printed as each finishes
+        c0 = time.process_time()
         (r,) = run_policies(prep, sc, [name])
+        cpu = time.process_time() - c0
         results.append(r)
         s = summarize(r)
         by[r.policy] = s
-        print(fmt(s), flush=True)
+        print(fmt(s, cpu, r.ticks), f"load average {' '.join(f'{x:.1f}' for x in os.getloadavg())}", flush=True)
     if args.out:
         write_all(args.out / "quality", results, prep, sc, {"trace": str(TRACE), "jobs": args.jobs})
 
@@ -78,9 +83,10 @@ def main() -> None:
         full_s, full_cpu = time.perf_counter() - t1, time.process_time() - c1
         s = summarize(full)
         print(f"\nfull trace: {len(prep60.jobs)} jobs on {sc60.total_gpus} GPUs")
-        print(fmt(s))
+        print(fmt(s, full_cpu, full.ticks))
         print(f"full replay: {full_s:.1f} s wall, {full_cpu:.1f} s CPU (workload model + simulation), {full.ticks} service ticks, "
-              f"{full.events} events, {full.events / full.wall_s:.0f} simulated events/s")
+              f"{full.events} events, {full.events / full.wall_s:.0f} simulated events/s, "
+              f"load average {' '.join(f'{x:.1f}' for x in os.getloadavg())}")
         if args.out:
             write_all(args.out / "full", [full], prep60, sc60, {"trace": str(TRACE)}, plots=False)
 

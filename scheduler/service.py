@@ -334,17 +334,20 @@ class Service:
         job id) and only its attained GPU-seconds, which grow with the clock, each cycle."""
         now = self.clock.now()
         views = []
-        cache: dict[int, tuple[tuple, RunningJob, int, float]] = {}
+        cache: dict[int, tuple[tuple, RunningJob, int, float, JobRecord]] = {}
+        old = self._running_cache
         for j in active:
             if not j.placement:
                 continue
-            key = (j.attempt, j.state, j.attempt_started_at, j.last_checkpoint_at, j.attained_gpu_s)
-            hit = self._running_cache.get(j.id)
-            if hit is None or hit[0] != key:
-                hit = (key, *self._running_view(j, now))
+            hit = old.get(j.id)
+            if hit is None or hit[4] is not j:  # the same (immutable) record: the same view
+                key = (j.attempt, j.state, j.attempt_started_at, j.last_checkpoint_at, j.attained_gpu_s)
+                if hit is None or hit[0] != key:
+                    hit = (key, *self._running_view(j, now), j)
+                else:
+                    hit = (*hit[:4], j)
             cache[j.id] = hit
-            _, view, ngpus, started = hit
-            views.append(_with_attained(view, j.attained_gpu_s + ngpus * max(0.0, now - started)))
+            views.append(_with_attained(hit[1], j.attained_gpu_s + hit[2] * max(0.0, now - hit[3])))
         self._running_cache = cache
         return views
 
@@ -371,24 +374,24 @@ class Service:
     def pending_views(self, queued: list[JobRecord]) -> tuple[JobRequest, ...]:
         """One request per queued job, cached by job id while its attempt and attained service
         (the only fields of a queued job that change) stay the same."""
-        out = []
-        cache: dict[int, tuple[tuple, JobRequest]] = {}
-        for j in queued:
-            key = (j.attempt, j.attained_gpu_s)
-            hit = self._pending_cache.get(j.id)
-            if hit is None or hit[0] != key:
-                res = _resources(j.spec)
-                remaining = remaining_s(j.spec, j.gpus, j.attained_gpu_s)
-                hit = (key, JobRequest(
-                    j.id, j.team, j.priority, j.submitted_at, j.gpus, j.memory_per_gpu_mib, res.get("gpu_model"),
-                    _cpus_per_gpu(j.spec), shareable=bool(res.get("shareable", False)),
-                    expected_duration_s=remaining, attained_gpu_s=j.attained_gpu_s,
-                    user=j.user,
-                ))
-            cache[j.id] = hit
-            out.append(hit[1])
+        old = self._pending_cache
+        cache: dict[int, tuple[tuple, JobRequest, JobRecord]] = {
+            j.id: hit if (hit := old.get(j.id)) is not None and (
+                hit[2] is j or hit[0] == (j.attempt, j.attained_gpu_s)) else self._pending_view(j)
+            for j in queued}
         self._pending_cache = cache
-        return tuple(out)
+        return tuple(cache[j.id][1] for j in queued)
+
+    @staticmethod
+    def _pending_view(j: JobRecord) -> tuple[tuple, JobRequest, JobRecord]:
+        res = _resources(j.spec)
+        remaining = remaining_s(j.spec, j.gpus, j.attained_gpu_s)
+        return (j.attempt, j.attained_gpu_s), JobRequest(
+            j.id, j.team, j.priority, j.submitted_at, j.gpus, j.memory_per_gpu_mib, res.get("gpu_model"),
+            _cpus_per_gpu(j.spec), shareable=bool(res.get("shareable", False)),
+            expected_duration_s=remaining, attained_gpu_s=j.attained_gpu_s,
+            user=j.user,
+        ), j
 
     def snapshot(self, queued: list[JobRecord] | None = None) -> tuple[Snapshot, dict[int, JobRecord]]:
         running = self.running_views(self.store.active_jobs())
@@ -431,20 +434,11 @@ class Service:
                     del handed[i]
         stale = [i for i, v in versions.items() if (hit := cache.get(i)) is None or hit[0] != v]
         fresh = {j.id: j for j in self.store.jobs_by_id(stale)} if stale else {}
-        out, kept = [], {}
-        for i in versions:
-            if i in fresh:
-                j = fresh[i]
-                if j.state is not S.QUEUED or j.cancel_requested:  # moved since the versions were read
-                    continue
-                kept[i] = (_queued_version(j), j)
-            elif i in cache:
-                kept[i] = cache[i]
-            else:
-                continue
-            out.append(kept[i][1])
+        new = {i: (_queued_version(j), j) for i, j in fresh.items()
+               if j.state is S.QUEUED and not j.cancel_requested}  # else it moved since the versions were read
+        kept = {i: hit for i in versions if (hit := (new.get(i) if i in fresh else cache.get(i))) is not None}
         self._queued_cache = kept
-        return out
+        return [hit[1] for hit in kept.values()]
 
     def _schedule(self) -> None:
         waiting = self._queued_jobs()
@@ -457,11 +451,9 @@ class Service:
         for start in decision.to_start:
             self._start(queued[start.job_id], start.placement)
         etas = self._estimates(snap, decision)
-        changed = {}
-        for job_id, reason in decision.pending.items():
-            eta = etas.get(job_id)
-            if queued[job_id].pending_reason != reason or queued[job_id].estimated_start_at != eta:
-                changed[job_id] = {"pending_reason": reason, "estimated_start_at": eta}
+        changed = {job_id: {"pending_reason": reason, "estimated_start_at": etas.get(job_id)}
+                   for job_id, reason in decision.pending.items()
+                   if (j := queued[job_id]).pending_reason != reason or j.estimated_start_at != etas.get(job_id)}
         if changed:  # one transaction for the cycle's reasons (a write per job cost more than the plan)
             self.store.update_many(changed)
             for job_id, ch in changed.items():
@@ -579,6 +571,8 @@ class Service:
                     why = "; ".join(f"GPU {r.index}: {r.xid_errors} XID/ECC error(s)" for r in faults)
                     log.warning("draining node %s: %s", info.name, why)
                     stored[info.node_id] = self.store.set_drained(info.node_id, True, reason=f"auto: {why}", now=now)
+        if not any(n.lost or n.drained for n in stored.values()):
+            return  # no job to move (the usual case: skips a pass over every active job)
         for job in self.store.active_jobs():  # a gang moves whole when any of its nodes does
             nodes = [n for n in (stored.get(i) for i in pl.node_ids(job.placement)) if n is not None]
             lost = [n for n in nodes if n.lost]

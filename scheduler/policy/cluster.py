@@ -25,7 +25,7 @@ from __future__ import annotations
 from bisect import bisect_left, insort
 from dataclasses import dataclass, field
 
-from scheduler.policy.types import GpuView, RunningJob, Snapshot
+from scheduler.policy.types import GpuView, NodeView, RunningJob, Snapshot
 
 
 @dataclass
@@ -37,6 +37,9 @@ class Unit:
     gpus: dict[int, GpuView]  # every GPU of this flavor on the node, by index
     schedulable: bool = True
     free: list[tuple[int, int]] = field(default_factory=list)  # exclusive-free (free MiB, index), sorted
+    foreign: dict[int, int] = field(default_factory=dict)  # index -> MiB free once Shoal's jobs left (foreign_free)
+    healthy: tuple[int, ...] = ()  # indices of its healthy GPUs
+    held: dict[int, tuple[int, ...]] = field(default_factory=dict)  # index -> Shoal jobs on it (never mutated)
 
 
 @dataclass
@@ -50,6 +53,48 @@ class Flavor:
 
 
 Part = tuple[int, tuple[int, ...]]  # (unit order, GPU indices)
+
+
+_NODE_INDEX: dict[int, tuple] = {}
+
+
+def _node_index(node: NodeView, headroom: int, share_max_util: float) -> list[tuple]:
+    """Per flavor of the node: (flavor, GPUs by index, by_gpu keys, largest GPU memory, healthy
+    GPUs on a schedulable node, sorted exclusive-free (free MiB, index), shared candidates (free
+    MiB, index, tenants), MiB free per GPU once Shoal's jobs left, healthy indices, jobs per GPU).
+    What Cluster.__init__ computed per GPU, memoized on the (immutable) NodeView object: the
+    simulator's inventory reuses a node's view while nothing on it changed, so an unchanged node
+    costs nothing per cycle. A pure speed-up: same values, computed once per view."""
+    hit = _NODE_INDEX.get(id(node))
+    if hit is not None and hit[0] is node and hit[1] == (headroom, share_max_util):
+        return hit[2]
+    per_flavor: dict[str, dict[int, GpuView]] = {}
+    for g in node.gpus:
+        per_flavor.setdefault(g.model, {})[g.index] = g
+    out = []
+    for model, gpus in per_flavor.items():
+        healthy, free_list, shared = 0, [], []
+        for g in gpus.values():
+            if not (node.schedulable and g.healthy):
+                continue
+            healthy += 1
+            free = g.free_mib(headroom)
+            if free <= 0:
+                continue
+            if not g.allocated_to:
+                free_list.append((free, g.index))
+            elif g.utilization < share_max_util:
+                shared.append((free, g.index, g.allocated_to))
+        free_list.sort()
+        foreign = {i: g.memory_total_mib - max(0, g.memory_used_mib - g.reserved_mib) - headroom
+                   for i, g in gpus.items()}
+        out.append((model, gpus, [(node.node_id, i) for i in gpus], max(g.memory_total_mib for g in gpus.values()),
+                    healthy, tuple(free_list), tuple(shared), foreign, tuple(i for i, g in gpus.items() if g.healthy),
+                    {i: g.allocated_to for i, g in gpus.items() if g.allocated_to}))
+    if len(_NODE_INDEX) > 4096:  # bounded: live views are re-indexed after a clear
+        _NODE_INDEX.clear()
+    _NODE_INDEX[id(node)] = (node, (headroom, share_max_util), out)
+    return out
 
 
 class Cluster:
@@ -72,32 +117,22 @@ class Cluster:
         for node in snap.nodes:
             self.cpus_free[node.node_id] = node.cpus_free()
             self.node_cpus[node.node_id] = float("inf") if node.cpus is None else float(node.cpus)
-            per_flavor: dict[str, dict[int, GpuView]] = {}
-            for g in node.gpus:
-                per_flavor.setdefault(g.model, {})[g.index] = g
-            for model, gpus in per_flavor.items():
+            for model, gpus, keys, mem, healthy, free, shared, foreign, ok, held in _node_index(
+                    node, self.headroom, self.share_max_util):
                 fl = self.flavors.setdefault(model, Flavor(model))
-                u = Unit(len(self.units), node.node_id, node.name, model, gpus, node.schedulable)
+                u = Unit(len(self.units), node.node_id, node.name, model, gpus, node.schedulable, list(free),
+                         foreign, ok, held)
                 self.units.append(u)
                 fl.units.append(u.order)
                 fl.gpus += len(gpus)
                 fl.largest_unit = max(fl.largest_unit, len(gpus))
-                fl.memory_total_mib = max(fl.memory_total_mib, *(g.memory_total_mib for g in gpus.values()))
-                for g in gpus.values():
-                    self.by_gpu[(node.node_id, g.index)] = u.order
-                    if not (node.schedulable and g.healthy):
-                        continue
-                    fl.healthy += 1
-                    free = g.free_mib(self.headroom)
-                    if free <= 0:
-                        continue
-                    if not g.allocated_to:
-                        u.free.append((free, g.index))
-                    elif g.utilization < self.share_max_util and all(
-                            t in tenants and tenants[t].shareable for t in g.allocated_to):
-                        self.shared.setdefault(model, []).append((free, u.order, g.index))
-                        self.shared_free[(u.order, g.index)] = free
-                u.free.sort()
+                fl.memory_total_mib = max(fl.memory_total_mib, mem)
+                fl.healthy += healthy
+                self.by_gpu.update(dict.fromkeys(keys, u.order))
+                for free_mib, i, held in shared:  # GPUs that host only shareable jobs (checked per cycle)
+                    if all(t in tenants and tenants[t].shareable for t in held):
+                        self.shared.setdefault(model, []).append((free_mib, u.order, i))
+                        self.shared_free[(u.order, i)] = free_mib
         for name, fl in self.flavors.items():
             b: list[dict[int, None]] = [{} for _ in range(fl.largest_unit + 1)]
             for o in fl.units:
@@ -240,8 +275,7 @@ class Cluster:
 
     def foreign_free(self, o: int, i: int) -> int:
         """MiB free on GPU i of unit o once every Shoal job on it has gone (foreign use stays)."""
-        g = self.units[o].gpus[i]
-        return g.memory_total_mib - max(0, g.memory_used_mib - g.reserved_mib) - self.headroom
+        return self.units[o].foreign[i]
 
     def gpus_of(self, part: Part) -> tuple[str, tuple[int, ...]]:
         return self.units[part[0]].node_id, part[1]

@@ -43,13 +43,12 @@ def _unit_times(cluster: Cluster, o: int, m: int, now: float, ends: dict[tuple[i
         return []
     free_now = {i for free, i in u.free if free >= m}
     times = []
-    for i, g in u.gpus.items():
-        if not g.healthy:
-            continue
+    foreign = u.foreign  # cluster.foreign_free, per GPU
+    for i in u.healthy:
         if i in free_now:
             times.append((now, i))
-        elif (o, i) in ends and cluster.foreign_free(o, i) >= m:
-            times.append((max(now, ends[(o, i)]), i))
+        elif (end := ends.get((o, i))) is not None and foreign[i] >= m:
+            times.append((max(now, end), i))
     times.sort()
     return times
 

@@ -70,9 +70,8 @@ def _index(snap: Snapshot) -> Cycle:
     if s.makespan_guard:
         cy.critical, cy.drain = _critical_length(snap, cluster)
     for u in cluster.units:
-        for i, g in u.gpus.items():
-            if g.allocated_to:
-                cy.held.setdefault(u.order, {})[i] = g.allocated_to
+        if u.held:
+            cy.held[u.order] = dict(u.held)
     for r in snap.running:
         flavor = cy.flavor_of[r.job_id] = flavor_of(cluster, r)
         gpus = sum(len(ix) for _, ix in r.placements())

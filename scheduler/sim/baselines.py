@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import heapq
 from collections import defaultdict
+from operator import attrgetter
 from typing import Callable, Iterable
 
 from scheduler.policy.types import (
@@ -158,7 +159,10 @@ def _greedy(snap: Snapshot, order: list[JobRequest], name: str) -> Decision:
     cl = _Cluster(snap)
     starts, pending = [], {}
     for req in order:
-        p = cl.fit(req) if req.gpus <= cl.max_free else None
+        if req.gpus > cl.max_free:  # the common case in a long queue: answered without a fit
+            pending[req.job_id] = _REASONS.get((name, req.gpus)) or _reason(name, req)
+            continue
+        p = cl.fit(req)
         if p is None:
             pending[req.job_id] = _reason(name, req)
             continue
@@ -167,8 +171,11 @@ def _greedy(snap: Snapshot, order: list[JobRequest], name: str) -> Decision:
     return Decision(to_start=tuple(starts), pending=pending)
 
 
+_SUBMIT_ORDER = attrgetter("submitted_at", "job_id")
+
+
 def fifo(snap: Snapshot) -> Decision:
-    return _greedy(snap, sorted(snap.pending, key=lambda j: (j.submitted_at, j.job_id)), "fifo")
+    return _greedy(snap, sorted(snap.pending, key=_SUBMIT_ORDER), "fifo")
 
 
 def _true_remaining(req: JobRequest) -> float:
@@ -192,8 +199,12 @@ def _preemptive(snap: Snapshot, rank_running: Callable[[RunningJob], tuple],
     items += [(rank_pending(p), 1, p.job_id, p) for p in snap.pending]
     items.sort(key=lambda x: x[:3])
     position = {jid: i for i, (_, _, jid, _) in enumerate(items)}
+    # a victim must rank after the job: past the last-ranked running job there is none to find
+    # (the long tail of a queue), so the node scan is skipped there - it could only return None
+    last_running = max((position[jid] for jid in running), default=-1)
     kept: set[int] = set(stopping)
     victims: set[int] = set()
+    failed: list[tuple[int, int, int, str | None]] = []  # shapes with no plan since the last preemption planned
     starts, preempts, pending = [], [], {}
     for i, (_, kind, jid, job) in enumerate(items):
         if kind == 0:
@@ -207,11 +218,22 @@ def _preemptive(snap: Snapshot, rank_running: Callable[[RunningJob], tuple],
             starts.append(Start(jid, p))
             cl.claim(p.node_id, p.gpu_indices, req.cpus)
             continue
-        plan = cl.fit_with_victims(
-            req, lambda v: v not in kept and v not in victims and position[v] > i, running)
+        shape = (req.gpus, req.memory_per_gpu_mib, req.cpus)
+        if i >= last_running or any(req.gpu_model == f[3] and shape[0] >= f[0] and shape[1] >= f[1] and shape[2] >= f[2]
+                                    for f in failed):
+            plan = None
+        else:
+            plan = cl.fit_with_victims(
+                req, lambda v: v not in kept and v not in victims and position[v] > i, running)
         if plan is None:
+            # Until a preemption is planned, free GPUs and CPUs only shrink and the candidate
+            # victims only thin out (they must rank after the job), so a job at least this large
+            # (GPUs, memory, CPUs; same flavor) ranked later cannot find a plan either.
+            if i < last_running and len(failed) < 64:
+                failed.append((*shape, req.gpu_model))
             pending[jid] = _reason(name, req)
             continue
+        failed.clear()  # a plan returns CPUs of victims to their node: the shapes that failed may fit
         node_id, gpus, chosen = plan
         for v in sorted(chosen):
             victims.add(v)

@@ -82,6 +82,7 @@ class _Dirty(set):
     readings alike (each cache clears its own copy)."""
 
     def __init__(self, nodes):
+        nodes = list(nodes)
         super().__init__(nodes)
         self.readings: set[str] = set(nodes)
 
@@ -90,12 +91,23 @@ class _Dirty(set):
         self.readings.add(node_id)
 
 
+class _Readings:
+    """A GpuReader that returns readings already taken (so a node view is built from the same
+    reading the service's node sync saw, without reading the fake GPUs twice)."""
+
+    def __init__(self, readings):
+        self.readings = readings
+
+    def read(self):
+        return self.readings
+
+
 class CachingInventory(Inventory):
     """Inventory whose node views and GPU readings are rebuilt only for nodes marked dirty (a job
     was placed there or released from there: `ReaderLoad` marks them). The fake readers change
     only then, and so do the running jobs on the node, so the views and readings are what
     `Inventory` would build (bar the energy counters' accrual, which nothing in the loop reads),
-    and a cycle costs O(changed nodes), not O(GPUs)."""
+    and a cycle costs O(changed nodes), not O(GPUs). A dirty node's GPUs are read once, for both."""
 
     def __init__(self, nodes: list[NodeInfo], readers: dict[str, FakeGpuReader]):
         super().__init__(lambda: nodes, readers)
@@ -104,10 +116,13 @@ class CachingInventory(Inventory):
         self.dirty = _Dirty(n.node_id for n in nodes)
         self._readings: dict[str, list] = {}
         self._names = {n.node_id: n.name for n in nodes}
-        self._models = {nid: r.read()[0].model for nid, r in readers.items()}
+        first = {nid: r.read()[0] for nid, r in readers.items()}
+        self._models = {nid: g.model for nid, g in first.items()}
+        self._memory = {nid: g.memory_total_mib for nid, g in first.items()}  # one model per fake node
 
     def node_views(self, running):
         if self.dirty:
+            self.read()
             by_node: dict[str, list] = {}
             for job in running:
                 for node_id, _ in job.placements():  # a multi-node gang: each of its nodes
@@ -115,7 +130,7 @@ class CachingInventory(Inventory):
                         by_node.setdefault(node_id, []).append(job)
             for node in self._node_list:
                 if node.node_id in self.dirty:
-                    one = Inventory(lambda: [node], {node.node_id: self.readers[node.node_id]})
+                    one = Inventory(lambda: [node], {node.node_id: _Readings(self._readings[node.node_id])})
                     self._cache[node.node_id] = one.node_views(by_node.get(node.node_id, []))[0]
             self.dirty.clear()
         return tuple(self._cache[n.node_id] for n in self._node_list)
@@ -128,6 +143,11 @@ class CachingInventory(Inventory):
                     self._readings[node.node_id] = self.readers[node.node_id].read() if node.alive else []
             stale.clear()
         return dict(self._readings)
+
+    def gpu_info(self, node_id, gpu_indices):
+        if node_id not in self._models or not gpu_indices:
+            return None, None
+        return self._models[node_id], self._memory[node_id]
 
     def gpu_model(self, node_id, gpu_indices):
         return self._models.get(node_id)

@@ -86,9 +86,9 @@ class SimExecutor:
         run.last = max(run.last, now)
 
     def _reschedule(self, run: _Run, now: float) -> None:
-        run.version += 1
         if run.stopping:
-            return
+            return  # its stop event stands: when it stops does not depend on its rate
+        run.version += 1
         remaining = max(0.0, run.total - self.work.get(run.job_id, 0.0))
         end = max(now, run.progress_from) + remaining / run.rate
         heapq.heappush(self._heap, (end, next(self._seq), (run.job_id, run.attempt), run.version, "end"))

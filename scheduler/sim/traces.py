@@ -53,6 +53,10 @@ class TraceJob:
     shareable: bool | None = None
     priority: int = 0
     name: str | None = None
+    # The run-time estimate the policy saw (store history: the spec's resources.expected_duration_s,
+    # None if the user gave none); `history` marks a job read from a store, whose estimate is kept.
+    estimate_s: float | None = None
+    history: bool = False
 
 
 @dataclass
@@ -226,7 +230,9 @@ def read_history(url: str, *, skip_bad: bool = False) -> Trace:
         res = (r.spec or {}).get("resources", {}) or {}
         jobs.append(TraceJob(r.submitted_at, r.attained_gpu_s / r.gpus, r.gpus, r.team, r.user, r.id,
                              memory_per_gpu_mib=r.memory_per_gpu_mib, shareable=bool(res.get("shareable", False)),
-                             priority=r.priority, name=r.name))
+                             priority=r.priority, name=r.name,
+                             estimate_s=float(res["expected_duration_s"]) if res.get("expected_duration_s") else None,
+                             history=True))
     return _finish(url, jobs, problems, skip_bad)
 
 

@@ -17,7 +17,9 @@ count and run time are kept; the class decides the model and method and so the m
 The user's run-time estimate: non-oracle policies see `expected_duration_s` = true run time x
 exp(N(0, sigma)) (log-normal, median exact), like a Slurm `--time` a person writes; sigma =
 `estimate_sigma` (default 0.5: half the jobs are off by more than a factor ~1.4). Oracle
-baselines (SJF, SRTF) see the exact run time. sigma 0 gives every policy the truth.
+baselines (SJF, SRTF) see the exact run time. sigma 0 gives every policy the truth. Jobs replayed
+from a Shoal store keep the estimate their spec gave (none if it gave none), so a replay of your own
+history shows the policy what it saw then.
 """
 from __future__ import annotations
 
@@ -118,7 +120,7 @@ class SimJob:
     gpus: int
     memory_per_gpu_mib: int
     duration_s: float  # true run time on exclusive GPUs
-    estimate_s: float  # what a user would write
+    estimate_s: float | None  # what a user would write (None: no estimate, as in a history job without one)
     shareable: bool
     job_class: str
     priority: int
@@ -155,7 +157,10 @@ def make_jobs(trace: list[TraceJob], cfg: WorkloadConfig, team_of, seed: int) ->
             cls_name, model, method, shareable = cls.name, cls.model, cls.method, cls.shareable
             mem = memory_per_gpu_mib(cls.model, cls.method, tj.gpus, cls.batch_size, cls.seq_len)
         del u2
-        estimate = tj.duration_s * (math.exp(cfg.estimate_sigma * z) if cfg.estimate_sigma else 1.0)
+        if tj.history:  # a real job (store history): the policy sees the estimate it saw then
+            estimate = tj.estimate_s
+        else:
+            estimate = tj.duration_s * (math.exp(cfg.estimate_sigma * z) if cfg.estimate_sigma else 1.0)
         team = team_of(tj)
         spec = {
             "api_version": "shoal/v1", "name": tj.name or f"sim-{i}", "team": team, "user": tj.user,

@@ -60,6 +60,12 @@ class MemoryStore:
         self._closed: list[tuple[float, int]] = []
         self._closed_sorted = True
         self._nodes: dict[str, NodeRecord] = {}
+        # queued_versions kept as records change (the service reads it every cycle): id -> version
+        # of each QUEUED job not being cancelled, in id order once `_qver_sorted` (a requeued job
+        # is re-inserted at the end; the next read restores id order)
+        self._qver: dict[int, tuple] = {}
+        self._qver_last = 0
+        self._qver_sorted = True
 
     def close(self) -> None:
         pass
@@ -80,6 +86,7 @@ class MemoryStore:
             )
             self._jobs[job_id] = rec
             self._by_state[JobState.QUEUED][job_id] = None
+            self._index_queued(rec)
             self._events[job_id] = [EventRecord(job_id, now, None, JobState.QUEUED.value, 0, reason)]
             return rec
 
@@ -109,6 +116,7 @@ class MemoryStore:
             del self._by_state[cur][job_id]
             self._by_state[dst][job_id] = None
             self._index_cancel(new)
+            self._index_queued(new)
             self._events[job_id].append(EventRecord(job_id, now, cur.value, dst.value,
                                                     changes.get("attempt", rec.attempt), reason))
             if cur.active and not dst.active and (i := self._open_usage.pop(job_id, None)) is not None:
@@ -124,6 +132,19 @@ class MemoryStore:
                                                usage.get("gpu_model"), usage.get("node"), usage["gpus"],
                                                usage["gpu_fraction"], usage["price_per_gpu_hour"], now, None))
             return new
+
+    def _index_queued(self, rec: JobRecord) -> None:
+        i = rec.id
+        if rec.state is JobState.QUEUED and not rec.cancel_requested:
+            if i not in self._qver:
+                if i < self._qver_last:
+                    self._qver_sorted = False
+                else:
+                    self._qver_last = i
+            self._qver[i] = (rec.updated_at, rec.attempt, rec.retries, rec.attained_gpu_s, rec.pending_reason,
+                             rec.estimated_start_at)
+        else:
+            self._qver.pop(i, None)
 
     def _index_cancel(self, rec: JobRecord) -> None:
         if rec.cancel_requested and not rec.state.terminal:
@@ -141,6 +162,7 @@ class MemoryStore:
             new = _with(rec, **changes)
             self._jobs[job_id] = new
             self._index_cancel(new)
+            self._index_queued(new)
 
     def update_many(self, changes: dict[int, dict[str, Any]]) -> None:
         """`update_fields` for many jobs at once; a job that no longer exists is skipped."""
@@ -152,13 +174,16 @@ class MemoryStore:
                     new = _with(rec, **ch)
                     self._jobs[job_id] = new
                     self._index_cancel(new)
+                    self._index_queued(new)
 
     def queued_versions(self) -> dict[int, tuple]:
         """As Store.queued_versions."""
         with self._lock:
-            recs = [self._jobs[i] for i in sorted(self._by_state[JobState.QUEUED])]
-        return {r.id: (r.updated_at, r.attempt, r.retries, r.attained_gpu_s, r.pending_reason, r.estimated_start_at)
-                for r in recs if not r.cancel_requested}
+            if not self._qver_sorted:
+                self._qver = dict(sorted(self._qver.items()))
+                self._qver_sorted = True
+                self._qver_last = next(reversed(self._qver), 0)
+            return dict(self._qver)
 
     def jobs_by_id(self, ids: Iterable[int]) -> list[JobRecord]:
         return [self._jobs[i] for i in sorted(set(ids)) if i in self._jobs]
@@ -171,6 +196,7 @@ class MemoryStore:
             new = _with(rec, cancel_requested=True)
             self._jobs[job_id] = new
             self._index_cancel(new)
+            self._index_queued(new)
             return new
 
     # -- reads ------------------------------------------------------------------------------

@@ -1,9 +1,12 @@
 """Trace readers: column mappings, ordering, and bad rows reported with file:line."""
+from dataclasses import replace
+
 import pytest
 
 from scheduler.clock import FakeClock
 from scheduler.lifecycle import JobState as S
 from scheduler.sim.traces import TraceError, parse_columns, read_csv, read_history, read_philly, read_trace
+from scheduler.sim.workload import WorkloadConfig, make_jobs
 from scheduler.store import Store
 
 HEADER = "timestamp,duration,num_gpus,gpu_time,cluster\n"
@@ -74,7 +77,7 @@ def test_generic_csv_with_user_mapping(tmp_path):
 def test_store_history_replays_succeeded_jobs(tmp_path):
     url = f"sqlite:///{tmp_path / 'shoal.db'}"
     store, clock = Store(url), FakeClock(1000.0)
-    spec = {"name": "a", "resources": {"shareable": True}}
+    spec = {"name": "a", "resources": {"shareable": True, "expected_duration_s": 120}}
     done = store.submit(spec=spec, name="a", team="nlp", user="ann", priority=5, gpus=2,
                         memory_per_gpu_mib=9000, now=clock.now())
     store.transition(done.id, S.QUEUED, S.ADMITTED, reason="x", now=1010, attempt=1)
@@ -85,5 +88,11 @@ def test_store_history_replays_succeeded_jobs(tmp_path):
     store.close()
     (job,) = read_history(url).jobs
     assert (job.submit_s, job.duration_s, job.gpus, job.group, job.user, job.memory_per_gpu_mib,
-            job.shareable, job.priority) == (1000.0, 100.0, 2, "nlp", "ann", 9000, True, 5)
+            job.shareable, job.priority, job.estimate_s) == (1000.0, 100.0, 2, "nlp", "ann", 9000, True, 5, 120.0)
     assert read_trace(url).jobs == [job]
+    # the replay shows the policy the estimate the user gave (not a drawn one); oracles still see the truth
+    (sim,) = make_jobs([job], WorkloadConfig(estimate_sigma=0.5), lambda tj: tj.group, seed=0)
+    assert sim.spec_for(oracle=False)["resources"]["expected_duration_s"] == 120.0
+    assert sim.spec_for(oracle=True)["resources"]["expected_duration_s"] == 100.0
+    (none,) = make_jobs([replace(job, estimate_s=None)], WorkloadConfig(estimate_sigma=0.5), lambda tj: tj.group, 0)
+    assert none.spec_for(oracle=False)["resources"]["expected_duration_s"] is None

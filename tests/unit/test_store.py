@@ -120,6 +120,25 @@ def test_queries_filter_and_order_by_id(store):
     assert store.count_by_state_team() == {("QUEUED", "a"): 1, ("QUEUED", "b"): 1, ("CANCELLED", "a"): 1}
 
 
+def test_queued_versions_follow_every_change_in_id_order(store):
+    """What the service reads every cycle: QUEUED jobs not being cancelled, in id order, with the
+    columns that change while a job waits (the memory store keeps it as records change)."""
+    a, b, c, d = submit(store), submit(store), submit(store), submit(store)
+    assert list(store.queued_versions()) == [a.id, b.id, c.id, d.id]
+    store.transition(a.id, S.QUEUED, S.ADMITTED, reason="placed", now=101, attempt=1)
+    store.update_many({b.id: {"pending_reason": "waiting", "estimated_start_at": 500.0}})
+    store.request_cancel(c.id)
+    v = store.queued_versions()
+    assert list(v) == [b.id, d.id] and v[b.id] == (100.0, 0, 0, 0.0, "waiting", 500.0)
+    store.transition(a.id, S.ADMITTED, S.QUEUED, reason="requeued", now=102, attained_gpu_s=7.0)  # back, below b
+    store.update_fields(d.id, pending_reason="later")
+    v = store.queued_versions()
+    assert list(v) == [a.id, b.id, d.id]
+    assert v[a.id] == (102.0, 1, 0, 7.0, None, None) and v[d.id][4] == "later"
+    store.transition(b.id, S.QUEUED, S.ADMITTED, reason="placed", now=103, attempt=1)
+    assert list(store.queued_versions()) == [a.id, d.id]
+
+
 def test_returned_records_do_not_alias_caller_dicts(store):
     placement = {"node_id": "n", "gpu_indices": [0]}
     job = submit(store)
