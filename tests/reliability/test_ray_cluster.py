@@ -13,48 +13,23 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
-import time
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from benchmarks.chaos import private_ray_tmpdir
 from scheduler.lifecycle import JobState
 from scheduler.ray_executor import RayNodes
 from scheduler.store import Store
 from tests.integration.harness import ShoalServer, write_spec
+from tests.reliability.raycluster import two_node_cluster, wait_for
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow, pytest.mark.timeout(1800)]
 CKPT = 20
 
 
-def _wait(pred, timeout: float, what: str, log=lambda: ""):
-    deadline = time.monotonic() + timeout
-    while not (value := pred()):
-        assert time.monotonic() < deadline, f"timed out waiting for {what}\n{log()[-5000:]}"
-        time.sleep(0.5)
-    return value
-
-
 @pytest.fixture(scope="module")
 def cluster():
-    import ray
-    from ray.cluster_utils import Cluster
-
-    private_ray_tmpdir()
-    with socket.socket() as sock:  # Ray Train needs the dashboard; 8265 may be another cluster's
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    c = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "num_gpus": 0, "include_dashboard": True,
-                                                      "dashboard_port": port})
-    workers = [c.add_node(num_cpus=2, num_gpus=2) for _ in range(2)]
-    c.wait_for_nodes()
-    ray.init(address=c.address, namespace="shoal-test", log_to_driver=False)
-    c.workers = workers
-    yield c
-    ray.shutdown()
-    c.shutdown()
+    yield from two_node_cluster()
 
 
 def _train_worker_pids() -> list[int]:
@@ -85,9 +60,9 @@ def test_worker_killed_mid_training_resumes_then_fails_after_retry_limit(server,
     client = server.client_
     jid = client.submit_file(write_spec(tmp_path / "a.yaml", name="killed", checkpoint_every_steps=CKPT, max_retries=1,
                                         **{"hyperparameters.max_steps": 400})).id
-    _wait(lambda: (client.job(jid).progress or {}).get("checkpoint_step", 0) >= 2 * CKPT, 900, "two checkpoints",
+    wait_for(lambda: (client.job(jid).progress or {}).get("checkpoint_step", 0) >= 2 * CKPT, 900, "two checkpoints",
           server.log)
-    pids = _wait(lambda: _train_worker_pids(), 60, "the Train worker")
+    pids = wait_for(lambda: _train_worker_pids(), 60, "the Train worker")
     seen_step = client.job(jid).progress["step"]
     os.kill(pids[0], signal.SIGKILL)
     final = client.wait(jid, timeout=600)
@@ -101,8 +76,8 @@ def test_worker_killed_mid_training_resumes_then_fails_after_retry_limit(server,
     # No retries left: the same kill ends the job FAILED, with the cause.
     jid2 = client.submit_file(write_spec(tmp_path / "b.yaml", name="killed-for-good", checkpoint_every_steps=CKPT,
                                          max_retries=0, **{"hyperparameters.max_steps": 400})).id
-    _wait(lambda: (client.job(jid2).progress or {}).get("step", 0) >= 5, 900, "training to run", server.log)
-    os.kill(_wait(lambda: _train_worker_pids(), 60, "the Train worker")[0], signal.SIGKILL)
+    wait_for(lambda: (client.job(jid2).progress or {}).get("step", 0) >= 5, 900, "training to run", server.log)
+    os.kill(wait_for(lambda: _train_worker_pids(), 60, "the Train worker")[0], signal.SIGKILL)
     failed = client.wait(jid2, timeout=300)
     assert failed.state is JobState.FAILED and failed.retries == 0
     last = client.events(jid2)[-1].reason
@@ -117,7 +92,7 @@ def test_node_removed_job_resumes_elsewhere_node_lost_gpus_not_double_counted(se
     assert len(_gpu_series(url)) == 4
     jid = client.submit_file(write_spec(tmp_path / "n.yaml", name="moved", checkpoint_every_steps=CKPT, max_retries=0,
                                         **{"hyperparameters.max_steps": 300, "resources.gpus": 2})).id
-    _wait(lambda: (client.job(jid).progress or {}).get("checkpoint_step", 0) >= CKPT, 900, "a checkpoint", server.log)
+    wait_for(lambda: (client.job(jid).progress or {}).get("checkpoint_step", 0) >= CKPT, 900, "a checkpoint", server.log)
     node_id = client.job(jid).placement["node_id"]
     victim = next(w for w in cluster.workers if w.node_id == node_id)
     probe = RayNodes(lambda nid, n: None)
@@ -143,7 +118,7 @@ def test_node_removed_job_resumes_elsewhere_node_lost_gpus_not_double_counted(se
     assert lost.lost and not lost.schedulable and lost.gpus == []
     # A node joins again (a new Ray node): 2 + 2 GPUs, the lost node's 2 are not counted.
     cluster.workers.append(cluster.add_node(num_cpus=2, num_gpus=2))
-    _wait(lambda: len(_gpu_series(url)) == 4, 60, "the new node's GPUs in /metrics")
+    wait_for(lambda: len(_gpu_series(url)) == 4, 60, "the new node's GPUs in /metrics")
     assert len(_gpu_series(url)) == 4
 
 
@@ -171,15 +146,15 @@ def test_xid_drains_the_node_moves_its_job_and_blocks_new_work_until_undrained(t
     spec = {"checkpoint_every_steps": CKPT, "max_retries": 0, "resources.gpus": 2}
     jid = client.submit_file(write_spec(tmp_path / "x.yaml", name="xid-moved", **spec,
                                         **{"hyperparameters.max_steps": 200})).id
-    _wait(lambda: (client.job(jid).progress or {}).get("checkpoint_step", 0) >= CKPT, 900, "a checkpoint", server.log)
+    wait_for(lambda: (client.job(jid).progress or {}).get("checkpoint_step", 0) >= CKPT, 900, "a checkpoint", server.log)
     node_id = client.job(jid).placement["node_id"]
     with (server.home / "fake-faults.jsonl").open("a") as f:
         f.write(json.dumps({"node": node_id, "gpu": 1, "xid": 79}) + "\n")
-    drained = _wait(lambda: next((n for n in client.nodes() if n.id == node_id and n.drained), None), 120,
+    drained = wait_for(lambda: next((n for n in client.nodes() if n.id == node_id and n.drained), None), 120,
                     "the node to drain", server.log)
     assert drained.drain_reason == "auto: GPU 1: 1 XID/ECC error(s)" and not drained.schedulable
     assert not next(g for g in drained.gpus if g.index == 1).healthy
-    moved = _wait(lambda: (j := client.job(jid)).attempt == 2 and j.placement is not None and j, 600,
+    moved = wait_for(lambda: (j := client.job(jid)).attempt == 2 and j.placement is not None and j, 600,
                   "the job to move", server.log)
     other = moved.placement["node"]
     assert moved.placement["node_id"] != node_id and moved.retries == 0

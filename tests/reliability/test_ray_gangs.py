@@ -14,45 +14,23 @@ from __future__ import annotations
 
 import json
 import re
-import socket
 import time
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from benchmarks.chaos import Scheduler, private_ray_tmpdir
+from benchmarks.chaos import Scheduler
 from scheduler import placement as pl
 from scheduler.lifecycle import JobState
 from tests.integration.harness import ShoalServer, write_spec
+from tests.reliability.raycluster import two_node_cluster, wait_for
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow, pytest.mark.timeout(1800)]
 
 
-def _wait(pred, timeout: float, what: str, log=lambda: ""):
-    deadline = time.monotonic() + timeout
-    while not (value := pred()):
-        assert time.monotonic() < deadline, f"timed out waiting for {what}\n{log()[-5000:]}"
-        time.sleep(0.5)
-    return value
-
-
 @pytest.fixture(scope="module")
 def cluster():
-    import ray
-    from ray.cluster_utils import Cluster
-
-    private_ray_tmpdir()
-    with socket.socket() as sock:  # Ray Train needs the dashboard; 8265 may be another cluster's
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    c = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "num_gpus": 0, "include_dashboard": True,
-                                                      "dashboard_port": port})
-    c.workers = [c.add_node(num_cpus=2, num_gpus=2) for _ in range(2)]
-    c.wait_for_nodes()
-    ray.init(address=c.address, namespace="shoal-test", log_to_driver=False)
-    yield c
-    ray.shutdown()
-    c.shutdown()
+    yield from two_node_cluster()
 
 
 def _start(tmp_path, cluster, *extra: str) -> ShoalServer:
@@ -72,7 +50,7 @@ def _job_gpus(url: str, job_id: int) -> set[tuple[str, str]]:
 
 
 def _running_placement(client, jid, log):
-    return _wait(lambda: (j := client.job(jid)).state is JobState.RUNNING and j.placement, 900,
+    return wait_for(lambda: (j := client.job(jid)).state is JobState.RUNNING and j.placement, 900,
                  "the gang to run", log)
 
 
@@ -89,7 +67,7 @@ def test_gang_trains_with_ddp_across_two_nodes_each_worker_on_its_own_gpu(cluste
         assert {n for n, _, _ in parts} == {w.node_id for w in cluster.workers}
         # the fake load of the job, and its labels on the GPU series, on both nodes
         want = {(name, str(i)) for _, name, ix in parts for i in ix}
-        _wait(lambda: _job_gpus(client.url, jid) == want, 120, f"job labels on {want}", srv.log)
+        wait_for(lambda: _job_gpus(client.url, jid) == want, 120, f"job labels on {want}", srv.log)
         final = client.wait(jid, timeout=1200)
         assert final.state is JobState.SUCCEEDED, srv.log()[-4000:]
         r = final.result
@@ -125,21 +103,21 @@ def test_probe_gang_adopted_after_a_scheduler_crash_then_requeued_whole_when_its
         parts = pl.named_parts(placement)
         assert len(parts) == 2, placement
         on_both = {(name, str(i)) for _, name, ix in parts for i in ix}
-        _wait(lambda: _job_gpus(client.url, jid) == on_both, 120, "the job's load on both nodes", sched.log)
+        wait_for(lambda: _job_gpus(client.url, jid) == on_both, 120, "the job's load on both nodes", sched.log)
         # The scheduler dies; a new one adopts the running gang (same attempt, not relaunched) and
         # shows its load on both nodes again.
         sched.kill()
         client = sched.start()
         assert (j := client.job(jid)).state is JobState.RUNNING and j.attempt == 1
-        _wait(lambda: _job_gpus(client.url, jid) == on_both, 120, "the adopted job's load on both nodes", sched.log)
-        _wait(lambda: (client.job(jid).progress or {}).get("checkpoint_step", 0) >= 20, 300, "a checkpoint",
+        wait_for(lambda: _job_gpus(client.url, jid) == on_both, 120, "the adopted job's load on both nodes", sched.log)
+        wait_for(lambda: (client.job(jid).progress or {}).get("checkpoint_step", 0) >= 20, 300, "a checkpoint",
               sched.log)
         # The gang's second node goes: the whole gang is requeued, no retry spent
         second = parts[1][0]
         victim = next(w for w in cluster.workers if w.node_id == second)
         cluster.remove_node(victim, allow_graceful=False)
         cluster.workers.remove(victim)
-        requeued = _wait(lambda: (j := client.job(jid)).state is JobState.QUEUED and j, 300, "the gang requeued",
+        requeued = wait_for(lambda: (j := client.job(jid)).state is JobState.QUEUED and j, 300, "the gang requeued",
                          sched.log)
         assert requeued.retries == 0 and requeued.placement is None
         reasons = [e.reason for e in client.events(jid)]
