@@ -15,12 +15,7 @@ Part = tuple[str, tuple[int, ...]]  # (node_id, GPU indices on that node)
 
 def parts(placement: dict | None) -> list[Part]:
     """Every (node_id, gpu_indices) of the placement; [] when there is none."""
-    if not placement:
-        return []
-    listed = placement.get("parts")
-    if listed:
-        return [(p["node_id"], tuple(p["gpu_indices"])) for p in listed]
-    return [(placement.get("node_id"), tuple(placement.get("gpu_indices", ())))]
+    return [(node_id, ix) for node_id, _, ix in named_parts(placement)]
 
 
 def named_parts(placement: dict | None) -> list[tuple[str, str, tuple[int, ...]]]:

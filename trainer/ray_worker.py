@@ -32,14 +32,16 @@ class ProgressChannel:
     STOP_POLL_INTERVAL_S - and at each step waits at most STOP_WAIT_S for its answer. A slow or
     hung actor costs a step <= 50 ms, never the 5 s a blocking call could."""
 
-    def __init__(self, actor_name: str | None, namespace: str | None, job_id: int, attempt: int):
+    def __init__(self, actor_name: str | None, namespace: str | None, job_id: int, attempt: int,
+                 polls: bool = True):
         self.actor_name, self.namespace = actor_name, namespace
         self.job_id, self.attempt = job_id, attempt
         self._actor = None
         self._stop = False
         self._pending = None  # the ObjectRef of the question in flight
         self._asked = -float("inf")  # time.monotonic() when it was asked
-        self._ask()
+        if polls:  # only rank 0 asks (the loop shares its answer); others never need one
+            self._ask()
 
     def _get_actor(self):
         if self._actor is None and self.actor_name:
@@ -122,7 +124,7 @@ def train_loop_per_worker(config: dict) -> dict:
     ctx = ray.train.get_context()
     rank = ctx.get_world_rank()
     channel = ProgressChannel(config.get("progress_actor"), config.get("namespace"),
-                              cfg.job_id, cfg.attempt)
+                              cfg.job_id, cfg.attempt, polls=rank == 0)
     if cfg.gpu_indices_by_node:  # a multi-node gang: this worker's own GPU on its own node
         node_id, gpu = gang_gpu(cfg, rank, ctx.get_world_size())
         cfg = cfg.model_copy(update={"gpu_indices": [gpu]})
