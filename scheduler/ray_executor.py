@@ -109,8 +109,8 @@ def train_config(req: LaunchRequest) -> dict:
     cfg["merge"] = bool(s.get("export", {}).get("merge", False))
     cfg["target"] = dict(s.get("target") or {})
     cfg["job_name"] = s.get("name")
-    cfg["price_per_gpu_hour"] = getattr(req, "price_per_gpu_hour", None)
-    cfg["storage_root"] = getattr(req, "storage_root", None)  # the trainer refuses an output_dir outside it
+    cfg["price_per_gpu_hour"] = req.price_per_gpu_hour
+    cfg["storage_root"] = req.storage_root  # the trainer refuses an output_dir outside it
     return cfg
 
 
