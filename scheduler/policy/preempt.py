@@ -50,30 +50,53 @@ def choose(cluster: Cluster, flavors: list[str], g: int, m: int, cpg: int, now: 
            candidates: dict[int, list[RunningJob]], stopping: dict[int, set[int]],
            held: dict[int, dict[int, tuple[int, ...]]], avoid: dict[int, set[int]]) -> Choice | None:
     """candidates: unit -> preemptible jobs there; stopping: unit -> job ids already stopping
-    (unclaimed); held: unit -> {GPU index: Shoal job ids on it} for GPUs held by Shoal jobs."""
+    (unclaimed); held: unit -> {GPU index: Shoal job ids on it} for GPUs held by Shoal jobs.
+    Per unit, `usable` is kept as a running count (each GPU's tenants not yet gone) instead of
+    recounting the unit's GPUs for every candidate added or dropped."""
     best: Choice | None = None
     for o, cands in candidates.items():
         u = cluster.units[o]
         if u.flavor not in flavors or not u.schedulable:
             continue
         gone = set(stopping.get(o, ()))
-        tenants = held.get(o, {})
-        bad = avoid.get(o, set())
+        bad = avoid.get(o, ())
+        foreign = u.foreign
+        usable_n = sum(1 for free, i in u.free if free >= m and i not in bad)
+        left: dict[int, int] = {}  # GPU -> its tenants not gone (GPUs this job could use once empty)
+        on: dict[int, list[int]] = {}  # tenant -> those GPUs
+        for i, tenants in held.get(o, {}).items():
+            if i in bad or foreign[i] < m:
+                continue
+            ts = set(tenants)
+            left[i] = k = len(ts - gone)
+            if k == 0:
+                usable_n += 1
+            for j in ts:
+                on.setdefault(j, []).append(i)
         cpus = cluster.cpus_free[u.node_id]
         chosen: list[RunningJob] = []
         for r in sorted(cands, key=lambda r: (lost_work(r, now), len(r.gpu_indices), r.job_id)):
-            if usable(cluster, o, m, gone, tenants, bad) >= g and cpus >= g * cpg:
+            if usable_n >= g and cpus >= g * cpg:
                 break
             chosen.append(r)
-            gone.add(r.job_id)
+            if r.job_id not in gone:
+                gone.add(r.job_id)
+                for i in on.get(r.job_id, ()):
+                    left[i] -= 1
+                    if left[i] == 0:
+                        usable_n += 1
             cpus += r.cpus
-        if usable(cluster, o, m, gone, tenants, bad) < g or cpus < g * cpg:
+        if usable_n < g or cpus < g * cpg:
             continue
         for r in reversed(list(chosen)):  # drop the ones not needed after all
-            trial = gone - {r.job_id}
-            if usable(cluster, o, m, trial, tenants, bad) >= g and cpus - r.cpus >= g * cpg:
+            mine = on.get(r.job_id, ())
+            freed = sum(1 for i in mine if left[i] == 0)  # GPUs only r's leaving made usable
+            if usable_n - freed >= g and cpus - r.cpus >= g * cpg:
                 chosen.remove(r)
-                gone = trial
+                gone.discard(r.job_id)
+                for i in mine:
+                    left[i] += 1
+                usable_n -= freed
                 cpus -= r.cpus
         if not chosen:
             continue

@@ -58,16 +58,21 @@ def preempt_for(cy: Cycle, job: Job, allowed: list[tuple[str, str]], avoid: dict
                     f"{r.attained_gpu_s:.0f} GPU-s")
         return None
 
-    cands: dict[int, list[RunningJob]] = {}
-    reasons: dict[int, str] = {}
     flavors = {f for f, _ in allowed}
-    for f in flavors:
-        for o, rs in cy.victims_ok.get(f, {}).items():
-            for r in rs.values():
-                w = why(r)
-                if w:
-                    cands.setdefault(o, []).append(r)
-                    reasons[r.job_id] = w
+    # The candidate set depends on the requester only through these, and on the cycle's state only
+    # through what a start or a preemption changes (cy.gen): jobs of one shape and team, blocked one
+    # after another, share one scan of the running jobs.
+    key = ("victims", cy.gen, req.team, req.priority, my_band, frozenset(nominal), frozenset(flavors),
+           (job.score, req.gpus) if s.las_preempt_factor > 0 else None)
+    cands: dict[int, list[RunningJob]] | None = cy.memo.get(key)
+    if cands is None:
+        cands = {}
+        for f in flavors:
+            for o, rs in cy.victims_ok.get(f, {}).items():
+                for r in rs.values():
+                    if why(r):
+                        cands.setdefault(o, []).append(r)
+        cy.memo[key] = cands
     if not cands:
         return ""
     cy.attempts += 1
@@ -82,6 +87,8 @@ def preempt_for(cy: Cycle, job: Job, allowed: list[tuple[str, str]], avoid: dict
                   cands, cy.stopping, cy.held, avoid)
     if pick is None or len(cy.preempts) + len(pick.victims) > s.max_preemptions_per_cycle:
         return ""
+    reasons = {r.job_id: why(r) for r in pick.victims}  # before the state below changes
+    cy.gen += 1
     for r in pick.victims:
         cy.preempts.append(Preempt(r.job_id, reasons[r.job_id]))
         rf = cy.flavor_of[r.job_id]
@@ -139,6 +146,7 @@ def quota_preempt(cy: Cycle, job: Job) -> str:
         if freed < deficit - 1e-9 or len(cy.preempts) + len(chosen) > s.max_preemptions_per_cycle:
             continue
         why = f"priority {req.priority} job {req.job_id} of team {req.team} needs the quota"
+        cy.gen += 1
         for r in chosen:
             cy.preempts.append(Preempt(r.job_id, why))
             for units in cy.victims_ok.values():

@@ -72,30 +72,43 @@ def _index(snap: Snapshot) -> Cycle:
     for u in cluster.units:
         if u.held:
             cy.held[u.order] = dict(u.held)
+    # One pass over the running jobs (the cycle's largest fixed cost: locals, and per-job facts
+    # computed once rather than per GPU; the same values, inserted in the same order).
+    by_gpu, units, flavors = cluster.by_gpu, cluster.units, cluster.flavors
+    book, teams, use, ends, cpu_ends = cy.book, cy.book.teams, cy.use, cy.ends, cy.cpu_ends
+    stopping, victims_ok, min_prio, victim_teams = cy.stopping, cy.victims_ok, cy.min_prio, cy.victim_teams
+    flavor_by_job, min_runtime = cy.flavor_of, s.min_runtime_s
     for r in snap.running:
-        flavor = cy.flavor_of[r.job_id] = flavor_of(cluster, r)
-        gpus = sum(len(ix) for _, ix in r.placements())
-        amt = amount(cluster, flavor, gpus, r.memory_per_gpu_mib, r.shareable) if flavor in cluster.flavors else gpus
-        if r.team in cy.book.teams:
-            cy.book.hold(r.team, cy.book.key(r.team, flavor), amt)
-        cy.use[r.team][flavor] += amt
-        if r.stopping and r.team in cy.book.teams:
-            cy.stopping_amt[(r.team, cy.book.key(r.team, flavor))] += amt
+        first = by_gpu.get((r.node_id, r.gpu_indices[0])) if r.gpu_indices else None
+        flavor = flavor_by_job[r.job_id] = units[first].flavor if first is not None else (r.gpu_model or "?")
+        parts = r.parts or ((r.node_id, r.gpu_indices),)
+        gpus = sum(len(ix) for _, ix in parts)
+        amt = amount(cluster, flavor, gpus, r.memory_per_gpu_mib, r.shareable) if flavor in flavors else gpus
+        team = r.team
+        if team in teams:
+            book.used[(team, book.key(team, flavor))] += amt
+        use[team][flavor] += amt
+        if r.stopping and team in teams:
+            cy.stopping_amt[(team, book.key(team, flavor))] += amt
         end = r.expected_end_at if r.expected_end_at is not None else INF
-        for node_id, ix in r.placements():  # a multi-node gang frees its CPUs on each of its nodes
-            cy.cpu_ends.setdefault(node_id, []).append((end, float(r.cpus) * len(ix) / max(1, gpus)))
-        for node_id, ix in r.placements():
+        for node_id, ix in parts:  # a multi-node gang frees its CPUs on each of its nodes
+            cpu_ends.setdefault(node_id, []).append((end, float(r.cpus) * len(ix) / max(1, gpus)))
+        victim = not r.stopping and r.preemptible and now - r.started_at >= min_runtime
+        mine = None
+        for node_id, ix in parts:
             for i in ix:
-                o = cluster.by_gpu.get((node_id, i))
+                o = by_gpu.get((node_id, i))
                 if o is None:
                     continue
-                cy.ends[(o, i)] = max(cy.ends.get((o, i), 0.0), end)
+                ends[(o, i)] = max(ends.get((o, i), 0.0), end)
                 if r.stopping:
-                    cy.stopping.setdefault(o, set()).add(r.job_id)
-                elif r.preemptible and now - r.started_at >= s.min_runtime_s:
-                    cy.victims_ok.setdefault(flavor, {}).setdefault(o, {})[r.job_id] = r
-                    cy.min_prio[r.team] = min(cy.min_prio.get(r.team, r.priority), r.priority)
-                    cy.victim_teams.setdefault(flavor, set()).add(r.team)
+                    stopping.setdefault(o, set()).add(r.job_id)
+                elif victim:
+                    if mine is None:
+                        min_prio[team] = min(min_prio.get(team, r.priority), r.priority)
+                        victim_teams.setdefault(flavor, set()).add(team)
+                        mine = victims_ok.setdefault(flavor, {})
+                    mine.setdefault(o, {})[r.job_id] = r
     return cy
 
 
@@ -399,6 +412,7 @@ def _one(cy: Cycle, job: Job, fs: _FairShare) -> None:
 
 def _commit(cy: Cycle, job: Job, f: str, parts: list[Part], end: float | None) -> None:
     req, c, book = job.req, cy.cluster, cy.book
+    cy.gen += 1
     c.take(parts, req.memory_per_gpu_mib, req.cpus_per_gpu, req.shareable)
     amt = amount(c, f, req.gpus, req.memory_per_gpu_mib, req.shareable)
     book.commit(req.team, book.key(req.team, f), amt, job.dkey)

@@ -216,6 +216,7 @@ class RunResult:
     ticks: int
     events: int
     start_s: float
+    ticks_by_cause: dict[str, int] = field(default_factory=dict)  # arrival / executor / periodic / same_instant
 
 
 class Simulation:
@@ -255,6 +256,7 @@ class Simulation:
                                listeners=[self.load], policy=self._observe(policy), job_logs=False)
         self.service.forecaster = None  # estimated starts are for people; a replay has no one to show them
         self.ticks = 0
+        self.ticks_by_cause = {"arrival": 0, "executor": 0, "periodic": 0, "same_instant": 0}
 
     def _observe(self, policy: Callable[[Snapshot], Decision]) -> Callable[[Snapshot], Decision]:
         if self._hint is None:
@@ -340,9 +342,11 @@ class Simulation:
                                    memory_per_gpu_mib=job.memory_per_gpu_mib, now=now)
                 index[rec.id] = job
             changes = store.transitions
-            for _ in range(MAX_TICKS_PER_INSTANT):
+            cause = "periodic" if periodic else ("arrival" if t == t_arr else "executor")
+            for k in range(MAX_TICKS_PER_INSTANT):
                 svc.tick()
                 self.ticks += 1
+                self.ticks_by_cause["same_instant" if k else cause] += 1
                 t_next = ex.next_event_time()
                 if t_next is None or t_next > now + 1e-6:
                     break
@@ -365,7 +369,7 @@ class Simulation:
         return RunResult(
             self.policy_name, rows, rejected, tl, sat, (alloc_wait / wait_time) if wait_time > 0 else None, alloc_all,
             self.total_gpus, ex.cost_usd, dict(ex.cost_by_team), time.perf_counter() - wall0, self.ticks,
-            n + ex.outcomes, self.start_s,
+            n + ex.outcomes, self.start_s, dict(self.ticks_by_cause),
         )
 
     def _rows(self, index: dict[int, SimJob]) -> list[dict]:
