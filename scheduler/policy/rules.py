@@ -7,8 +7,7 @@ from typing import Any
 from scheduler.policy import explain
 from scheduler.policy.preempt import choose, lost_work, usable
 from scheduler.policy.quota import NOMINAL
-from scheduler.policy.reserve import reserve
-from scheduler.policy.state import Cycle, Job, amount, packs
+from scheduler.policy.state import Cycle, Job, amount, packs, reserve_for
 from scheduler.policy.types import JobRequest, Preempt, RunningJob
 
 
@@ -79,8 +78,7 @@ def preempt_for(cy: Cycle, job: Job, allowed: list[tuple[str, str]], avoid: dict
     if s.preempt_grace_s > 0 and now - req.submitted_at < s.preempt_grace_s:
         # GPUs expected to free up for it soon: wait for them instead - once: a job that has waited
         # the grace already preempts (others may have taken the GPUs that freed up)
-        res = reserve(c, req.job_id, sorted(flavors), req.gpus, req.memory_per_gpu_mib, now, cy.ends, s.multi_node,
-                      req.cpus, cy.cpu_ends)
+        res = reserve_for(cy, req, sorted(flavors))
         if res is not None and res.at <= now + s.preempt_grace_s:
             return ""
     pick = choose(c, [f for f, _ in allowed], req.gpus, req.memory_per_gpu_mib, req.cpus_per_gpu, now,

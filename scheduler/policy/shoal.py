@@ -54,7 +54,7 @@ from scheduler.policy.cluster import Cluster, Part
 from scheduler.policy.quota import ANY, BORROW, NOMINAL, Check, QuotaBook
 from scheduler.policy.reserve import INF, reserve
 from scheduler.policy.rules import claim_stopping, preempt_for, quota_preempt
-from scheduler.policy.state import Cycle, Job, amount, flavor_of, packs
+from scheduler.policy.state import Cycle, Job, amount, flavor_of, packs, reserve_for
 from scheduler.policy.types import (
     Decision, JobRequest, NodeView, Placement, PolicySettings, Snapshot, Start, TeamQuota,
 )
@@ -74,13 +74,12 @@ def _index(snap: Snapshot) -> Cycle:
             cy.held[u.order] = dict(u.held)
     # One pass over the running jobs (the cycle's largest fixed cost: locals, and per-job facts
     # computed once rather than per GPU; the same values, inserted in the same order).
-    by_gpu, units, flavors = cluster.by_gpu, cluster.units, cluster.flavors
+    by_gpu, flavors = cluster.by_gpu, cluster.flavors
     book, teams, use, ends, cpu_ends = cy.book, cy.book.teams, cy.use, cy.ends, cy.cpu_ends
     stopping, victims_ok, min_prio, victim_teams = cy.stopping, cy.victims_ok, cy.min_prio, cy.victim_teams
     flavor_by_job, min_runtime = cy.flavor_of, s.min_runtime_s
     for r in snap.running:
-        first = by_gpu.get((r.node_id, r.gpu_indices[0])) if r.gpu_indices else None
-        flavor = flavor_by_job[r.job_id] = units[first].flavor if first is not None else (r.gpu_model or "?")
+        flavor = flavor_by_job[r.job_id] = flavor_of(cluster, r)
         parts = r.parts or ((r.node_id, r.gpu_indices),)
         gpus = sum(len(ix) for _, ix in parts)
         amt = amount(cluster, flavor, gpus, r.memory_per_gpu_mib, r.shareable) if flavor in flavors else gpus
@@ -449,8 +448,7 @@ def _blocked(cy: Cycle, job: Job, allowed: list[tuple[str, str]], avoid: dict, f
     # (c) the first blocked job gets the reservation; later ones backfill around it.
     need = explain.needs(req.gpus, req.memory_per_gpu_mib, flavors, one_node)
     if s.backfill and cy.reservation is None:
-        res = reserve(c, req.job_id, flavors, req.gpus, req.memory_per_gpu_mib, now, cy.ends, s.multi_node,
-                      req.cpus, cy.cpu_ends)
+        res = reserve_for(cy, req, flavors)
         if res is not None and (res.at < INF or job.aged):
             cy.reservation = res
             where = explain.where([(c.units[o].name, ix) for o, ix in res.parts])  # names people know

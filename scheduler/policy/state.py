@@ -7,7 +7,7 @@ from typing import Any
 
 from scheduler.policy.cluster import Cluster
 from scheduler.policy.quota import QuotaBook
-from scheduler.policy.reserve import Reservation
+from scheduler.policy.reserve import Reservation, reserve
 from scheduler.policy.types import JobRequest, PolicySettings, Preempt, RunningJob, Snapshot, Start
 
 
@@ -68,3 +68,16 @@ def packs(req: JobRequest, s: PolicySettings) -> bool:
     `share_max_duration_s`: co-tenants slow each other down for as long as they overlap, so a long
     job gets a GPU of its own (or waits for one) instead of crawling beside others for days."""
     return req.shareable and (req.expected_duration_s is None or req.expected_duration_s <= s.share_max_duration_s)
+
+
+def reserve_for(cy: Cycle, req: JobRequest, flavors: list[str]) -> Reservation | None:
+    """reserve() for `req` in this cycle's state, memoized: the grace check and the reservation
+    step ask the same question for one job, and jobs of one shape ask it in turn while nothing
+    started or was preempted (cy.gen)."""
+    key = ("reserve", cy.gen, tuple(flavors), req.gpus, req.memory_per_gpu_mib, req.cpus)
+    if key not in cy.memo:
+        s = cy.snap.settings
+        cy.memo[key] = reserve(cy.cluster, req.job_id, flavors, req.gpus, req.memory_per_gpu_mib, cy.snap.now,
+                               cy.ends, s.multi_node, req.cpus, cy.cpu_ends)
+    res = cy.memo[key]
+    return res if res is None or res.job_id == req.job_id else Reservation(req.job_id, res.at, res.parts)
