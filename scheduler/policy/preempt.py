@@ -88,16 +88,19 @@ def choose(cluster: Cluster, flavors: list[str], g: int, m: int, cpg: int, now: 
             cpus += r.cpus
         if usable_n < g or cpus < g * cpg:
             continue
-        for r in reversed(list(chosen)):  # drop the ones not needed after all
+        dropped: set[int] = set()
+        for r in reversed(chosen):  # drop the ones not needed after all
             mine = on.get(r.job_id, ())
             freed = sum(1 for i in mine if left[i] == 0)  # GPUs only r's leaving made usable
             if usable_n - freed >= g and cpus - r.cpus >= g * cpg:
-                chosen.remove(r)
+                dropped.add(r.job_id)
                 gone.discard(r.job_id)
                 for i in mine:
                     left[i] += 1
                 usable_n -= freed
                 cpus -= r.cpus
+        if dropped:
+            chosen = [r for r in chosen if r.job_id not in dropped]
         if not chosen:
             continue
         lost = sum(lost_work(r, now) for r in chosen)

@@ -27,7 +27,16 @@ def claim_stopping(cy: Cycle, flavors: list[str], req: JobRequest, avoid: dict) 
 def preempt_for(cy: Cycle, job: Job, allowed: list[tuple[str, str]], avoid: dict, fs: Any) -> str:
     req, s, c, book, now = job.req, cy.snap.settings, cy.cluster, cy.book, cy.snap.now
     nominal = {f for f, k in allowed if k == NOMINAL}
+    flavors = {f for f, _ in allowed}
     my_band = fs.band(req.team)
+    # The candidate set depends on the requester only through these, and on the cycle's state only
+    # through what a start or a preemption changes (cy.gen): jobs of one shape and team, blocked one
+    # after another, share one scan of the running jobs.
+    key = ("victims", cy.gen, req.team, req.priority, my_band, frozenset(nominal), frozenset(flavors),
+           (job.score, req.gpus) if s.las_preempt_factor > 0 else None)
+    cands: dict[int, list[RunningJob]] | None = cy.memo.get(key)
+    if cands is not None and not cands:
+        return ""
 
     def borrowed(team: str, f: str) -> bool:
         k = book.key(team, f)
@@ -36,6 +45,7 @@ def preempt_for(cy: Cycle, job: Job, allowed: list[tuple[str, str]], avoid: dict
     reclaim = any(t != req.team and book.same_tree(t, req.team) and borrowed(t, f)
                   for f in nominal for t in sorted(cy.victim_teams.get(f, ())))
     if not (reclaim or cy.min_prio.get(req.team, req.priority) < req.priority or s.las_preempt_factor > 0):
+        cy.memo[key] = {}
         return ""
 
     def why(r: RunningJob) -> str | None:
@@ -57,13 +67,6 @@ def preempt_for(cy: Cycle, job: Job, allowed: list[tuple[str, str]], avoid: dict
                     f"{r.attained_gpu_s:.0f} GPU-s")
         return None
 
-    flavors = {f for f, _ in allowed}
-    # The candidate set depends on the requester only through these, and on the cycle's state only
-    # through what a start or a preemption changes (cy.gen): jobs of one shape and team, blocked one
-    # after another, share one scan of the running jobs.
-    key = ("victims", cy.gen, req.team, req.priority, my_band, frozenset(nominal), frozenset(flavors),
-           (job.score, req.gpus) if s.las_preempt_factor > 0 else None)
-    cands: dict[int, list[RunningJob]] | None = cy.memo.get(key)
     if cands is None:
         cands = {}
         for f in flavors:

@@ -385,11 +385,15 @@ def _one(cy: Cycle, job: Job, fs: _FairShare) -> None:
         amt = amount(c, f, req.gpus, req.memory_per_gpu_mib, req.shareable)
         chk = seen.get((k, amt))
         if chk is None:
-            chk = seen[(k, amt)] = book.check(req.team, k, amt, "GPUs" if k == ANY else f"{f} GPUs",
-                                              explain=not first_no)
-            if chk.ok and chk.kind == BORROW and over:
-                chk = seen[(k, amt)] = Check(False, reason=f"over budget: {over}; borrowing paused "
-                                                           "(within nominal only)")
+            # the same answer for every job of the team asking the same amount until a start
+            memo_key = ("quota", cy.gen, req.team, k, amt, not first_no)
+            chk = cy.memo.get(memo_key)
+            if chk is None:
+                chk = book.check(req.team, k, amt, "GPUs" if k == ANY else f"{f} GPUs", explain=not first_no)
+                if chk.ok and chk.kind == BORROW and over:
+                    chk = Check(False, reason=f"over budget: {over}; borrowing paused (within nominal only)")
+                cy.memo[memo_key] = chk
+            seen[(k, amt)] = chk
         if chk.ok:
             allowed.append((f, chk.kind))
         elif not first_no:
@@ -460,21 +464,28 @@ def _blocked(cy: Cycle, job: Job, allowed: list[tuple[str, str]], avoid: dict, f
                                           f"free up (running jobs have no expected end)")
             return
     if avoid and cy.reservation is not None:
-        if any(c.fit(f, req.gpus, req.memory_per_gpu_mib, req.cpus_per_gpu, packs(req, s), s.multi_node, {})
-               for f in flavors):
+        share = packs(req, s)
+        key = ("fits-free", cy.gen, tuple(flavors), req.gpus, req.memory_per_gpu_mib, req.cpus_per_gpu, share)
+        if key not in cy.memo:  # would it fit without the reservation? (the same for its shape until a start)
+            cy.memo[key] = any(c.fit(f, req.gpus, req.memory_per_gpu_mib, req.cpus_per_gpu, share, s.multi_node, {})
+                               for f in flavors)
+        if cy.memo[key]:
             r = cy.reservation
             cy.pending[req.job_id] = (f"backfill: would delay job {r.job_id}'s reservation (starts at "
                                       f"{explain.clock(r.at, now)}); " +
                                       ("no expected duration given" if req.expected_duration_s is None
                                        else "it would not end by then"))
             return
-    best = max(c.max_free_on_unit(f) for f in flavors)
-    cpus = math.inf if best < req.gpus else c.most_cpus(flavors, req.gpus, req.cpus)
+    key = ("most-free", cy.gen, tuple(flavors), req.gpus, req.cpus)
+    if key not in cy.memo:
+        best = max(c.max_free_on_unit(f) for f in flavors)
+        cy.memo[key] = (best, math.inf if best < req.gpus else c.most_cpus(flavors, req.gpus, req.cpus),
+                        sum(c.free_count(f) for f in flavors))
+    best, cpus, free = cy.memo[key]
     if cpus < req.cpus:
         cy.pending[req.job_id] = (f"waiting for resources: needs {req.cpus} CPUs on one node with its GPUs; "
                                   f"the most free CPUs on a node with free GPUs is {cpus:.0f}")
         return
-    free = sum(c.free_count(f) for f in flavors)
     cy.pending[req.job_id] = (f"waiting for resources: needs {need}; the most free on a node is {best}, "
                               f"{free} free in all")
 
