@@ -43,7 +43,9 @@ def fmt(s: dict, cpu_s: float | None = None, ticks: int | None = None) -> str:
             f"  makespan/bound {r(s['makespan_vs_bound'])}  alloc(queue>0) {r(s['allocation_while_queue_nonempty'])}"
             f"  preemptions {s['preemptions']}  wall {s['sim_wall_s']:.1f} s  {s['sim_events_per_s']:.0f} simulated events/s"
             + (f"  CPU {cpu_s:.1f} s ({s['sim_events'] / cpu_s:.0f} events per CPU-s)" if cpu_s else "")
-            + (f"  {ticks} service ticks" if ticks is not None else ""))
+            + (f"  {ticks} service ticks" if ticks is not None else "")
+            + (" (" + ", ".join(f"{k} {v}" for k, v in s["sim_ticks_by_cause"].items()) + ")"
+               if s.get("sim_ticks_by_cause") else ""))
 
 
 def main() -> None:

@@ -81,6 +81,7 @@ def summarize(r: RunResult) -> dict:
         "gpus": r.total_gpus,
         "sim_wall_s": r.wall_s,
         "sim_ticks": r.ticks,
+        "sim_ticks_by_cause": r.ticks_by_cause,  # arrival / executor / periodic / same_instant
         "sim_events": r.events,
         "sim_events_per_s": (r.events / r.wall_s) if r.wall_s > 0 else None,
     }

@@ -272,3 +272,6 @@ def test_policy_without_wakeup_hint_gets_backed_off_periodic_ticks():
     plain = run(sc, rows, lambda snap: fifo(snap))
     assert jct_by_index(plain) == jct_by_index(run(sc, rows, fifo)) == {0: 10_000, 1: 10_009}
     assert plain.ticks == 2 + 4 + len(range(1501, 10_000, 600)) + 2
+    # ticks by cause: the two arrivals, A's and B's ends, and every periodic one in between
+    assert plain.ticks_by_cause == {"arrival": 2, "executor": 2, "periodic": 4 + len(range(1501, 10_000, 600)),
+                                    "same_instant": 0}
