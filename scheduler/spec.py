@@ -238,6 +238,9 @@ class SchedulerSettings(_Strict):
                                       "one that attained this many times more GPU-seconds; 0 = off")
     share_max_duration_s: float = Field(default=7200.0, ge=0, description="a shareable job expected to run "
                                         "longer than this does not join a shared GPU (co-tenants slow each other)")
+    share_max_jobs: int = Field(default=2, ge=0, description="at most this many shareable jobs share one GPU "
+                                "(co-tenants slow each other: each runs at a fraction of its speed alone); "
+                                "0 = no limit but memory and share_max_utilization")
     preempt_grace_s: float = Field(default=900.0, ge=0, description="a job whose GPUs are expected to free up "
                                    "within this many seconds waits for them instead of preempting (0 = always preempt)")
     makespan_guard: bool = Field(default=True, description="a waiting job longer than the backlog's drain time "

@@ -8,8 +8,9 @@ A *unit* is the GPUs of one flavor on one node (a gang never mixes flavors). For
   unit.free   its exclusive-free GPUs as a list sorted by (free MiB, index): with bisect, "how
               many GPUs have >= m MiB free" is O(log 8), and the chosen GPUs are the ones with
               the LEAST free memory that still fit (best fit by memory).
-  shared      a sorted list of (free MiB, unit, index) of GPUs that host only shareable jobs and
-              run under the utilization threshold: a shareable job takes the fullest one that fits
+  shared      a sorted list of (free MiB, unit, index) of GPUs that host only shareable jobs,
+              fewer than `share_max_jobs` of them (counted in shared_jobs), and run under the
+              utilization threshold: a shareable job takes the fullest one that fits
               - first while GPUs are scarce (`pack_shared`: the cycle's waiting jobs want more GPUs
               than are free), else only when no GPU of its own fits, since co-tenants slow each
               other down and sharing pays only when it lets more work run.
@@ -101,6 +102,7 @@ class Cluster:
     def __init__(self, snap: Snapshot, tenants: dict[int, RunningJob]):
         self.headroom = snap.memory_headroom_mib
         self.share_max_util = snap.settings.share_max_utilization
+        self.share_max_jobs = snap.settings.share_max_jobs or float("inf")  # tenants per shared GPU, at most
         # Pack shareable jobs onto shared GPUs first only while GPUs are scarce (set per cycle by
         # the policy); with GPUs to spare they take a GPU of their own and share only if none fits.
         self.pack_shared = True
@@ -111,6 +113,7 @@ class Cluster:
         self.buckets: dict[str, list[dict[int, None]]] = {}
         self.shared: dict[str, list[tuple[int, int, int]]] = {}
         self.shared_free: dict[tuple[int, int], int] = {}  # (unit, index) -> its entry's free MiB
+        self.shared_jobs: dict[tuple[int, int], int] = {}  # (unit, index) -> shareable jobs on it
         self.failures: dict[str, list[tuple[int, int, int, bool]]] = {}
         self.by_gpu: dict[tuple[str, int], int] = {}  # (node_id, index) -> unit order
         self.free_total: dict[str, int] = {}  # flavor -> exclusive-free GPUs
@@ -130,9 +133,10 @@ class Cluster:
                 fl.healthy += healthy
                 self.by_gpu.update(dict.fromkeys(keys, u.order))
                 for free_mib, i, held in shared:  # GPUs that host only shareable jobs (checked per cycle)
-                    if all(t in tenants and tenants[t].shareable for t in held):
+                    if len(held) < self.share_max_jobs and all(t in tenants and tenants[t].shareable for t in held):
                         self.shared.setdefault(model, []).append((free_mib, u.order, i))
                         self.shared_free[(u.order, i)] = free_mib
+                        self.shared_jobs[(u.order, i)] = len(held)
         for name, fl in self.flavors.items():
             b: list[dict[int, None]] = [{} for _ in range(fl.largest_unit + 1)]
             for o in fl.units:
@@ -258,13 +262,17 @@ class Cluster:
                 entry = next((e for e in u.free if e[1] == i), None)
                 if entry is not None:  # an exclusive-free GPU
                     u.free.remove(entry)
-                    if shareable and u.gpus[i].utilization < self.share_max_util and entry[0] - m > 0:
+                    if (shareable and u.gpus[i].utilization < self.share_max_util and entry[0] - m > 0
+                            and self.share_max_jobs > 1):
                         insort(shared, (entry[0] - m, o, i))
                         self.shared_free[(o, i)] = entry[0] - m
+                        self.shared_jobs[(o, i)] = 1
                     continue
                 free = self.shared_free.pop((o, i))
                 del shared[bisect_left(shared, (free, o, i))]
-                if free - m > 0:
+                n = self.shared_jobs.pop((o, i), 0) + 1
+                if free - m > 0 and n < self.share_max_jobs:
+                    self.shared_jobs[(o, i)] = n
                     insort(shared, (free - m, o, i))
                     self.shared_free[(o, i)] = free - m
             if len(u.free) != before:

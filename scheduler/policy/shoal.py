@@ -30,8 +30,10 @@ One cycle, in numbered steps:
     starts no borrowed work (over_budget="none": nothing new).
  6. Fit (cluster.py): all GPUs at once or none; one unit when one holds the gang, fullest first,
     least free memory first; else the fewest units when `multi_node`; shareable 1-GPU jobs join a
-    GPU shared only by shareable jobs under `share_max_utilization` - first, when the cycle's
-    waiting jobs want more GPUs than are free; else only when no GPU of their own fits.
+    GPU shared only by shareable jobs under `share_max_utilization` and fewer than
+    `share_max_jobs` of them (co-tenants slow each other; memory and live utilization alone let a
+    dozen small jobs crawl on one GPU) - first, when the cycle's waiting jobs want more GPUs than
+    are free; else only when no GPU of their own fits.
  7. Blocked by resources: (a) if GPUs of jobs already stopping would hold it, it claims them and
     waits; (b) unless GPUs are expected to free up for it within `preempt_grace_s` and it has not
     yet waited that long (then it waits for them: a preemption costs the victim a restart, and

@@ -108,6 +108,7 @@ class PolicySettings:
 
     share_max_utilization: float = 0.8  # a GPU shared by shareable jobs only if live util below this
     share_max_duration_s: float = 7200.0  # a shareable job expected to run longer takes a GPU of its own
+    share_max_jobs: int = 2  # shareable jobs on one shared GPU, at most (0 = no limit but memory and utilization)
     min_runtime_s: float = 300.0  # a job is not preempted before it ran this long
     preempt_backoff: float = 2.0  # ... and, for reclaim or LAS, not before min_runtime_s x this ** restarts
     aging_s: float = 3600.0  # waiting time that bounds starvation (the policy documents the rule)

@@ -435,3 +435,20 @@ def test_priority_preemption_frees_the_teams_own_quota():
     # equal priority: no preemption, the quota reason stays
     d = schedule(snap([node("n1", gpus=4)], [job(1, gpus=2, prio=0)], low[:1], teams=teams))
     assert d.to_preempt == () and d.pending[1].startswith("waiting for quota")
+
+
+def test_a_shared_gpu_takes_at_most_share_max_jobs():
+    """Co-tenants slow each other: a shared GPU takes at most `share_max_jobs` shareable jobs
+    (default 2), across cycles and within one; memory and utilization alone would let a dozen
+    small jobs crawl on one GPU."""
+    nodes = [node("n1", gpus=2, util={0: 0.2})]
+    two = [run(1, "n1", (0,), share=True), run(2, "n1", (0,), share=True), run(4, "n1", (1,))]
+    d = schedule(snap(nodes, [job(3, share=True)], two))
+    assert d.to_start == ()
+    d = schedule(snap(nodes, [job(3, share=True)], two, share_max_jobs=3))
+    assert started(d)[3] == ("n1", (0,))
+    d = schedule(snap([node("n1", gpus=1)], [job(5, share=True), job(6, share=True), job(7, share=True)]))
+    assert set(started(d)) == {5, 6}
+    d = schedule(snap([node("n1", gpus=1)], [job(5, share=True), job(6, share=True), job(7, share=True)],
+                      share_max_jobs=0))
+    assert set(started(d)) == {5, 6, 7}
