@@ -87,7 +87,7 @@ def _index(snap: Snapshot) -> Cycle:
         amt = amount(cluster, flavor, gpus, r.memory_per_gpu_mib, r.shareable) if flavor in flavors else gpus
         team = r.team
         if team in teams:
-            book.used[(team, book.key(team, flavor))] += amt
+            book.hold(team, book.key(team, flavor), amt)
         use[team][flavor] += amt
         if r.stopping and team in teams:
             cy.stopping_amt[(team, book.key(team, flavor))] += amt
