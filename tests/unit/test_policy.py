@@ -452,3 +452,19 @@ def test_a_shared_gpu_takes_at_most_share_max_jobs():
     d = schedule(snap([node("n1", gpus=1)], [job(5, share=True), job(6, share=True), job(7, share=True)],
                       share_max_jobs=0))
     assert set(started(d)) == {5, 6, 7}
+
+
+def test_jobs_of_one_shape_see_the_state_the_previous_ones_left():
+    """The cycle memoizes answers per job shape (quota checks, victim candidates, fits) until
+    the next start or preemption; a job of the same shape right after one that started or
+    preempted must get a fresh answer, not the one before."""
+    # quota: nominal 1 and no cohort, two free GPUs: the second 1-GPU job waits for quota
+    d = schedule(snap([node("n1", gpus=2)], [job(1), job(2)], teams=[team("a", 1)]))
+    assert set(started(d)) == {1} and d.pending[2].startswith("waiting for quota")
+    # reclaim: three 1-GPU jobs of team a each take their own borrower, never one twice
+    teams = [team("a", 4, cohort="c"), team("b", 4, cohort="c")]
+    running = [run(10 + i, "n1", (i,), team="b", ckpt=NOW - 60 * (i + 1)) for i in range(8)]
+    d = schedule(snap([node("n1")], [job(1), job(2), job(3)], running, teams=teams, cohorts=["c"]))
+    assert [p.job_id for p in d.to_preempt] == [10, 11, 12]
+    assert [d.pending[j].split(" on ")[0] for j in (1, 2, 3)] == ["preempting job 10", "preempting job 11",
+                                                                  "preempting job 12"]
