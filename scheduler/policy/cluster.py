@@ -9,7 +9,7 @@ A *unit* is the GPUs of one flavor on one node (a gang never mixes flavors). For
               many GPUs have >= m MiB free" is O(log 8), and the chosen GPUs are the ones with
               the LEAST free memory that still fit (best fit by memory).
   shared      a sorted list of (free MiB, unit, index) of GPUs that host only shareable jobs,
-              fewer than `share_max_jobs` of them (counted in shared_jobs), and run under the
+              fewer than `share_max_jobs` of them (counted in shared_slot), and run under the
               utilization threshold: a shareable job takes the fullest one that fits
               - first while GPUs are scarce (`pack_shared`: the cycle's waiting jobs want more GPUs
               than are free), else only when no GPU of its own fits, since co-tenants slow each
@@ -38,7 +38,7 @@ class Unit:
     gpus: dict[int, GpuView]  # every GPU of this flavor on the node, by index
     schedulable: bool = True
     free: list[tuple[int, int]] = field(default_factory=list)  # exclusive-free (free MiB, index), sorted
-    foreign: dict[int, int] = field(default_factory=dict)  # index -> MiB free once Shoal's jobs left (foreign_free)
+    foreign: dict[int, int] = field(default_factory=dict)  # index -> MiB free once every Shoal job left (foreign use stays)
     healthy: tuple[int, ...] = ()  # indices of its healthy GPUs
     held: dict[int, tuple[int, ...]] = field(default_factory=dict)  # index -> Shoal jobs on it (never mutated)
 
@@ -112,8 +112,8 @@ class Cluster:
         self.node_cpus: dict[str, float] = {}
         self.buckets: dict[str, list[dict[int, None]]] = {}
         self.shared: dict[str, list[tuple[int, int, int]]] = {}
-        self.shared_free: dict[tuple[int, int], int] = {}  # (unit, index) -> its entry's free MiB
-        self.shared_jobs: dict[tuple[int, int], int] = {}  # (unit, index) -> shareable jobs on it
+        # (unit, index) -> (its entry's free MiB, shareable jobs on it)
+        self.shared_slot: dict[tuple[int, int], tuple[int, int]] = {}
         self.failures: dict[str, list[tuple[int, int, int, bool]]] = {}
         self.by_gpu: dict[tuple[str, int], int] = {}  # (node_id, index) -> unit order
         self.free_total: dict[str, int] = {}  # flavor -> exclusive-free GPUs
@@ -135,8 +135,7 @@ class Cluster:
                 for free_mib, i, held in shared:  # GPUs that host only shareable jobs (checked per cycle)
                     if len(held) < self.share_max_jobs and all(t in tenants and tenants[t].shareable for t in held):
                         self.shared.setdefault(model, []).append((free_mib, u.order, i))
-                        self.shared_free[(u.order, i)] = free_mib
-                        self.shared_jobs[(u.order, i)] = len(held)
+                        self.shared_slot[(u.order, i)] = (free_mib, len(held))
         for name, fl in self.flavors.items():
             b: list[dict[int, None]] = [{} for _ in range(fl.largest_unit + 1)]
             for o in fl.units:
@@ -265,25 +264,18 @@ class Cluster:
                     if (shareable and u.gpus[i].utilization < self.share_max_util and entry[0] - m > 0
                             and self.share_max_jobs > 1):
                         insort(shared, (entry[0] - m, o, i))
-                        self.shared_free[(o, i)] = entry[0] - m
-                        self.shared_jobs[(o, i)] = 1
+                        self.shared_slot[(o, i)] = (entry[0] - m, 1)
                     continue
-                free = self.shared_free.pop((o, i))
+                free, n = self.shared_slot.pop((o, i))
                 del shared[bisect_left(shared, (free, o, i))]
-                n = self.shared_jobs.pop((o, i), 0) + 1
-                if free - m > 0 and n < self.share_max_jobs:
-                    self.shared_jobs[(o, i)] = n
+                if free - m > 0 and n + 1 < self.share_max_jobs:
                     insort(shared, (free - m, o, i))
-                    self.shared_free[(o, i)] = free - m
+                    self.shared_slot[(o, i)] = (free - m, n + 1)
             if len(u.free) != before:
                 self.free_total[u.flavor] -= before - len(u.free)
                 b = self.buckets[u.flavor]
                 del b[before][o]
                 b[len(u.free)][o] = None
-
-    def foreign_free(self, o: int, i: int) -> int:
-        """MiB free on GPU i of unit o once every Shoal job on it has gone (foreign use stays)."""
-        return self.units[o].foreign[i]
 
     def gpus_of(self, part: Part) -> tuple[str, tuple[int, ...]]:
         return self.units[part[0]].node_id, part[1]

@@ -35,15 +35,32 @@ def lost_work(r: RunningJob, now: float) -> float:
     return max(0.0, now - since)
 
 
-def usable(cluster: Cluster, o: int, m: int, gone: set[int], tenants: dict[int, tuple[int, ...]],
-            avoid: set[int]) -> int:
-    """GPUs of unit o usable by a job of m MiB once the jobs in `gone` have left."""
+def _usable(cluster: Cluster, o: int, m: int, gone: set[int], tenants: dict[int, tuple[int, ...]],
+            avoid) -> tuple[int, dict[int, int], dict[int, list[int]]]:
+    """(GPUs of unit o usable by a job of m MiB once the jobs in `gone` have left, each tenant
+    GPU's count of tenants not gone, tenant -> its GPUs that count). A free GPU is usable with m
+    MiB free and not avoided; a held one once every tenant is gone and its memory minus foreign
+    use covers m. The counts let choose() add or drop a victim without recounting the unit."""
     u = cluster.units[o]
     n = sum(1 for free, i in u.free if free >= m and i not in avoid)
+    left: dict[int, int] = {}
+    on: dict[int, list[int]] = {}
     for i, held in tenants.items():
-        if i not in avoid and all(j in gone for j in held) and cluster.foreign_free(o, i) >= m:
+        if i in avoid or u.foreign[i] < m:
+            continue
+        ts = set(held)
+        left[i] = k = len(ts - gone)
+        if k == 0:
             n += 1
-    return n
+        for j in ts:
+            on.setdefault(j, []).append(i)
+    return n, left, on
+
+
+def usable(cluster: Cluster, o: int, m: int, gone: set[int], tenants: dict[int, tuple[int, ...]],
+           avoid: set[int]) -> int:
+    """GPUs of unit o usable by a job of m MiB once the jobs in `gone` have left."""
+    return _usable(cluster, o, m, gone, tenants, avoid)[0]
 
 
 def choose(cluster: Cluster, flavors: list[str], g: int, m: int, cpg: int, now: float,
@@ -59,20 +76,7 @@ def choose(cluster: Cluster, flavors: list[str], g: int, m: int, cpg: int, now: 
         if u.flavor not in flavors or not u.schedulable:
             continue
         gone = set(stopping.get(o, ()))
-        bad = avoid.get(o, ())
-        foreign = u.foreign
-        usable_n = sum(1 for free, i in u.free if free >= m and i not in bad)
-        left: dict[int, int] = {}  # GPU -> its tenants not gone (GPUs this job could use once empty)
-        on: dict[int, list[int]] = {}  # tenant -> those GPUs
-        for i, tenants in held.get(o, {}).items():
-            if i in bad or foreign[i] < m:
-                continue
-            ts = set(tenants)
-            left[i] = k = len(ts - gone)
-            if k == 0:
-                usable_n += 1
-            for j in ts:
-                on.setdefault(j, []).append(i)
+        usable_n, left, on = _usable(cluster, o, m, gone, held.get(o, {}), avoid.get(o, ()))
         cpus = cluster.cpus_free[u.node_id]
         chosen: list[RunningJob] = []
         for r in sorted(cands, key=lambda r: (lost_work(r, now), len(r.gpu_indices), r.job_id)):

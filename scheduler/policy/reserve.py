@@ -43,7 +43,7 @@ def _unit_times(cluster: Cluster, o: int, m: int, now: float, ends: dict[tuple[i
         return []
     free_now = {i for free, i in u.free if free >= m}
     times = []
-    foreign = u.foreign  # cluster.foreign_free, per GPU
+    foreign = u.foreign  # MiB free per GPU once its Shoal jobs left
     for i in u.healthy:
         if i in free_now:
             times.append((now, i))

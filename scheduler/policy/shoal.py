@@ -116,18 +116,13 @@ def _index(snap: Snapshot) -> Cycle:
 def _infeasible(cy: Cycle, req: JobRequest) -> tuple[list[str], str | None]:
     """(feasible flavors in preference order, or [] with the reason why none is)."""
     key = (req.team, req.gpus, req.memory_per_gpu_mib, req.gpu_model, req.cpus_per_gpu, req.shareable)
-    if key not in cy.memo:
-        cy.memo[key] = _infeasible_uncached(cy, req)
-    return cy.memo[key]
+    return cy.memoized(key, lambda: _infeasible_uncached(cy, req))
 
 
 def _one_unit(cy: Cycle, f: str, g: int, cpus: int) -> bool:
-    key = ("unit", f, g, cpus)
-    if key not in cy.memo:
-        c = cy.cluster
-        cy.memo[key] = any(len(c.units[o].gpus) >= g and c.node_cpus[c.units[o].node_id] >= cpus
-                           for o in c.flavors[f].units)
-    return cy.memo[key]
+    c = cy.cluster
+    return cy.memoized(("unit", f, g, cpus), lambda: any(
+        len(c.units[o].gpus) >= g and c.node_cpus[c.units[o].node_id] >= cpus for o in c.flavors[f].units))
 
 
 def _infeasible_uncached(cy: Cycle, req: JobRequest) -> tuple[list[str], str | None]:
@@ -341,7 +336,7 @@ def _cycle(snap: Snapshot) -> Cycle:
             key = (key[0], -req.expected_duration_s, *key[2:])  # ahead of its priority level, longest first
         job = Job(req, flavors, key, score, _demand_key(cy, req, flavors), aged)
         jobs.append(job)
-        if _fits_now(cy, req, flavors):  # claims only for work the free GPUs could take
+        if _fits_free(cy, req, flavors):  # claims only for work the free GPUs could take
             book.want(req.team, job.dkey, amount(c, flavors[0], req.gpus, req.memory_per_gpu_mib, req.shareable))
     book.build()
     c.pack_shared = sum(j.req.gpus for j in jobs) > sum(c.free_count(f) for f in c.flavors)
@@ -351,19 +346,32 @@ def _cycle(snap: Snapshot) -> Cycle:
     return cy
 
 
-def _fits_now(cy: Cycle, req: JobRequest, flavors: list[str]) -> bool:
-    """Whether the GPUs free at the start of the cycle could take the job (memoized by shape).
-    Only such a job claims its team's idle nominal quota (step 3): a claim for a gang that cannot
-    start anyway - its GPUs are busy or scattered - would keep idle GPUs from borrowers and gain
+def _fits_free(cy: Cycle, req: JobRequest, flavors: list[str]) -> bool:
+    """Whether the GPUs free now could take the job, reservation or not (memoized by shape until
+    the next start or preemption). Before the first start - the claims, step 3 - only a job the
+    free GPUs could take claims its team's idle nominal quota: a claim for a gang that cannot
+    start anyway (its GPUs are busy or scattered) would keep idle GPUs from borrowers and gain
     the team nothing; that job gets its GPUs by reservation or reclaim instead."""
-    s = cy.snap.settings
+    s, c = cy.snap.settings, cy.cluster
     share = packs(req, s)
-    key = ("fits", tuple(flavors), req.gpus, req.memory_per_gpu_mib, req.cpus_per_gpu, share)
-    if key not in cy.memo:
-        c = cy.cluster
-        cy.memo[key] = any(c.fit(f, req.gpus, req.memory_per_gpu_mib, req.cpus_per_gpu, share, s.multi_node, {})
-                           is not None for f in flavors)
-    return cy.memo[key]
+    return cy.memoized(("fits", cy.gen, tuple(flavors), req.gpus, req.memory_per_gpu_mib, req.cpus_per_gpu, share),
+                       lambda: any(c.fit(f, req.gpus, req.memory_per_gpu_mib, req.cpus_per_gpu, share, s.multi_node,
+                                         {}) is not None for f in flavors))
+
+
+def _quota(book: QuotaBook, team: str, k: str, amt: float, f: str, over: str | None, explain: bool) -> Check:
+    chk = book.check(team, k, amt, "GPUs" if k == ANY else f"{f} GPUs", explain=explain)
+    if chk.ok and chk.kind == BORROW and over:
+        return Check(False, reason=f"over budget: {over}; borrowing paused (within nominal only)")
+    return chk
+
+
+def _free_summary(c: Cluster, flavors: list[str], req: JobRequest) -> tuple[int, float, int]:
+    """(most free GPUs on one unit, the most free CPUs on a unit that could hold the job - inf when
+    none could -, free GPUs in all) for a waiting reason."""
+    best = max(c.max_free_on_unit(f) for f in flavors)
+    return best, math.inf if best < req.gpus else c.most_cpus(flavors, req.gpus, req.cpus), \
+        sum(c.free_count(f) for f in flavors)
 
 
 def _demand_key(cy: Cycle, req: JobRequest, flavors: list[str]) -> str:
@@ -388,14 +396,8 @@ def _one(cy: Cycle, job: Job, fs: _FairShare) -> None:
         chk = seen.get((k, amt))
         if chk is None:
             # the same answer for every job of the team asking the same amount until a start
-            memo_key = ("quota", cy.gen, req.team, k, amt, not first_no)
-            chk = cy.memo.get(memo_key)
-            if chk is None:
-                chk = book.check(req.team, k, amt, "GPUs" if k == ANY else f"{f} GPUs", explain=not first_no)
-                if chk.ok and chk.kind == BORROW and over:
-                    chk = Check(False, reason=f"over budget: {over}; borrowing paused (within nominal only)")
-                cy.memo[memo_key] = chk
-            seen[(k, amt)] = chk
+            chk = seen[(k, amt)] = cy.memoized(("quota", cy.gen, req.team, k, amt, not first_no),
+                                               lambda: _quota(book, req.team, k, amt, f, over, not first_no))
         if chk.ok:
             allowed.append((f, chk.kind))
         elif not first_no:
@@ -466,24 +468,15 @@ def _blocked(cy: Cycle, job: Job, allowed: list[tuple[str, str]], avoid: dict, f
                                           f"free up (running jobs have no expected end)")
             return
     if avoid and cy.reservation is not None:
-        share = packs(req, s)
-        key = ("fits-free", cy.gen, tuple(flavors), req.gpus, req.memory_per_gpu_mib, req.cpus_per_gpu, share)
-        if key not in cy.memo:  # would it fit without the reservation? (the same for its shape until a start)
-            cy.memo[key] = any(c.fit(f, req.gpus, req.memory_per_gpu_mib, req.cpus_per_gpu, share, s.multi_node, {})
-                               for f in flavors)
-        if cy.memo[key]:
+        if _fits_free(cy, req, flavors):  # it would, but for the reservation
             r = cy.reservation
             cy.pending[req.job_id] = (f"backfill: would delay job {r.job_id}'s reservation (starts at "
                                       f"{explain.clock(r.at, now)}); " +
                                       ("no expected duration given" if req.expected_duration_s is None
                                        else "it would not end by then"))
             return
-    key = ("most-free", cy.gen, tuple(flavors), req.gpus, req.cpus)
-    if key not in cy.memo:
-        best = max(c.max_free_on_unit(f) for f in flavors)
-        cy.memo[key] = (best, math.inf if best < req.gpus else c.most_cpus(flavors, req.gpus, req.cpus),
-                        sum(c.free_count(f) for f in flavors))
-    best, cpus, free = cy.memo[key]
+    best, cpus, free = cy.memoized(("most-free", cy.gen, tuple(flavors), req.gpus, req.cpus),
+                                   lambda: _free_summary(c, flavors, req))
     if cpus < req.cpus:
         cy.pending[req.job_id] = (f"waiting for resources: needs {req.cpus} CPUs on one node with its GPUs; "
                                   f"the most free CPUs on a node with free GPUs is {cpus:.0f}")

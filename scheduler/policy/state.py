@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from collections import defaultdict
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 from scheduler.policy.cluster import Cluster
 from scheduler.policy.quota import QuotaBook
@@ -51,6 +51,13 @@ class Cycle:
     critical: float = float("inf")  # makespan guard: expected run time from which a job sets the makespan
     drain: float = float("inf")  # makespan guard: time to run all known work on the healthy GPUs
 
+    def memoized(self, key: tuple, compute: Callable[[], Any]) -> Any:
+        """compute() once per key in this cycle. A key holding `gen` is valid until the next start
+        or preemption; one without it, for the whole cycle (facts about the request's shape)."""
+        if key not in self.memo:
+            self.memo[key] = compute()
+        return self.memo[key]
+
 
 def amount(c: Cluster, flavor: str, g: int, m: int, shareable: bool) -> float:
     if not shareable:
@@ -74,10 +81,7 @@ def reserve_for(cy: Cycle, req: JobRequest, flavors: list[str]) -> Reservation |
     """reserve() for `req` in this cycle's state, memoized: the grace check and the reservation
     step ask the same question for one job, and jobs of one shape ask it in turn while nothing
     started or was preempted (cy.gen)."""
-    key = ("reserve", cy.gen, tuple(flavors), req.gpus, req.memory_per_gpu_mib, req.cpus)
-    if key not in cy.memo:
-        s = cy.snap.settings
-        cy.memo[key] = reserve(cy.cluster, req.job_id, flavors, req.gpus, req.memory_per_gpu_mib, cy.snap.now,
-                               cy.ends, s.multi_node, req.cpus, cy.cpu_ends)
-    res = cy.memo[key]
+    res = cy.memoized(("reserve", cy.gen, tuple(flavors), req.gpus, req.memory_per_gpu_mib, req.cpus),
+                      lambda: reserve(cy.cluster, req.job_id, flavors, req.gpus, req.memory_per_gpu_mib, cy.snap.now,
+                                      cy.ends, cy.snap.settings.multi_node, req.cpus, cy.cpu_ends))
     return res if res is None or res.job_id == req.job_id else Reservation(req.job_id, res.at, res.parts)

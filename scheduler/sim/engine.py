@@ -255,8 +255,11 @@ class Simulation:
         self.service = Service(self.store, self.executor, self.inventory, cfg, self.clock, self._home,
                                listeners=[self.load], policy=self._observe(policy), job_logs=False)
         self.service.forecaster = None  # estimated starts are for people; a replay has no one to show them
-        self.ticks = 0
         self.ticks_by_cause = {"arrival": 0, "executor": 0, "periodic": 0, "same_instant": 0}
+
+    @property
+    def ticks(self) -> int:
+        return sum(self.ticks_by_cause.values())
 
     def _observe(self, policy: Callable[[Snapshot], Decision]) -> Callable[[Snapshot], Decision]:
         if self._hint is None:
@@ -345,7 +348,6 @@ class Simulation:
             cause = "periodic" if periodic else ("arrival" if t == t_arr else "executor")
             for k in range(MAX_TICKS_PER_INSTANT):
                 svc.tick()
-                self.ticks += 1
                 self.ticks_by_cause["same_instant" if k else cause] += 1
                 t_next = ex.next_event_time()
                 if t_next is None or t_next > now + 1e-6:
