@@ -17,6 +17,7 @@ later cycle once they have. Gangs spanning nodes are not built by preemption.
 """
 from __future__ import annotations
 
+from bisect import bisect_left
 from dataclasses import dataclass
 
 from scheduler.policy.cluster import Cluster
@@ -33,6 +34,11 @@ class Choice:
 def lost_work(r: RunningJob, now: float) -> float:
     since = r.last_checkpoint_at if r.last_checkpoint_at is not None else r.started_at
     return max(0.0, now - since)
+
+
+def _gpus(r: RunningJob) -> int:
+    """GPUs r holds (all nodes of a gang: at least what it holds on any one unit)."""
+    return len(r.gpu_indices) if not r.parts else sum(len(ix) for _, ix in r.parts)
 
 
 def _usable(cluster: Cluster, o: int, m: int, gone: set[int], tenants: dict[int, tuple[int, ...]],
@@ -75,6 +81,10 @@ def choose(cluster: Cluster, flavors: list[str], g: int, m: int, cpg: int, now: 
         u = cluster.units[o]
         if u.flavor not in flavors or not u.schedulable:
             continue
+        if not stopping.get(o) and (
+                len(u.free) - bisect_left(u.free, (m, -1)) + sum(_gpus(r) for r in cands) < g
+                or cluster.cpus_free[u.node_id] + sum(r.cpus for r in cands) < g * cpg):
+            continue  # even every candidate gone and every free GPU taken would not hold the gang
         gone = set(stopping.get(o, ()))
         usable_n, left, on = _usable(cluster, o, m, gone, held.get(o, {}), avoid.get(o, ()))
         cpus = cluster.cpus_free[u.node_id]

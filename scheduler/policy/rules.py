@@ -20,6 +20,7 @@ def claim_stopping(cy: Cycle, flavors: list[str], req: JobRequest, avoid: dict) 
         if usable(c, o, req.memory_per_gpu_mib, ids, cy.held.get(o, {}), avoid.get(o, set())) >= req.gpus:
             claimed = sorted(ids)
             cy.stopping[o] = set()
+            cy.gen += 1  # memo entries that saw these GPUs as stopping are stale
             return claimed
     return []
 
@@ -84,8 +85,11 @@ def preempt_for(cy: Cycle, job: Job, allowed: list[tuple[str, str]], avoid: dict
         res = reserve_for(cy, req, sorted(flavors))
         if res is not None and res.at <= now + s.preempt_grace_s:
             return ""
-    pick = choose(c, [f for f, _ in allowed], req.gpus, req.memory_per_gpu_mib, req.cpus_per_gpu, now,
-                  cands, cy.stopping, cy.held, avoid)
+    # the same answer for every job of this shape until a start, preemption or claim (cy.gen)
+    pick = cy.memoized(("choose", key, tuple(f for f, _ in allowed), req.gpus, req.memory_per_gpu_mib,
+                        req.cpus_per_gpu, bool(avoid)),
+                       lambda: choose(c, [f for f, _ in allowed], req.gpus, req.memory_per_gpu_mib, req.cpus_per_gpu,
+                                      now, cands, cy.stopping, cy.held, avoid))
     if pick is None or len(cy.preempts) + len(pick.victims) > s.max_preemptions_per_cycle:
         return ""
     reasons = {r.job_id: why(r) for r in pick.victims}  # before the state below changes

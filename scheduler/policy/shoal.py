@@ -326,18 +326,26 @@ def _cycle(snap: Snapshot) -> Cycle:
     s, now, c, book = snap.settings, snap.now, cy.cluster, cy.book
     jobs = []
     critical = cy.critical
+    facts: dict[tuple, tuple] = {}  # per shape: (flavors, why, demand key, claims?, amount)
     for req in snap.pending:
-        flavors, why = _infeasible(cy, req)
-        if why is not None:
-            cy.pending[req.job_id] = why
+        shape = (req.team, req.gpus, req.memory_per_gpu_mib, req.gpu_model, req.cpus_per_gpu, req.shareable,
+                 packs(req, s))
+        fact = facts.get(shape)
+        if fact is None:  # nothing has started yet: these depend on the shape alone
+            flavors, why = _infeasible(cy, req)
+            fact = facts[shape] = (flavors, why) if why is not None else (
+                flavors, None, _demand_key(cy, req, flavors), _fits_free(cy, req, flavors),
+                amount(c, flavors[0], req.gpus, req.memory_per_gpu_mib, req.shareable))
+        if fact[1] is not None:
+            cy.pending[req.job_id] = fact[1]
             continue
         key, score, aged = _job_key(req, now, s)
         if req.expected_duration_s is not None and req.expected_duration_s >= critical:
             key = (key[0], -req.expected_duration_s, *key[2:])  # ahead of its priority level, longest first
-        job = Job(req, flavors, key, score, _demand_key(cy, req, flavors), aged)
+        job = Job(req, fact[0], key, score, fact[2], aged)
         jobs.append(job)
-        if _fits_free(cy, req, flavors):  # claims only for work the free GPUs could take
-            book.want(req.team, job.dkey, amount(c, flavors[0], req.gpus, req.memory_per_gpu_mib, req.shareable))
+        if fact[3]:  # claims only for work the free GPUs could take
+            book.want(req.team, job.dkey, fact[4])
     book.build()
     c.pack_shared = sum(j.req.gpus for j in jobs) > sum(c.free_count(f) for f in c.flavors)
     for job, fs in _ordered(cy, jobs):
@@ -382,6 +390,30 @@ def _demand_key(cy: Cycle, req: JobRequest, flavors: list[str]) -> str:
 
 
 def _one(cy: Cycle, job: Job, fs: _FairShare) -> None:
+    """Steps 5-7 for one job. A job that waits and changes nothing (no start, preemption, claim,
+    reservation or preemption attempt) leaves the cycle's state as it found it, so the next job of
+    the same shape, in the same state, waits for the same reason: that reason is memoized on
+    everything the steps read (the shape, the state's generation, the preemption gate, where the
+    job stands against the reservation), and a saturated cycle costs a lookup per job, not a pass
+    through the steps."""
+    req, s, res = job.req, cy.snap.settings, cy.reservation
+    d = req.expected_duration_s
+    gate = s.preemption and len(cy.preempts) < s.max_preemptions_per_cycle and cy.attempts < s.max_preemptions_per_cycle
+    key = ("waits", cy.gen, cy.attempts if gate else -1, req.team, req.priority, req.gpus, req.memory_per_gpu_mib,
+           req.cpus_per_gpu, req.gpu_model, req.shareable, packs(req, s), d is None,
+           job.aged if res is None else (d is None or cy.snap.now + d > res.at),
+           cy.snap.now - req.submitted_at < s.preempt_grace_s, job.score if s.las_preempt_factor > 0 else None)
+    reason = cy.memo.get(key)
+    if reason is not None:
+        cy.pending[req.job_id] = reason
+        return
+    gen, attempts = cy.gen, cy.attempts
+    _steps(cy, job, fs)
+    if cy.gen == gen and cy.attempts == attempts and cy.reservation is res:
+        cy.memo[key] = cy.pending[req.job_id]
+
+
+def _steps(cy: Cycle, job: Job, fs: _FairShare) -> None:
     req, s, c, book, now = job.req, cy.snap.settings, cy.cluster, cy.book, cy.snap.now
     over = book.over_budget(req.team)
     if over and s.over_budget == "none":

@@ -44,7 +44,7 @@ class Cycle:
     stopping_amt: dict[tuple[str, str], float] = field(default_factory=lambda: defaultdict(float))  # quota freeing up
     reclaimed: dict[tuple[str, str], float] = field(default_factory=lambda: defaultdict(float))
     attempts: int = 0
-    gen: int = 0  # bumped by every start and preemption: memo entries keyed on it see the state they saw
+    gen: int = 0  # bumped by every start, preemption and claim of stopping GPUs: memo entries keyed on it see the state they saw
     memo: dict = field(default_factory=dict)  # feasibility facts that depend on the request's shape only
     fair: Any = None  # the cycle's fair-share view (shoal._FairShare)
     order: list[Any] = field(default_factory=list)  # the jobs in the order the cycle considered them
