@@ -64,16 +64,6 @@ def remaining_s(spec: dict, gpus: int, attained_gpu_s: float) -> float | None:
 OVERRUN_FRACTION = 0.25
 
 
-def _with_attained(view: RunningJob, attained_gpu_s: float) -> RunningJob:
-    """`dataclasses.replace(view, attained_gpu_s=...)` without re-running the frozen dataclass's
-    __init__ (several times faster; every other field was set by a real __init__)."""
-    new = object.__new__(RunningJob)
-    d = new.__dict__
-    d.update(view.__dict__)
-    d["attained_gpu_s"] = attained_gpu_s
-    return new
-
-
 def policy_settings(config: ClusterConfig) -> PolicySettings:
     s = config.scheduler
     return PolicySettings(share_max_utilization=s.share_max_utilization, min_runtime_s=s.min_runtime_s,
@@ -331,28 +321,27 @@ class Service:
         )
 
     def running_views(self, active: list[JobRecord]) -> list[RunningJob]:
-        """One view per placed job. A job's fields are computed once per attempt state (cached by
-        job id) and only its attained GPU-seconds, which grow with the clock, each cycle."""
+        """One view per placed job, computed once per attempt state (cached by job id): the view
+        carries the attempt's start as `attained_at`, so the GPU-seconds it keeps receiving are
+        read as `view.attained(now)` and one view object serves every cycle of the attempt (the
+        policy memoizes per-job facts on it)."""
         now = self.clock.now()
         views = []
-        cache: dict[int, tuple[tuple, RunningJob, int, float, JobRecord]] = {}
+        cache: dict[int, tuple[tuple, RunningJob, JobRecord]] = {}
         old = self._running_cache
         for j in active:
             if not j.placement:
                 continue
             hit = old.get(j.id)
-            if hit is None or hit[4] is not j:  # the same (immutable) record: the same view
+            if hit is None or hit[2] is not j:  # the same (immutable) record: the same view
                 key = (j.attempt, j.state, j.attempt_started_at, j.last_checkpoint_at, j.attained_gpu_s)
-                if hit is None or hit[0] != key:
-                    hit = (key, *self._running_view(j, now), j)
-                else:
-                    hit = (*hit[:4], j)
+                hit = (key, self._running_view(j, now), j) if hit is None or hit[0] != key else (hit[0], hit[1], j)
             cache[j.id] = hit
-            views.append(_with_attained(hit[1], j.attained_gpu_s + hit[2] * max(0.0, now - hit[3])))
+            views.append(hit[1])
         self._running_cache = cache
         return views
 
-    def _running_view(self, j: JobRecord, now: float) -> tuple[RunningJob, int, float]:
+    def _running_view(self, j: JobRecord, now: float) -> RunningJob:
         parts = pl.parts(j.placement)  # a multi-node gang: every node; RunningJob.parts lists them
         gpus = tuple(j.placement["gpu_indices"])  # the first node's
         total = sum(len(ix) for _, ix in parts)
@@ -369,8 +358,9 @@ class Service:
             preemptible=j.state in (S.STARTING, S.RUNNING), stopping=j.state is S.PREEMPTING,
             restarts=max(0, j.attempt - 1 - j.retries),
             parts=tuple(parts) if len(parts) > 1 else (),
+            attained_at=started,
         )
-        return view, total, started
+        return view
 
     def pending_views(self, queued: list[JobRecord]) -> tuple[JobRequest, ...]:
         """One request per queued job, cached by job id while its attempt and attained service

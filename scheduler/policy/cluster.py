@@ -89,13 +89,26 @@ def _node_index(node: NodeView, headroom: int, share_max_util: float) -> list[tu
         free_list.sort()
         foreign = {i: g.memory_total_mib - max(0, g.memory_used_mib - g.reserved_mib) - headroom
                    for i, g in gpus.items()}
-        out.append((model, gpus, [(node.node_id, i) for i in gpus], max(g.memory_total_mib for g in gpus.values()),
+        out.append((model, gpus, tuple((node.node_id, i) for i in gpus), max(g.memory_total_mib for g in gpus.values()),
                     healthy, tuple(free_list), tuple(shared), foreign, tuple(i for i, g in gpus.items() if g.healthy),
                     {i: g.allocated_to for i, g in gpus.items() if g.allocated_to}))
     if len(_NODE_INDEX) > 4096:  # bounded: live views are re-indexed after a clear
         _NODE_INDEX.clear()
     _NODE_INDEX[id(node)] = (node, (headroom, share_max_util), out)
     return out
+
+
+_LAYOUTS: dict[tuple, dict[tuple[str, int], int]] = {}
+
+
+def _layout(shape: list[tuple]) -> dict[tuple[str, int], int]:
+    key = tuple((node_id, model, mem, tuple(keys)) for node_id, model, mem, keys in shape)
+    hit = _LAYOUTS.get(key)
+    if hit is None:
+        if len(_LAYOUTS) > 64:  # bounded: a changed cluster gets a new layout
+            _LAYOUTS.clear()
+        hit = _LAYOUTS[key] = {k: o for o, (_, _, _, keys) in enumerate(shape) for k in keys}
+    return hit
 
 
 class Cluster:
@@ -115,8 +128,8 @@ class Cluster:
         # (unit, index) -> (its entry's free MiB, shareable jobs on it)
         self.shared_slot: dict[tuple[int, int], tuple[int, int]] = {}
         self.failures: dict[str, list[tuple[int, int, int, bool]]] = {}
-        self.by_gpu: dict[tuple[str, int], int] = {}  # (node_id, index) -> unit order
         self.free_total: dict[str, int] = {}  # flavor -> exclusive-free GPUs
+        shape: list[tuple] = []  # the cluster's layout: (node, flavor, largest GPU MiB, GPU indices) per unit
         for node in snap.nodes:
             self.cpus_free[node.node_id] = node.cpus_free()
             self.node_cpus[node.node_id] = float("inf") if node.cpus is None else float(node.cpus)
@@ -131,11 +144,14 @@ class Cluster:
                 fl.largest_unit = max(fl.largest_unit, len(gpus))
                 fl.memory_total_mib = max(fl.memory_total_mib, mem)
                 fl.healthy += healthy
-                self.by_gpu.update(dict.fromkeys(keys, u.order))
+                shape.append((node.node_id, model, mem, keys))
                 for free_mib, i, held in shared:  # GPUs that host only shareable jobs (checked per cycle)
                     if len(held) < self.share_max_jobs and all(t in tenants and tenants[t].shareable for t in held):
                         self.shared.setdefault(model, []).append((free_mib, u.order, i))
                         self.shared_slot[(u.order, i)] = (free_mib, len(held))
+        # (node_id, index) -> unit order. Shared by every cycle with this layout (never mutated), so
+        # its identity names the layout: facts derived from it can be memoized on it (shoal._index).
+        self.by_gpu: dict[tuple[str, int], int] = _layout(shape)
         for name, fl in self.flavors.items():
             b: list[dict[int, None]] = [{} for _ in range(fl.largest_unit + 1)]
             for o in fl.units:

@@ -62,10 +62,10 @@ def preempt_for(cy: Cycle, job: Job, allowed: list[tuple[str, str]], avoid: dict
             if book.borrowing(r.team, k) - cy.reclaimed[(r.team, k)] > 1e-9:
                 return f"team {r.team} borrows beyond its nominal quota; team {req.team} reclaims its own"
         if (s.las_preempt_factor > 0 and r.priority <= req.priority and fs.band(r.team) >= my_band
-                and r.attained_gpu_s > s.las_preempt_factor * max(job.score, s.min_runtime_s * req.gpus)
+                and r.attained(now) > s.las_preempt_factor * max(job.score, s.min_runtime_s * req.gpus)
                 and (r.team == req.team or book.borrowing(r.team, book.key(r.team, rf)) > 1e-9)):
             return (f"job {req.job_id} has less work left or attained ({job.score:.0f} GPU-s) than this job's "
-                    f"{r.attained_gpu_s:.0f} GPU-s")
+                    f"{r.attained(now):.0f} GPU-s")
         return None
 
     if cands is None:

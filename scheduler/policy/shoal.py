@@ -74,43 +74,64 @@ def _index(snap: Snapshot) -> Cycle:
     for u in cluster.units:
         if u.held:
             cy.held[u.order] = dict(u.held)
-    # One pass over the running jobs (the cycle's largest fixed cost: locals, and per-job facts
-    # computed once rather than per GPU; the same values, inserted in the same order).
-    by_gpu, flavors = cluster.by_gpu, cluster.flavors
+    # One pass over the running jobs (the cycle's largest fixed cost): what a job contributes
+    # depends on its view and the cluster's layout alone, so it is computed once per view
+    # (_running_facts); the same values are inserted in the same order as a fresh computation.
+    layout, memo = cluster.by_gpu, _RUNNING
     book, teams, use, ends, cpu_ends = cy.book, cy.book.teams, cy.use, cy.ends, cy.cpu_ends
     stopping, victims_ok, min_prio, victim_teams = cy.stopping, cy.victims_ok, cy.min_prio, cy.victim_teams
     flavor_by_job, min_runtime = cy.flavor_of, s.min_runtime_s
     for r in snap.running:
-        flavor = flavor_by_job[r.job_id] = flavor_of(cluster, r)
-        parts = r.parts or ((r.node_id, r.gpu_indices),)
-        gpus = sum(len(ix) for _, ix in parts)
-        amt = amount(cluster, flavor, gpus, r.memory_per_gpu_mib, r.shareable) if flavor in flavors else gpus
+        hit = memo.get(id(r))
+        if hit is None or hit[0] is not r or hit[1] is not layout:
+            hit = _running_facts(cluster, r)
+        _, _, flavor, amt, end, cpu_parts, gpu_keys = hit
+        flavor_by_job[r.job_id] = flavor
         team = r.team
         if team in teams:
             book.hold(team, book.key(team, flavor), amt)
         use[team][flavor] += amt
-        if r.stopping and team in teams:
-            cy.stopping_amt[(team, book.key(team, flavor))] += amt
-        end = r.expected_end_at if r.expected_end_at is not None else INF
-        for node_id, ix in parts:  # a multi-node gang frees its CPUs on each of its nodes
-            cpu_ends.setdefault(node_id, []).append((end, float(r.cpus) * len(ix) / max(1, gpus)))
-        victim = not r.stopping and r.preemptible and now - r.started_at >= min_runtime
-        mine = None
-        for node_id, ix in parts:
-            for i in ix:
-                o = by_gpu.get((node_id, i))
-                if o is None:
-                    continue
-                ends[(o, i)] = max(ends.get((o, i), 0.0), end)
-                if r.stopping:
-                    stopping.setdefault(o, set()).add(r.job_id)
-                elif victim:
-                    if mine is None:
-                        min_prio[team] = min(min_prio.get(team, r.priority), r.priority)
-                        victim_teams.setdefault(flavor, set()).add(team)
-                        mine = victims_ok.setdefault(flavor, {})
-                    mine.setdefault(o, {})[r.job_id] = r
+        for node_id, cpus in cpu_parts:  # a multi-node gang frees its CPUs on each of its nodes
+            cpu_ends.setdefault(node_id, []).append((end, cpus))
+        if r.stopping:
+            if team in teams:
+                cy.stopping_amt[(team, book.key(team, flavor))] += amt
+            for k in gpu_keys:
+                ends[k] = max(ends.get(k, 0.0), end)
+                stopping.setdefault(k[0], set()).add(r.job_id)
+        elif r.preemptible and now - r.started_at >= min_runtime:
+            if gpu_keys:
+                min_prio[team] = min(min_prio.get(team, r.priority), r.priority)
+                victim_teams.setdefault(flavor, set()).add(team)
+                mine = victims_ok.setdefault(flavor, {})
+            for k in gpu_keys:
+                ends[k] = max(ends.get(k, 0.0), end)
+                mine.setdefault(k[0], {})[r.job_id] = r
+        else:
+            for k in gpu_keys:
+                ends[k] = max(ends.get(k, 0.0), end)
     return cy
+
+
+_RUNNING: dict[int, tuple] = {}  # id(view) -> (view, layout, facts): see _running_facts
+
+
+def _running_facts(c: Cluster, r) -> tuple:
+    """(view, layout, flavor, quota amount, expected end, [(node, CPUs freed at the end)],
+    [(unit, GPU index)]) of a running job: a function of its (immutable) view and the cluster's
+    layout only, memoized on both (the service hands the policy one view object per attempt)."""
+    flavor = flavor_of(c, r)
+    parts = r.parts or ((r.node_id, r.gpu_indices),)
+    gpus = sum(len(ix) for _, ix in parts)
+    amt = amount(c, flavor, gpus, r.memory_per_gpu_mib, r.shareable) if flavor in c.flavors else gpus
+    end = r.expected_end_at if r.expected_end_at is not None else INF
+    cpu_parts = tuple((node_id, float(r.cpus) * len(ix) / max(1, gpus)) for node_id, ix in parts)
+    by_gpu = c.by_gpu
+    gpu_keys = tuple((o, i) for node_id, ix in parts for i in ix if (o := by_gpu.get((node_id, i))) is not None)
+    if len(_RUNNING) > 65536:  # bounded: live views are recomputed after a clear
+        _RUNNING.clear()
+    hit = _RUNNING[id(r)] = (r, by_gpu, flavor, amt, end, cpu_parts, gpu_keys)
+    return hit
 
 
 def _infeasible(cy: Cycle, req: JobRequest) -> tuple[list[str], str | None]:

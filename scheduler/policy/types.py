@@ -67,16 +67,27 @@ class RunningJob:
     started_at: float = 0.0  # start of the current attempt
     last_checkpoint_at: float | None = None  # None = no checkpoint yet this attempt (started_at counts)
     expected_end_at: float | None = None  # estimated end of the current attempt, for reservations
-    attained_gpu_s: float = 0.0  # GPU-seconds received so far, all attempts including this one
+    attained_gpu_s: float = 0.0  # GPU-seconds received up to attained_at (None: up to the snapshot's now)
     shareable: bool = False
     gpu_model: str | None = None  # the flavor it runs on
     preemptible: bool = True  # False while stopping, or when its spec forbids it
     stopping: bool = False  # asked to checkpoint and stop (PREEMPTING): its GPUs free up soon
     parts: tuple[tuple[str, tuple[int, ...]], ...] = ()  # multi-node: every (node_id, gpu_indices); () = one node
     restarts: int = 0  # earlier attempts that were stopped and requeued (preempted, drained), not failed
+    # The running attempt keeps receiving GPU-seconds: from attained_at on, at one per GPU it holds
+    # per second (the service sets it to the attempt's start, so one view serves every cycle of the
+    # attempt). Read the total with attained(now).
+    attained_at: float | None = None
 
     def placements(self) -> tuple[tuple[str, tuple[int, ...]], ...]:
         return self.parts or ((self.node_id, self.gpu_indices),)
+
+    def attained(self, now: float) -> float:
+        """GPU-seconds received by `now`, all attempts including this one."""
+        if self.attained_at is None:
+            return self.attained_gpu_s
+        held = len(self.gpu_indices) if not self.parts else sum(len(ix) for _, ix in self.parts)
+        return self.attained_gpu_s + held * max(0.0, now - self.attained_at)
 
 
 @dataclass(frozen=True)

@@ -271,7 +271,7 @@ def make_tiresias(thresholds: tuple[float, ...] = TIRESIAS_THRESHOLDS_GPU_S) -> 
     def tiresias(snap: Snapshot) -> Decision:
         # Within a queue: running jobs (by when they were submitted) ahead of pending ones.
         return _preemptive(snap,
-                           lambda r: (tiresias_queue(r.attained_gpu_s, th), 0, r.submitted_at),
+                           lambda r: (tiresias_queue(r.attained(snap.now), th), 0, r.submitted_at),
                            lambda p: (tiresias_queue(p.attained_gpu_s, th), 1, p.submitted_at), "tiresias")
 
     def next_wakeup(snap: Snapshot, decision: Decision) -> float | None:
@@ -280,7 +280,7 @@ def make_tiresias(thresholds: tuple[float, ...] = TIRESIAS_THRESHOLDS_GPU_S) -> 
         stopping = {p.job_id for p in decision.to_preempt}
         pending = {p.job_id: p for p in snap.pending}
         times = []
-        for attained, gpus in [(r.attained_gpu_s, len(r.gpu_indices)) for r in snap.running
+        for attained, gpus in [(r.attained(snap.now), len(r.gpu_indices)) for r in snap.running
                                if r.job_id not in stopping] + \
                 [(pending[s.job_id].attained_gpu_s, len(s.placement.gpu_indices)) for s in decision.to_start]:
             nxt = next((t for t in th if t - 1e-6 > attained), None)

@@ -219,8 +219,9 @@ def test_requeued_job_reports_remaining_time(tmp_path):
     assert svc.pending_views([store.get(job.id)])[0].expected_duration_s == 100
     svc.tick()
     clock.advance(30)
-    (running,) = svc.snapshot()[0].running
-    assert running.expected_end_at == 100 and running.attained_gpu_s == 60
+    snap = svc.snapshot()[0]
+    (running,) = snap.running
+    assert running.expected_end_at == 100 and running.attained(snap.now) == 60
     svc._preempt(job.id, "test")
     svc.tick()  # ingest: requeued, attained 2 GPUs x 30 s, and started again at once
     rec = store.get(job.id)

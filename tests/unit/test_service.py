@@ -214,7 +214,7 @@ def test_snapshot_carries_attempt_times_and_attained_service(world):
     snap, _ = world.service.snapshot()
     (running,) = snap.running
     assert running.started_at == t0 and snap.now == t0 + 5
-    assert running.attained_gpu_s == pytest.approx(2 * 5)
+    assert running.attained(snap.now) == pytest.approx(2 * 5)
     world.service._preempt(job.id, "test")
     world.clock.advance(1)
     world.service.tick()  # stopped, requeued and (GPUs free) started again, all in this tick
@@ -223,7 +223,7 @@ def test_snapshot_carries_attempt_times_and_attained_service(world):
     assert rec.attained_gpu_s == pytest.approx(2 * 6)  # the first attempt's GPU-seconds, kept
     world.clock.advance(1)
     snap, _ = world.service.snapshot()
-    assert snap.running[0].attained_gpu_s == pytest.approx(2 * 7)
+    assert snap.running[0].attained(snap.now) == pytest.approx(2 * 7)
 
 
 def test_records_the_api_hands_over_are_used_only_while_their_row_is_unchanged(tmp_path, db_url):
