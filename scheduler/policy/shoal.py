@@ -69,8 +69,6 @@ def _index(snap: Snapshot) -> Cycle:
     cluster = Cluster(snap, running)
     cy = Cycle(snap, cluster, QuotaBook(snap.quotas, snap.cohorts), running)
     s, now = snap.settings, snap.now
-    if s.makespan_guard:
-        cy.critical, cy.drain = _critical_length(snap, cluster)
     for u in cluster.units:
         if u.held:
             cy.held[u.order] = dict(u.held)
@@ -81,11 +79,16 @@ def _index(snap: Snapshot) -> Cycle:
     book, teams, use, ends, cpu_ends = cy.book, cy.book.teams, cy.use, cy.ends, cy.cpu_ends
     stopping, victims_ok, min_prio, victim_teams = cy.stopping, cy.victims_ok, cy.min_prio, cy.victim_teams
     flavor_by_job, min_runtime = cy.flavor_of, s.min_runtime_s
+    latest, work = 0.0, 0.0  # makespan guard: the latest expected end, the GPU-seconds left (running)
     for r in snap.running:
         hit = memo.get(id(r))
         if hit is None or hit[0] is not r or hit[1] is not layout:
             hit = _running_facts(cluster, r)
-        _, _, flavor, amt, end, cpu_parts, gpu_keys = hit
+        _, _, flavor, amt, end, cpu_parts, gpu_keys, gpus = hit
+        if r.expected_end_at is not None:
+            left = max(0.0, end - now)
+            latest = max(latest, left)
+            work += left * gpus
         flavor_by_job[r.job_id] = flavor
         team = r.team
         if team in teams:
@@ -110,6 +113,8 @@ def _index(snap: Snapshot) -> Cycle:
         else:
             for k in gpu_keys:
                 ends[k] = max(ends.get(k, 0.0), end)
+    if s.makespan_guard:
+        cy.critical, cy.drain = _critical_length(snap, cluster, latest, work)
     return cy
 
 
@@ -118,7 +123,7 @@ _RUNNING: dict[int, tuple] = {}  # id(view) -> (view, layout, facts): see _runni
 
 def _running_facts(c: Cluster, r) -> tuple:
     """(view, layout, flavor, quota amount, expected end, [(node, CPUs freed at the end)],
-    [(unit, GPU index)]) of a running job: a function of its (immutable) view and the cluster's
+    [(unit, GPU index)], GPUs) of a running job: a function of its (immutable) view and the cluster's
     layout only, memoized on both (the service hands the policy one view object per attempt)."""
     flavor = flavor_of(c, r)
     parts = r.parts or ((r.node_id, r.gpu_indices),)
@@ -130,7 +135,7 @@ def _running_facts(c: Cluster, r) -> tuple:
     gpu_keys = tuple((o, i) for node_id, ix in parts for i in ix if (o := by_gpu.get((node_id, i))) is not None)
     if len(_RUNNING) > 65536:  # bounded: live views are recomputed after a clear
         _RUNNING.clear()
-    hit = _RUNNING[id(r)] = (r, by_gpu, flavor, amt, end, cpu_parts, gpu_keys)
+    hit = _RUNNING[id(r)] = (r, by_gpu, flavor, amt, end, cpu_parts, gpu_keys, gpus)
     return hit
 
 
@@ -192,7 +197,7 @@ def _job_key(req: JobRequest, now: float, s: PolicySettings) -> tuple[tuple, flo
     return (-req.priority, effective, req.submitted_at, req.job_id), score, wait >= horizon
 
 
-def _critical_length(snap: Snapshot, c: Cluster) -> tuple[float, float]:
+def _critical_length(snap: Snapshot, c: Cluster, latest: float, work: float) -> tuple[float, float]:
     """Makespan guard: the expected duration from which a waiting job would end after everything
     else even if it started now - longer than both the latest expected end of a running job and
     the time the cluster needs to drain all known work (running remaining + pending, in GPU-seconds,
@@ -201,17 +206,10 @@ def _critical_length(snap: Snapshot, c: Cluster) -> tuple[float, float]:
     end and stretch the makespan (SRTF's weakness). Few jobs qualify - only those longer than the
     whole backlog - so mean completion time barely moves. Returns (that length, the drain time);
     inf when nothing is known. A running job with more than the drain time left is not preempted
-    for quota reclaim or LAS (rules.py): its restart would push back the end of everything."""
-    now = snap.now
-    latest, work = 0.0, 0.0
-    for r in snap.running:
-        if r.expected_end_at is not None:
-            left = max(0.0, r.expected_end_at - now)
-            latest = max(latest, left)
-            work += left * sum(len(ix) for _, ix in r.placements())
-    for p in snap.pending:
-        if p.expected_duration_s is not None:
-            work += p.expected_duration_s * p.gpus
+    for quota reclaim or LAS (rules.py): its restart would push back the end of everything.
+    `latest` and `work` are the running jobs' latest expected end from now and their GPU-seconds
+    left (the running pass sums them); the pending jobs' work is added here, in order."""
+    work = sum([p.expected_duration_s * p.gpus for p in snap.pending if p.expected_duration_s is not None], work)
     gpus = sum(fl.healthy for fl in c.flavors.values())
     if gpus <= 0:
         return math.inf, math.inf
