@@ -102,12 +102,12 @@ _LAYOUTS: dict[tuple, dict[tuple[str, int], int]] = {}
 
 
 def _layout(shape: list[tuple]) -> dict[tuple[str, int], int]:
-    key = tuple((node_id, model, mem, tuple(keys)) for node_id, model, mem, keys in shape)
+    key = tuple(shape)
     hit = _LAYOUTS.get(key)
     if hit is None:
         if len(_LAYOUTS) > 64:  # bounded: a changed cluster gets a new layout
             _LAYOUTS.clear()
-        hit = _LAYOUTS[key] = {k: o for o, (_, _, _, keys) in enumerate(shape) for k in keys}
+        hit = _LAYOUTS[key] = {k: o for o, (_, _, _, keys, _) in enumerate(shape) for k in keys}
     return hit
 
 
@@ -129,13 +129,15 @@ class Cluster:
         self.shared_slot: dict[tuple[int, int], tuple[int, int]] = {}
         self.failures: dict[str, list[tuple[int, int, int, bool]]] = {}
         self.free_total: dict[str, int] = {}  # flavor -> exclusive-free GPUs
-        shape: list[tuple] = []  # the cluster's layout: (node, flavor, largest GPU MiB, GPU indices) per unit
+        shape: list[tuple] = []  # the cluster's layout: (node, flavor, largest GPU MiB, GPU indices, CPUs) per unit
         for node in snap.nodes:
             self.cpus_free[node.node_id] = node.cpus_free()
             self.node_cpus[node.node_id] = float("inf") if node.cpus is None else float(node.cpus)
             for model, gpus, keys, mem, healthy, free, shared, foreign, ok, held in _node_index(
                     node, self.headroom, self.share_max_util):
-                fl = self.flavors.setdefault(model, Flavor(model))
+                fl = self.flavors.get(model)
+                if fl is None:
+                    fl = self.flavors[model] = Flavor(model)
                 u = Unit(len(self.units), node.node_id, node.name, model, gpus, node.schedulable, list(free),
                          foreign, ok, held)
                 self.units.append(u)
@@ -144,7 +146,7 @@ class Cluster:
                 fl.largest_unit = max(fl.largest_unit, len(gpus))
                 fl.memory_total_mib = max(fl.memory_total_mib, mem)
                 fl.healthy += healthy
-                shape.append((node.node_id, model, mem, keys))
+                shape.append((node.node_id, model, mem, keys, node.cpus))
                 for free_mib, i, held in shared:  # GPUs that host only shareable jobs (checked per cycle)
                     if len(held) < self.share_max_jobs and all(t in tenants and tenants[t].shareable for t in held):
                         self.shared.setdefault(model, []).append((free_mib, u.order, i))

@@ -139,10 +139,24 @@ def _running_facts(c: Cluster, r) -> tuple:
     return hit
 
 
+_FEASIBLE: dict[tuple, tuple[list[str], str | None]] = {}
+
+
 def _infeasible(cy: Cycle, req: JobRequest) -> tuple[list[str], str | None]:
-    """(feasible flavors in preference order, or [] with the reason why none is)."""
-    key = (req.team, req.gpus, req.memory_per_gpu_mib, req.gpu_model, req.cpus_per_gpu, req.shareable)
-    return cy.memoized(key, lambda: _infeasible_uncached(cy, req))
+    """(feasible flavors in preference order, or [] with the reason why none is). A function of
+    the request's shape, the cluster's layout (by_gpu's identity: nodes, GPUs, their memory and
+    CPUs), the quota configuration and two settings - not of what runs - so it is memoized across
+    cycles on all of them."""
+    s, q = cy.snap.settings, cy.snap
+    key = (id(cy.cluster.by_gpu), q.memory_headroom_mib, s.multi_node, cy.memoized(("quota-config",), q.quota_config),
+           q.cohorts,
+           req.team, req.gpus, req.memory_per_gpu_mib, req.gpu_model, req.cpus_per_gpu, req.shareable)
+    hit = _FEASIBLE.get(key)
+    if hit is None or hit[0] is not cy.cluster.by_gpu:
+        if len(_FEASIBLE) > 4096:
+            _FEASIBLE.clear()
+        hit = _FEASIBLE[key] = (cy.cluster.by_gpu, _infeasible_uncached(cy, req))
+    return hit[1]
 
 
 def _one_unit(cy: Cycle, f: str, g: int, cpus: int) -> bool:

@@ -153,6 +153,11 @@ class Snapshot:
     cohorts: tuple[Cohort, ...] = ()
     settings: PolicySettings = PolicySettings()
 
+    def quota_config(self) -> tuple:
+        """The teams' quota configuration without their usage and spend (which change every cycle)."""
+        return tuple((q.team, q.nominal_gpus, q.nominal_by_flavor, q.cohort, q.borrowing_limit, q.lending_limit)
+                     for q in self.quotas)
+
 
 @dataclass(frozen=True)
 class Placement:
