@@ -16,7 +16,6 @@ import dataclasses
 import logging
 import threading
 import time
-from dataclasses import replace as dc_replace
 from pathlib import Path
 from typing import Callable, Protocol
 
@@ -32,6 +31,7 @@ from scheduler.policy import (
 )
 from scheduler.spec import ClusterConfig
 from scheduler.store import Conflict, Fenced, JobRecord, Store
+from scheduler.store.db import with_fields
 
 log = logging.getLogger("shoal.service")
 S = JobState
@@ -116,6 +116,7 @@ class Service:
         self._reconcile = False  # a cycle failed half-way: reconcile store and executor first
         self._scanned_at = float("-inf")  # last full scan for rows with an unknown state
         self._running_cache: dict = {}  # job id -> view fields (running_views)
+        self._healthy_seen: dict = {}  # node id -> its last reading with every GPU healthy (node sync)
         self._pending_cache: dict = {}  # job id -> JobRequest (pending_views)
         self._queued_cache: dict = {}  # job id -> (version, JobRecord) of the last cycle's queue
         self._handed: dict[int, JobRecord] = {}  # jobs this process just created (note_submitted)
@@ -449,7 +450,7 @@ class Service:
             self.store.update_many(changed)
             for job_id, ch in changed.items():
                 if job_id in self._queued_cache:
-                    j = dc_replace(queued[job_id], **ch)
+                    j = with_fields(queued[job_id], **ch)
                     self._queued_cache[job_id] = (_queued_version(j), j)
 
     def _estimates(self, snap: Snapshot, decision: Decision) -> dict[int, float]:
@@ -555,9 +556,13 @@ class Service:
                 self.store.mark_node_lost(info.node_id, now)
                 stored[info.node_id] = dataclasses.replace(rec, lost=True, lost_at=now)
             elif info.alive and not rec.drained:
+                seen = readings.get(info.node_id, [])
+                if self._healthy_seen.get(info.node_id) is seen:
+                    continue  # the same reading object as a cycle that found every GPU healthy
                 ack = rec.xid_ack or {}
-                faults = [r for r in readings.get(info.node_id, [])
-                          if not r.healthy and r.xid_errors > int(ack.get(str(r.index), 0))]
+                faults = [r for r in seen if not r.healthy and r.xid_errors > int(ack.get(str(r.index), 0))]
+                if all(r.healthy for r in seen):
+                    self._healthy_seen[info.node_id] = seen
                 if faults:
                     why = "; ".join(f"GPU {r.index}: {r.xid_errors} XID/ECC error(s)" for r in faults)
                     log.warning("draining node %s: %s", info.name, why)

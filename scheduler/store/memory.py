@@ -22,6 +22,7 @@ from typing import Any, Iterable
 from scheduler.accounting import UsageRecord
 from scheduler.lifecycle import ACTIVE, JobState, check_transition
 from scheduler.store.db import _MUTABLE, Conflict, EventRecord, JobRecord, NodeRecord, UnknownJob
+from scheduler.store.db import with_fields as _with
 
 _DICT_FIELDS = ("placement", "progress", "result")
 
@@ -33,15 +34,6 @@ def _copy(v: Any) -> Any:
     if type(v) is list or type(v) is tuple:
         return [_copy(x) for x in v]  # as JSON would store it
     return v
-
-
-def _with(rec: JobRecord, **changes: Any) -> JobRecord:
-    """`dataclasses.replace` without re-running __init__ (10x faster; fields were validated)."""
-    new = object.__new__(JobRecord)
-    d = new.__dict__
-    d.update(rec.__dict__)
-    d.update(changes)
-    return new
 
 
 class MemoryStore:
