@@ -42,13 +42,9 @@ def _unit_times(cluster: Cluster, o: int, m: int, now: float, ends: dict[tuple[i
     if not u.schedulable:
         return []
     free_now = {i for free, i in u.free if free >= m}
-    times = []
     foreign = u.foreign  # MiB free per GPU once its Shoal jobs left
-    for i in u.healthy:
-        if i in free_now:
-            times.append((now, i))
-        elif (end := ends.get((o, i))) is not None and foreign[i] >= m:
-            times.append((max(now, end), i))
+    times = [(now, i) if i in free_now else (max(now, end), i) for i in u.healthy
+             if i in free_now or ((end := ends.get((o, i))) is not None and foreign[i] >= m)]
     times.sort()
     return times
 
@@ -83,7 +79,8 @@ def reserve(cluster: Cluster, job_id: int, flavors: list[str], g: int, m: int, n
                 key = (at, len(cluster.units[o].free))
                 if best is None or key < best[:2]:
                     best = (key[0], key[1], (o, tuple(sorted(i for _, i in times[:g]))))
-            per_unit.extend((t, o, i) for t, i in times)
+            if multi_node:
+                per_unit.extend((t, o, i) for t, i in times)
         if multi_node and best is None and len(per_unit) >= g and not cluster.one_node_holds(flavor, g, cpus):
             per_unit.sort()
             at = per_unit[g - 1][0]

@@ -49,6 +49,16 @@ def preempt_for(cy: Cycle, job: Job, allowed: list[tuple[str, str]], avoid: dict
         cy.memo[key] = {}
         return ""
 
+    teams_reclaimable: dict[tuple[str, str], bool] = {}
+
+    def reclaimable(team: str, rf: str) -> bool:  # a team-level fact: once per team and flavor
+        hit = teams_reclaimable.get((team, rf))
+        if hit is None:
+            k = book.key(team, rf)
+            hit = teams_reclaimable[(team, rf)] = (team != req.team and book.same_tree(team, req.team)
+                                                   and book.borrowing(team, k) - cy.reclaimed[(team, k)] > 1e-9)
+        return hit
+
     def why(r: RunningJob) -> str | None:
         rf = cy.flavor_of[r.job_id]
         if r.team == req.team and r.priority < req.priority:
@@ -57,10 +67,8 @@ def preempt_for(cy: Cycle, job: Job, allowed: list[tuple[str, str]], avoid: dict
             return None  # it sets the makespan (makespan guard): not for reclaim or LAS, only for priority
         if r.restarts and now - r.started_at < s.min_runtime_s * s.preempt_backoff ** min(r.restarts, 24):
             return None  # preemption backoff: restarted k times, it runs min_runtime_s x backoff^k first
-        if reclaim and rf in nominal and r.team != req.team and book.same_tree(r.team, req.team):
-            k = book.key(r.team, rf)
-            if book.borrowing(r.team, k) - cy.reclaimed[(r.team, k)] > 1e-9:
-                return f"team {r.team} borrows beyond its nominal quota; team {req.team} reclaims its own"
+        if reclaim and rf in nominal and reclaimable(r.team, rf):
+            return f"team {r.team} borrows beyond its nominal quota; team {req.team} reclaims its own"
         if (s.las_preempt_factor > 0 and r.priority <= req.priority and fs.band(r.team) >= my_band
                 and r.attained(now) > s.las_preempt_factor * max(job.score, s.min_runtime_s * req.gpus)
                 and (r.team == req.team or book.borrowing(r.team, book.key(r.team, rf)) > 1e-9)):
