@@ -23,8 +23,8 @@ One cycle, in numbered steps:
     mean completion time close to SRTF. Aging: that score decays linearly to 0 over the job's
     horizon aging_s + aging_ratio x its own length (_job_key), so no feasible job waits behind
     later arrivals longer than its horizon, and a long job's bound grows with its length.
-    Ties: submit time, then job id. The order is a k-way merge over per-team queues on a heap, and
-    a team's band is recomputed after each start, so fair share holds inside one cycle too.
+    Ties: submit time, then job id. The order is one sort, and a team's band is recomputed after
+    each of its starts (the rest re-sorted when it moves), so fair share holds inside one cycle too.
  5. Quota and budget. Per flavor the job may use (its required one, else smallest memory first):
     within nominal, or borrowing within the cohort (quota.py). A team at or over its budget
     starts no borrowed work (over_budget="none": nothing new).
