@@ -11,6 +11,9 @@ from scheduler.policy.reserve import Reservation, reserve
 from scheduler.policy.types import JobRequest, PolicySettings, Preempt, RunningJob, Snapshot, Start
 
 
+_MISSING = object()
+
+
 @dataclass
 class Job:
     req: JobRequest
@@ -52,11 +55,12 @@ class Cycle:
     drain: float = float("inf")  # makespan guard: time to run all known work on the healthy GPUs
 
     def memoized(self, key: tuple, compute: Callable[[], Any]) -> Any:
-        """compute() once per key in this cycle. A key holding `gen` is valid until the next start
-        or preemption; one without it, for the whole cycle (facts about the request's shape)."""
-        if key not in self.memo:
-            self.memo[key] = compute()
-        return self.memo[key]
+        """compute() once per key in this cycle. A key holding `gen` is valid until the next start,
+        preemption or claim; one without it, for the whole cycle (facts about the request's shape)."""
+        hit = self.memo.get(key, _MISSING)
+        if hit is _MISSING:
+            hit = self.memo[key] = compute()
+        return hit
 
 
 def amount(c: Cluster, flavor: str, g: int, m: int, shareable: bool) -> float:

@@ -276,3 +276,56 @@ def test_policy_without_wakeup_hint_gets_backed_off_periodic_ticks():
     # ticks by cause: the two arrivals, A's and B's ends, and every periodic one in between
     assert plain.ticks_by_cause == {"arrival": 2, "executor": 2, "periodic": 4 + len(range(1501, 10_000, 600)),
                                     "same_instant": 0}
+
+
+def test_memoized_cycles_decide_what_cold_ones_decide(monkeypatch):
+    """Every memo of the Shoal policy - within a cycle (reasons of waiting shapes, victim sets,
+    choose(), quota checks, reservations) and across cycles (running jobs' facts on their views,
+    the layout, feasibility, node indexes) - is a pure speed-up: each cycle of a replay with
+    borrowing, reclaim, sharing and reservations is decided a second time with every module memo
+    cleared and the cycle's memo forgetting what it is told, and the two decisions are equal."""
+    import scheduler.policy.cluster as cluster_mod
+    import scheduler.policy.shoal as shoal
+    from scheduler.sim.engine import Simulation
+
+    class Forgetful(dict):
+        def __setitem__(self, key, value):  # every lookup misses: each memoized value is recomputed
+            pass
+
+    index = shoal._index
+
+    def cold_index(snap):
+        cy = index(snap)
+        cy.memo = Forgetful()
+        return cy
+
+    def decide(snap, cold: bool):
+        if cold:
+            for memo in (shoal._RUNNING, shoal._FEASIBLE, cluster_mod._NODE_INDEX, cluster_mod._LAYOUTS):
+                memo.clear()
+            monkeypatch.setattr(shoal, "_index", cold_index)
+        try:
+            d, held = shoal.plan(snap)
+        finally:
+            monkeypatch.setattr(shoal, "_index", index)
+        return d.to_start, d.to_preempt, d.pending, d.estimated_start, held
+
+    cycles = []
+
+    def both(snap):
+        warm, cold = decide(snap, False), decide(snap, True)
+        assert warm == cold
+        cycles.append(len(warm[0]) + len(warm[1]))
+        return shoal.schedule(snap)
+
+    doc = {"gpu_models": {"H100 80GB": {"memory_gib": 80}},
+           "nodes": [{"count": 2, "gpus_per_node": 8, "gpu_model": "H100 80GB"}],
+           "teams": {"x": {"gpus": 8, "cohort": "all"}, "y": {"gpus": 8, "cohort": "all"}}, "cohorts": {"all": {}},
+           "simulation": {"tick_s": 60, "restart_overhead_s": 30, "workload": {"estimate_sigma": 0.5}}}
+    sc = parse_sim_cluster(yaml.safe_dump(doc), "<test>")
+    # (a trace where a memo of waiting reasons that ignored the reservation - jobs that end before
+    # it may use its GPUs, the others may not - decides differently in 9 cycles)
+    rows = trace(*[(t.submit_s * 10, t.duration_s * 40, t.gpus, t.group) for t in random_trace(300, seed=3)])
+    r = Simulation(sc, make_jobs(rows, sc.sim.workload, sc.team_of, sc.sim.seed), both, "shoal").run()
+    assert len(cycles) > 100 and sum(1 for c in cycles if c) > 20  # many cycles decided something
+    assert sum(j["preemptions"] for j in r.jobs) > 0
