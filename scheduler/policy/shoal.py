@@ -132,7 +132,7 @@ def _running_facts(c: Cluster, r) -> tuple:
     cpu_parts = tuple((node_id, float(r.cpus) * len(ix) / max(1, gpus)) for node_id, ix in parts)
     by_gpu = c.by_gpu
     gpu_keys = tuple((o, i) for node_id, ix in parts for i in ix if (o := by_gpu.get((node_id, i))) is not None)
-    if len(_RUNNING) > 65536:  # bounded: live views are recomputed after a clear
+    if len(_RUNNING) > 8192:  # bounded (it keeps old views alive): live views are recomputed after a clear
         _RUNNING.clear()
     hit = _RUNNING[id(r)] = (r, by_gpu, flavor, amt, end, cpu_parts, gpu_keys, gpus)
     return hit
