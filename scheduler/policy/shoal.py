@@ -23,8 +23,8 @@ One cycle, in numbered steps:
     mean completion time close to SRTF. Aging: that score decays linearly to 0 over the job's
     horizon aging_s + aging_ratio x its own length (_job_key), so no feasible job waits behind
     later arrivals longer than its horizon, and a long job's bound grows with its length.
-    Ties: submit time, then job id. The order is one sort, and a team's band is recomputed after
-    each of its starts (the rest re-sorted when it moves), so fair share holds inside one cycle too.
+    Ties: submit time, then job id. The order is a k-way merge over per-team queues on a heap, and
+    a team's band is recomputed after each start, so fair share holds inside one cycle too.
  5. Quota and budget. Per flavor the job may use (its required one, else smallest memory first):
     within nominal, or borrowing within the cohort (quota.py). A team at or over its budget
     starts no borrowed work (over_budget="none": nothing new).
@@ -47,6 +47,7 @@ One cycle, in numbered steps:
 """
 from __future__ import annotations
 
+import heapq
 import math
 from collections import defaultdict
 
@@ -264,30 +265,29 @@ class _FairShare:
 
 
 def _ordered(cy: Cycle, jobs: list[Job]):
-    """Yield jobs in policy order: per team, by job key; between teams, a merge on (priority, the
-    team's band, the rest of the key), the team's band re-read after each of its jobs (a start
-    moves its share). Keys end with the job id, so they are unique and the merge is one sort
-    while no band changes; a start that moves its team to another band re-sorts what is left
-    (only that team's entries change: a team's band moves only when one of its own jobs starts)."""
-    teams = {j.req.team for j in jobs}
-    fs = cy.fair = _FairShare(cy, teams | {r.team for r in cy.snap.running})
-    band = {t: fs.band(t) for t in teams}
+    """Yield jobs in policy order; the team's band is re-read after each yielded job."""
+    queues: dict[str, list[Job]] = defaultdict(list)
+    for j in jobs:
+        queues[j.req.team].append(j)
+    fs = cy.fair = _FairShare(cy, set(queues) | {r.team for r in cy.snap.running})
+    heap = []
+    pos = {}
+    for team, q in queues.items():
+        q.sort(key=lambda j: j.key)
+        pos[team] = 0
+        heap.append(_entry(fs, team, q[0]))
+    heapq.heapify(heap)
+    while heap:
+        *_, team = heapq.heappop(heap)
+        q = queues[team]
+        yield q[pos[team]], fs
+        pos[team] += 1
+        if pos[team] < len(q):
+            heapq.heappush(heap, _entry(fs, team, q[pos[team]]))
 
-    def entry(j: Job) -> tuple:
-        return j.key[0], band[j.req.team], j.key[1:]
 
-    rest = sorted(jobs, key=entry, reverse=True)  # next job last
-    starts = cy.starts
-    while rest:
-        job = rest.pop()
-        n = len(starts)
-        yield job, fs
-        if len(starts) != n:
-            team = job.req.team
-            b = fs.band(team)
-            if b != band[team]:
-                band[team] = b
-                rest.sort(key=entry, reverse=True)
+def _entry(fs: _FairShare, team: str, j: Job) -> tuple:
+    return (j.key[0], fs.band(team), j.key[1:], fs.ratio(team), team)
 
 
 # -- the cycle ----------------------------------------------------------------------------------
