@@ -559,10 +559,11 @@ class Service:
                 seen = readings.get(info.node_id, [])
                 if self._healthy_seen.get(info.node_id) is seen:
                     continue  # the same reading object as a cycle that found every GPU healthy
-                ack = rec.xid_ack or {}
-                faults = [r for r in seen if not r.healthy and r.xid_errors > int(ack.get(str(r.index), 0))]
                 if all(r.healthy for r in seen):
                     self._healthy_seen[info.node_id] = seen
+                    continue
+                ack = rec.xid_ack or {}
+                faults = [r for r in seen if not r.healthy and r.xid_errors > int(ack.get(str(r.index), 0))]
                 if faults:
                     why = "; ".join(f"GPU {r.index}: {r.xid_errors} XID/ECC error(s)" for r in faults)
                     log.warning("draining node %s: %s", info.name, why)

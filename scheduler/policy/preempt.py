@@ -36,11 +36,6 @@ def lost_work(r: RunningJob, now: float) -> float:
     return max(0.0, now - since)
 
 
-def _gpus(r: RunningJob) -> int:
-    """GPUs r holds (all nodes of a gang: at least what it holds on any one unit)."""
-    return len(r.gpu_indices) if not r.parts else sum(len(ix) for _, ix in r.parts)
-
-
 def _usable(cluster: Cluster, o: int, m: int, gone: set[int], tenants: dict[int, tuple[int, ...]],
             avoid) -> tuple[int, dict[int, int], dict[int, list[int]]]:
     """(GPUs of unit o usable by a job of m MiB once the jobs in `gone` have left, each tenant
@@ -82,7 +77,7 @@ def choose(cluster: Cluster, flavors: list[str], g: int, m: int, cpg: int, now: 
         if u.flavor not in flavors or not u.schedulable:
             continue
         if not stopping.get(o) and (
-                len(u.free) - bisect_left(u.free, (m, -1)) + sum(_gpus(r) for r in cands) < g
+                len(u.free) - bisect_left(u.free, (m, -1)) + sum(r.gpu_count for r in cands) < g
                 or cluster.cpus_free[u.node_id] + sum(r.cpus for r in cands) < g * cpg):
             continue  # even every candidate gone and every free GPU taken would not hold the gang
         gone = set(stopping.get(o, ()))

@@ -39,25 +39,20 @@ def preempt_for(cy: Cycle, job: Job, allowed: list[tuple[str, str]], avoid: dict
     if cands is not None and not cands:
         return ""
 
-    def borrowed(team: str, f: str) -> bool:
-        k = book.key(team, f)
-        return book.borrowing(team, k) - cy.reclaimed[(team, k)] > 1e-9
+    teams_reclaimable: dict[tuple[str, str], bool] = {}
 
-    reclaim = any(t != req.team and book.same_tree(t, req.team) and borrowed(t, f)
-                  for f in nominal for t in sorted(cy.victim_teams.get(f, ())))
+    def reclaimable(team: str, f: str) -> bool:  # another team of the tree borrowing on f: once per team and flavor
+        hit = teams_reclaimable.get((team, f))
+        if hit is None:
+            k = book.key(team, f)
+            hit = teams_reclaimable[(team, f)] = (team != req.team and book.same_tree(team, req.team)
+                                                  and book.borrowing(team, k) - cy.reclaimed[(team, k)] > 1e-9)
+        return hit
+
+    reclaim = any(reclaimable(t, f) for f in nominal for t in sorted(cy.victim_teams.get(f, ())))
     if not (reclaim or cy.min_prio.get(req.team, req.priority) < req.priority or s.las_preempt_factor > 0):
         cy.memo[key] = {}
         return ""
-
-    teams_reclaimable: dict[tuple[str, str], bool] = {}
-
-    def reclaimable(team: str, rf: str) -> bool:  # a team-level fact: once per team and flavor
-        hit = teams_reclaimable.get((team, rf))
-        if hit is None:
-            k = book.key(team, rf)
-            hit = teams_reclaimable[(team, rf)] = (team != req.team and book.same_tree(team, req.team)
-                                                   and book.borrowing(team, k) - cy.reclaimed[(team, k)] > 1e-9)
-        return hit
 
     def why(r: RunningJob) -> str | None:
         rf = cy.flavor_of[r.job_id]

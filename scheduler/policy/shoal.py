@@ -96,23 +96,19 @@ def _index(snap: Snapshot) -> Cycle:
         use[team][flavor] += amt
         for node_id, cpus in cpu_parts:  # a multi-node gang frees its CPUs on each of its nodes
             cpu_ends.setdefault(node_id, []).append((end, cpus))
+        for k in gpu_keys:
+            ends[k] = max(ends.get(k, 0.0), end)
         if r.stopping:
             if team in teams:
                 cy.stopping_amt[(team, book.key(team, flavor))] += amt
-            for k in gpu_keys:
-                ends[k] = max(ends.get(k, 0.0), end)
-                stopping.setdefault(k[0], set()).add(r.job_id)
-        elif r.preemptible and now - r.started_at >= min_runtime:
-            if gpu_keys:
-                min_prio[team] = min(min_prio.get(team, r.priority), r.priority)
-                victim_teams.setdefault(flavor, set()).add(team)
-                mine = victims_ok.setdefault(flavor, {})
-            for k in gpu_keys:
-                ends[k] = max(ends.get(k, 0.0), end)
-                mine.setdefault(k[0], {})[r.job_id] = r
-        else:
-            for k in gpu_keys:
-                ends[k] = max(ends.get(k, 0.0), end)
+            for o, _ in gpu_keys:
+                stopping.setdefault(o, set()).add(r.job_id)
+        elif gpu_keys and r.preemptible and now - r.started_at >= min_runtime:
+            min_prio[team] = min(min_prio.get(team, r.priority), r.priority)
+            victim_teams.setdefault(flavor, set()).add(team)
+            mine = victims_ok.setdefault(flavor, {})
+            for o, _ in gpu_keys:
+                mine.setdefault(o, {})[r.job_id] = r
     if s.makespan_guard:
         cy.critical, cy.drain = _critical_length(snap, cluster, latest, work)
     return cy
@@ -126,8 +122,8 @@ def _running_facts(c: Cluster, r) -> tuple:
     [(unit, GPU index)], GPUs) of a running job: a function of its (immutable) view and the cluster's
     layout only, memoized on both (the service hands the policy one view object per attempt)."""
     flavor = flavor_of(c, r)
-    parts = r.parts or ((r.node_id, r.gpu_indices),)
-    gpus = sum(len(ix) for _, ix in parts)
+    parts = r.placements()
+    gpus = r.gpu_count
     amt = amount(c, flavor, gpus, r.memory_per_gpu_mib, r.shareable) if flavor in c.flavors else gpus
     end = r.expected_end_at if r.expected_end_at is not None else INF
     cpu_parts = tuple((node_id, float(r.cpus) * len(ix) / max(1, gpus)) for node_id, ix in parts)

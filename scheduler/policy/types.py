@@ -82,12 +82,16 @@ class RunningJob:
     def placements(self) -> tuple[tuple[str, tuple[int, ...]], ...]:
         return self.parts or ((self.node_id, self.gpu_indices),)
 
+    @property
+    def gpu_count(self) -> int:
+        """GPUs it holds, on every node of a gang."""
+        return len(self.gpu_indices) if not self.parts else sum(len(ix) for _, ix in self.parts)
+
     def attained(self, now: float) -> float:
         """GPU-seconds received by `now`, all attempts including this one."""
         if self.attained_at is None:
             return self.attained_gpu_s
-        held = len(self.gpu_indices) if not self.parts else sum(len(ix) for _, ix in self.parts)
-        return self.attained_gpu_s + held * max(0.0, now - self.attained_at)
+        return self.attained_gpu_s + self.gpu_count * max(0.0, now - self.attained_at)
 
 
 @dataclass(frozen=True)
