@@ -163,6 +163,9 @@ class _Trainer:
         X.check_output_dir(cfg.output_dir, cfg.storage_root)
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)  # NCCL collectives use the current device
+            # the reported peak is this run's, not what the process held before it (a host that
+            # trains twice, or a test that allocated first: seen on an H200 as 113 GiB)
+            torch.cuda.reset_peak_memory_stats(self.device)
         # the user's metric is imported first, so a typo fails before training, not after
         self.user_metric = E.load_metric(cfg.eval_metric) if cfg.eval_metric else None
         seed_everything(cfg.seed)  # same on all ranks: identical LoRA init
