@@ -11,22 +11,35 @@ Parameters (decoder-only transformers: Llama, Mistral, Qwen2, ... shapes; exact 
   lm_head        V·h unless tie_word_embeddings
   Without those keys in config.json the count falls back to the weight files' bytes / dtype size.
 
-Memory per GPU worker (bytes):
-  full           16 B/param: bf16 weights 2 + bf16 grads 2 + fp32 master, Adam m and v 12 (ZeRO,
-                 Rajbhandari et al. 2020, §3), sharded over the job's GPUs (FSDP / ZeRO-3)
+Memory per GPU worker (bytes), calibrated against the peaks measured on an H200 (torch 2.11,
+transformers 5.23, peft 0.21, bf16 autocast, SDPA) by `benchmarks/memory_estimate.py`: 15 cases of
+3 shapes x methods x batch shapes x checkpointing, where the estimate must cover torch's peak
+reserved memory + the CUDA context (NVML's figure for the process). Measured cover 1.05-1.34 (the
+structural formula used before, 16 B/param and 2·(4h + 2·K·d + 3I) of activations, gave 0.57-0.93:
+it under-promised every case, which packing turns into OOMs). Table in docs/policy.md.
+  full           20 B/param: fp32 weights 4 + grads 4 + AdamW m and v 8 (Shoal trains fp32 master
+                 weights under bf16 autocast), + 4 for what is alive beside them at the peak
+                 (AdamW's foreach temporaries at the step, autocast's bf16 weight copies in the
+                 forward); sharded over the job's GPUs (FSDP / ZeRO-3, Rajbhandari et al. 2020)
   lora / dora    frozen base at the compute precision (2 B bf16/fp16, 4 B fp32) on every GPU (DDP);
                  adapters r·(d_in + d_out) per targeted linear (DoRA adds d_out magnitudes) trained
                  in fp32 with AdamW: 16 B per adapter param (Hu et al. 2021; Liu et al. 2024)
   qlora          like lora but all decoder linears are stored in 4-bit NF4 with double
                  quantization: 0.5 B + ~0.127 bit/param of constants (Dettmers et al. 2023);
-                 embeddings, norms and lm_head stay at 2 B
-  activations    per layer per token, bf16 tensors kept for backward in a Llama block with fused
-                 (flash/SDPA) attention: inputs of both norms, q/k/v, attention output, MLP gate/up/
-                 activation outputs: 2·(4h + 2·K·d + 3I) bytes; without the Llama keys the general
-                 34·h of Korthikanti et al. 2022 (eq. 2, s² term dropped for fused attention).
-                 Gradient checkpointing keeps only each layer's input (2h) plus one layer recomputed.
-  logits         s·b·V·(2 + 4 + 4): bf16 logits, fp32 upcast for the loss and its gradient
-  runtime        1 GiB CUDA context + allocator slack, plus 5 % on states
+                 embeddings, norms and lm_head at 4 B (peft's prepare_model_for_kbit_training
+                 keeps them in fp32)
+  activations    per layer per token (bf16; x2 for fp32): 6·h + 5·I + 24·K·d, fitted on three
+                 shapes (h 1024/2048, I 2048-5632, MHA and GQA) with fused SDPA attention (no s²
+                 term; b x s at equal tokens measured equal); adapters add what PEFT keeps per
+                 targeted linear: 3.5 B x its d_in (LoRA), 6 B (QLoRA: fp32 norms and casts
+                 around the 4-bit matmuls), and DoRA 4 B x its d_out more (the base and adapter
+                 outputs its magnitude scaling keeps). Without the Llama keys: the general 34·h of
+                 Korthikanti et al. 2022 (eq. 2, s² term dropped). Gradient checkpointing keeps
+                 each layer's input (2h) plus one layer recomputed.
+  logits         s·b·V·(2 + 4 + 4 + 1): bf16 logits, fp32 upcast for the loss and its gradient
+                 (measured 10.6)
+  runtime        1 GiB (CUDA context: 760 MiB measured) + 12 % of the rest: the caching
+                 allocator reserved 3-32 % more than its peak allocation
 
 Step time: FLOPs per token ≈ 6·P + 12·L·h·s for full fine-tuning (Kaplan et al. 2020, forward 2P,
 backward 4P, attention 12·L·h·s); with adapters the frozen weights need no weight gradients:
@@ -47,6 +60,11 @@ _DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2, "float64": 8}
 METHODS = ("full", "lora", "qlora", "dora")
 LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 # Peak dense bf16 tensor TFLOPS (vendor data sheets, no sparsity).
+# Full fine-tuning: fp32 weights 4 + grads 4 + AdamW m and v 8, plus 4 for what is alive beside
+# them at the peak (AdamW's foreach temporaries at the step, or autocast's bf16 weight copies).
+FULL_BYTES_PER_PARAM = 20
+# The caching allocator reserves more than it hands out: measured 3-32 % over the peak allocated.
+ALLOCATOR_SLACK = 0.12
 PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L40S": 362.0, "L4": 121.0, "A10": 125.0}
 
 
@@ -157,16 +175,23 @@ def estimate(model_dir: str | Path, method: str, batch_size: int, max_length: in
     tokens = batch_size * max_length
     act_bytes = 2 if precision != "fp32" else 4
 
-    # Activations kept for backward, per token per layer.
+    # Activations kept for backward, per token per layer (bytes; fitted on measured peaks, see
+    # the module docstring): the block's own tensors, plus what PEFT keeps per adapted linear.
     if shape:
-        per_layer = (act_bytes * (4 * shape.hidden + 2 * shape.kv_heads * shape.head_dim + 3 * shape.intermediate))
+        kv = shape.kv_heads * shape.head_dim
+        per_layer = (6 * shape.hidden + 5 * shape.intermediate + 24 * kv) * act_bytes / 2
+        if method != "full":
+            dims = shape.linear_dims()
+            names = list(LINEARS) if lora_targets == "all-linear" else [t for t in lora_targets if t in dims]
+            d_in, d_out = sum(dims[n][0] for n in names), sum(dims[n][1] for n in names)
+            per_layer += d_in * (6.0 if method == "qlora" else 3.5) + (4 * d_out if method == "dora" else 0)
     else:
         per_layer = 34 * hidden * act_bytes / 2
     if gradient_checkpointing:
         activations = tokens * (layers * act_bytes * hidden + per_layer)
     else:
         activations = tokens * layers * per_layer
-    logits = tokens * (shape.vocab if shape else 32000) * (act_bytes + 4 + 4)
+    logits = tokens * (shape.vocab if shape else 32000) * (act_bytes + 4 + 4 + 1)
 
     trainable = params if method == "full" else (
         adapter_params(shape, lora_r, lora_targets, dora=method == "dora") if shape
@@ -174,13 +199,14 @@ def estimate(model_dir: str | Path, method: str, batch_size: int, max_length: in
     base_bytes = 4 if precision == "fp32" else 2
     if method == "qlora":
         linear = shape.layers * shape.layer_linear_params() if shape else int(params * 0.9)
-        frozen = linear * (0.5 + 0.127 / 8) + (params - linear) * 2
+        frozen = linear * (0.5 + 0.127 / 8) + (params - linear) * 4  # the rest in fp32 (k-bit prep)
     else:
         frozen = params * base_bytes
 
     def need(n: int) -> tuple[float, dict[str, float]]:
-        states = params * 16 / n if method == "full" else frozen + trainable * 16
-        parts = {"states": states * 1.05, "activations": activations, "logits": logits, "runtime": GIB}
+        states = params * FULL_BYTES_PER_PARAM / n if method == "full" else frozen + trainable * 16
+        parts = {"states": states, "activations": activations, "logits": logits}
+        parts["runtime"] = GIB + ALLOCATOR_SLACK * sum(parts.values())
         return sum(parts.values()) / MIB, {k: v / MIB for k, v in parts.items()}
 
     if gpus == "auto":

@@ -11,8 +11,10 @@ count and run time are kept; the class decides the model and method and so the m
                          full 16 / gpus (fp32 master weights, grads, AdamW moments, sharded FSDP)
     activations        = 34 x seq_len x batch x hidden x layers bytes (Korthikanti et al. 2022,
                          eq. 2, no recomputation)
-  the same rule as scheduler/estimate.py (which reads a real model directory; here the shapes
-  come from the presets below, taken from each model's published config.json).
+  a simplified form of scheduler/estimate.py's rule as it stood when the simulator's figures were
+  measured (estimate.py reads a real model directory and was since calibrated on a GPU: its
+  figures are higher, see docs/policy.md; the workload keeps this rule so replays stay comparable;
+  here the shapes come from the presets below, taken from each model's published config.json).
 
 The user's run-time estimate: non-oracle policies see `expected_duration_s` = true run time x
 exp(N(0, sigma)) (log-normal, median exact), like a Slurm `--time` a person writes; sigma =
