@@ -6,7 +6,7 @@ export SHOAL_HOME ?= $(CURDIR)/.shoal
 TINY   := examples/models/tiny-llama
 DATA   := examples/data/tiny-sft
 
-.PHONY: install assets demo test test-slow test-all clean constraints prometheus
+.PHONY: install assets demo test test-slow test-gpu test-all clean constraints prometheus
 
 install: $(VENV)/.installed
 
@@ -48,6 +48,11 @@ test-slow: install assets
 	$(BIN)/python -m pytest -m slow; rc=$$?; [ $$rc -eq 5 ] && exit 0 || exit $$rc
 
 test-all: test test-slow
+
+# On a machine with an NVIDIA GPU: real NVML, the policy on live readings, the trainer's CUDA path
+# (skipped, not failed, without a GPU; CI has none). -s prints the measured figures.
+test-gpu: install assets
+	$(BIN)/python -m pytest -m gpu -s -v tests/gpu
 
 constraints:
 	$(BIN)/pip freeze --exclude-editable | sed 's/+cpu//' > constraints.txt.new && mv constraints.txt.new constraints.txt
