@@ -1,0 +1,4 @@
+"""`python -m scheduler.cli` = `shoal`."""
+from scheduler.cli import main
+
+main()
