@@ -12,7 +12,6 @@ what is really running; `shutdown()` checkpoints running jobs and puts them back
 """
 from __future__ import annotations
 
-import dataclasses
 import logging
 import threading
 import time
@@ -26,6 +25,7 @@ from scheduler.clock import Clock
 from scheduler.executor import Executor, LaunchRequest, Outcome, ProgressEvent
 from scheduler.inventory import Inventory
 from scheduler.lifecycle import ACTIVE, JobState
+from scheduler.nodes import Nodes
 from scheduler.policy import (
     Cohort, Decision, JobRequest, Placement, PolicySettings, RunningJob, Snapshot, TeamQuota, forecast, schedule,
 )
@@ -116,7 +116,7 @@ class Service:
         self._reconcile = False  # a cycle failed half-way: reconcile store and executor first
         self._scanned_at = float("-inf")  # last full scan for rows with an unknown state
         self._running_cache: dict = {}  # job id -> view fields (running_views)
-        self._healthy_seen: dict = {}  # node id -> its last reading with every GPU healthy (node sync)
+        self.nodes = Nodes(store, inventory, self.clock)  # lost, drained, faulty nodes
         self._pending_cache: dict = {}  # job id -> JobRequest (pending_views)
         self._queued_cache: dict = {}  # job id -> (version, JobRecord) of the last cycle's queue
         self._handed: dict[int, JobRecord] = {}  # jobs this process just created (note_submitted)
@@ -390,7 +390,7 @@ class Service:
         if queued is None:
             queued = self.store.jobs(states=[S.QUEUED], cancel_requested=False)
         snap = Snapshot(
-            self._overlay_drains(self.inventory.node_views(running)), tuple(running), self.pending_views(queued),
+            self.nodes.overlay(self.inventory.node_views(running)), tuple(running), self.pending_views(queued),
             self.quotas(),
             self.config.scheduler.memory_headroom_mib, now=self.clock.now(),
             cohorts=tuple(Cohort(n, c.parent) for n, c in sorted(self.store.cohort_configs(self.config).items())),
@@ -528,49 +528,15 @@ class Service:
         self._move(job, S.ADMITTED, S.STARTING, f"launched attempt {job.attempt}",
                    started_at=job.started_at or self.clock.now())
 
-    # -- nodes: lost, drained (by an operator or a GPU fault) ------------------------------------
-    def _overlay_drains(self, views):
-        """Drained and lost nodes (store) take no new work."""
-        nodes = self.store.nodes()
-        return tuple(dataclasses.replace(v, schedulable=False)
-                     if (n := nodes.get(v.node_id)) is not None and (n.drained or n.lost) else v
-                     for v in views)
-
+    # -- jobs on lost and drained nodes (the nodes themselves: scheduler/nodes.py) --------------
     def _sync_nodes(self) -> None:
-        """Record new nodes; a node Ray reports dead is marked lost and its jobs go back to the
-        queue (not counted as a failure: they resume from their last checkpoint elsewhere); a GPU
-        with new XID/ECC errors drains its node; jobs on a drained node checkpoint and move."""
-        infos = self.inventory.nodes()
-        readings = self.inventory.read()
-        stored = self.store.nodes()
-        now = self.clock.now()
-        for info in infos:
-            rec = stored.get(info.node_id)
-            if info.alive and (rec is None or rec.lost or rec.name != info.name):
-                rec = self.store.upsert_node(info.node_id, info.name, now)
-                stored[info.node_id] = rec
-            if rec is None:
-                continue
-            if not info.alive and not rec.lost:
-                log.warning("node %s lost", info.name)
-                self.store.mark_node_lost(info.node_id, now)
-                stored[info.node_id] = dataclasses.replace(rec, lost=True, lost_at=now)
-            elif info.alive and not rec.drained:
-                seen = readings.get(info.node_id, [])
-                if self._healthy_seen.get(info.node_id) is seen:
-                    continue  # the same reading object as a cycle that found every GPU healthy
-                if all(r.healthy for r in seen):
-                    self._healthy_seen[info.node_id] = seen
-                    continue
-                ack = rec.xid_ack or {}
-                faults = [r for r in seen if not r.healthy and r.xid_errors > int(ack.get(str(r.index), 0))]
-                if faults:
-                    why = "; ".join(f"GPU {r.index}: {r.xid_errors} XID/ECC error(s)" for r in faults)
-                    log.warning("draining node %s: %s", info.name, why)
-                    stored[info.node_id] = self.store.set_drained(info.node_id, True, reason=f"auto: {why}", now=now)
-        if not any(n.lost or n.drained for n in stored.values()):
-            return  # no job to move (the usual case: skips a pass over every active job)
-        for job in self.store.active_jobs():  # a gang moves whole when any of its nodes does
+        """A lost node's jobs go back to the queue (not counted as a failure: they resume from
+        their last checkpoint elsewhere); a drained node's running jobs checkpoint and move. A
+        gang moves whole when any of its nodes does."""
+        stored = self.nodes.sync()
+        if stored is None:
+            return
+        for job in self.store.active_jobs():
             nodes = [n for n in (stored.get(i) for i in pl.node_ids(job.placement)) if n is not None]
             lost = [n for n in nodes if n.lost]
             drained = [n for n in nodes if n.drained]
@@ -581,30 +547,6 @@ class Service:
             elif drained and job.state in (S.STARTING, S.RUNNING):
                 node = drained[0]
                 self._preempt(job.id, f"node {node.name} drained ({node.drain_reason}); checkpoint and move")
-
-    def find_node(self, ref: str):
-        """A node by id, unique id prefix (>= 6 characters) or unique name; KeyError naming the
-        known nodes otherwise."""
-        nodes = list(self.store.nodes().values())
-        return find_node(nodes, ref)
-
-    def note_node(self, node_id: str) -> None:
-        """Record a node the inventory shows before the loop has (so it can be drained at once)."""
-        if node_id not in self.store.nodes():
-            self.store.upsert_node(node_id, self.inventory.node_name(node_id), self.clock.now())
-
-    def drain(self, ref: str, reason: str = "drained by operator"):
-        """No new job lands on the node; its running jobs checkpoint and move (next cycle)."""
-        node = self.find_node(ref)
-        return self.store.set_drained(node.node_id, True, reason=reason, now=self.clock.now())
-
-    def undrain(self, ref: str):
-        """The node takes work again; GPU faults seen so far are acknowledged (only new ones
-        drain it again)."""
-        node = self.find_node(ref)
-        ack = {str(r.index): r.xid_errors for r in self.inventory.read().get(node.node_id, [])}
-        return self.store.set_drained(node.node_id, False, reason=None, now=self.clock.now(),
-                                      xid_ack={**(node.xid_ack or {}), **ack})
 
     # -- start-up and shut-down ---------------------------------------------------------------
     def recover(self) -> None:
@@ -673,22 +615,6 @@ class Service:
 def _queued_version(j: JobRecord) -> tuple:
     """The columns Store.queued_versions reads, in its order."""
     return (j.updated_at, j.attempt, j.retries, j.attained_gpu_s, j.pending_reason, j.estimated_start_at)
-
-
-def find_node(nodes, ref: str):
-    """`nodes`: NodeRecords. Matches an exact id, a unique id prefix of >= 6 characters, or a
-    unique name."""
-    exact = [n for n in nodes if n.node_id == ref]
-    if exact:
-        return exact[0]
-    by = [n for n in nodes if n.name == ref] or (
-        [n for n in nodes if n.node_id.startswith(ref)] if len(ref) >= 6 else [])
-    if len(by) == 1:
-        return by[0]
-    known = ", ".join(f"{n.name} ({n.node_id[:12]})" for n in nodes) or "none yet"
-    if by:
-        raise KeyError(f"node {ref!r} is ambiguous: it matches {len(by)} nodes; use the node id. Known: {known}")
-    raise KeyError(f"node {ref!r} is not known to Shoal (by id, id prefix of 6+ characters, or name). Known: {known}")
 
 
 def check_launchable(job: JobRecord) -> str | None:

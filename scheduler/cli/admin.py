@@ -15,7 +15,7 @@ from scheduler.cli.server import _store_url
 
 
 def _set_drain(node: str, drained: bool, db: Optional[str], reason: str) -> None:
-    from scheduler.service import find_node
+    from scheduler.nodes import find_node
     from scheduler.store import Store
 
     store = Store(_store_url(db))

@@ -10,7 +10,7 @@ from scheduler.service import Service
 
 
 def register(app: FastAPI, service: Service, Who) -> None:
-    store, clock = service.store, service.clock
+    store = service.store
 
     @app.get("/v1/nodes")
     def nodes(p: Who) -> list[NodeOut]:
@@ -47,14 +47,14 @@ def register(app: FastAPI, service: Service, Who) -> None:
         """Stop placing new jobs on the node; its running jobs checkpoint and move elsewhere
         (the same drain a GPU fault triggers, recorded in the store)."""
         node_id = find(name)
-        service.note_node(node_id)
-        service.drain(node_id, body.reason)
+        service.nodes.note(node_id)
+        service.nodes.drain(node_id, body.reason)
         return next(n for n in nodes(p) if n.id == node_id)
 
     @app.post("/v1/nodes/{name}/undrain")
     def undrain(name: Annotated[str, Depends(_path_node)], p: Who) -> NodeOut:
         node_id = find(name)
-        service.note_node(node_id)
-        service.undrain(node_id)
+        service.nodes.note(node_id)
+        service.nodes.undrain(node_id)
         return next(n for n in nodes(p) if n.id == node_id)
 

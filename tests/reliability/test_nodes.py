@@ -86,7 +86,7 @@ def test_xid_drains_node_moves_its_jobs_and_blocks_new_work_until_undrained(clus
     assert [c.store.get(j.id).state for j in more].count(S.QUEUED) == 2
     assert c.gpus_in_snapshot() == 2
     # Undrained: the faults seen so far are acknowledged; the waiting jobs land there.
-    c.service.undrain(f"node-{node}")
+    c.service.nodes.undrain(f"node-{node}")
     c.run(1)
     assert {c.node_of(j) for j in more if c.store.get(j.id).state is not S.QUEUED} == {node, other}
     assert not c.store.nodes()[node].drained
@@ -164,7 +164,7 @@ def test_job_failing_with_its_node_before_the_node_is_declared_dead_is_requeued_
     node's death as its cause, and Ray still lists the node alive. Not the job's failure."""
     c = Cluster(tmp_path, db_url)
     nodes = ProbedNodes(c.readers)
-    c.service.inventory = Inventory(nodes, c.readers)
+    c.service.inventory = c.service.nodes.inventory = Inventory(nodes, c.readers)
     try:
         job = c.submit(duration=30, max_retries=0)
         c.run(2)
@@ -193,4 +193,4 @@ def test_job_failing_with_its_node_before_the_node_is_declared_dead_is_requeued_
 def test_unknown_node_names_the_known_ones(cluster):
     cluster.service.tick()
     with pytest.raises(KeyError, match=r"node 'zzz' is not known.*node-n1 \(n1\), node-n2 \(n2\)"):
-        cluster.service.drain("zzz")
+        cluster.service.nodes.drain("zzz")
