@@ -12,8 +12,8 @@ Parameters (decoder-only transformers: Llama, Mistral, Qwen2, ... shapes; exact 
   Without those keys in config.json the count falls back to the weight files' bytes / dtype size.
 
 Memory per GPU worker (bytes), calibrated against the peaks measured on an H200 (torch 2.11,
-transformers 5.23, peft 0.21, bf16 autocast, SDPA) by `benchmarks/memory_estimate.py`: 15 cases of
-3 shapes x methods x batch shapes x checkpointing, where the estimate must cover torch's peak
+transformers 5.23, peft 0.21, bf16 autocast, SDPA) by `benchmarks/memory_estimate.py`: 15 cases over
+four model shapes x methods x batch shapes x checkpointing, where the estimate must cover torch's peak
 reserved memory + the CUDA context (NVML's figure for the process). Measured cover 1.05-1.34 (the
 structural formula used before, 16 B/param and 2·(4h + 2·K·d + 3I) of activations, gave 0.57-0.93:
 it under-promised every case, which packing turns into OOMs). Table in docs/policy.md.
@@ -59,12 +59,12 @@ GIB = 2**30
 _DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2, "float64": 8}
 METHODS = ("full", "lora", "qlora", "dora")
 LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-# Peak dense bf16 tensor TFLOPS (vendor data sheets, no sparsity).
 # Full fine-tuning: fp32 weights 4 + grads 4 + AdamW m and v 8, plus 4 for what is alive beside
 # them at the peak (AdamW's foreach temporaries at the step, or autocast's bf16 weight copies).
 FULL_BYTES_PER_PARAM = 20
 # The caching allocator reserves more than it hands out: measured 3-32 % over the peak allocated.
 ALLOCATOR_SLACK = 0.12
+# Peak dense bf16 tensor TFLOPS (vendor data sheets, no sparsity).
 PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L40S": 362.0, "L4": 121.0, "A10": 125.0}
 
 
