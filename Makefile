@@ -6,7 +6,7 @@ export SHOAL_HOME ?= $(CURDIR)/.shoal
 TINY   := examples/models/tiny-llama
 DATA   := examples/data/tiny-sft
 
-.PHONY: install assets demo test test-slow test-gpu test-all clean constraints prometheus
+.PHONY: install assets demo test test-slow test-gpu gpu-check test-all clean constraints prometheus
 
 install: $(VENV)/.installed
 
@@ -53,6 +53,13 @@ test-all: test test-slow
 # (skipped, not failed, without a GPU; CI has none). -s prints the measured figures.
 test-gpu: install assets
 	$(BIN)/python -m pytest -m gpu -s -v tests/gpu
+
+# Everything a GPU machine should measure, in one go (~6 min on an H200): the GPU tests, the memory
+# estimate against real peaks, the trainer against TRL with MFU, and a profile of a packed step.
+gpu-check: test-gpu
+	$(BIN)/python benchmarks/memory_estimate.py
+	$(BIN)/python benchmarks/trainer_vs_trl.py --gpu
+	$(BIN)/python benchmarks/trainer_profile.py
 
 constraints:
 	$(BIN)/pip freeze --exclude-editable | sed 's/+cpu//' > constraints.txt.new && mv constraints.txt.new constraints.txt
