@@ -93,6 +93,7 @@ class Service:
                  preflight: Callable[[JobRecord], str | None] | None = None, job_logs: bool = True):
         self.store = store
         self.executor = executor
+        self.nodes = Nodes(store, inventory, clock)  # lost, drained, faulty nodes
         self.inventory = inventory
         self.config = config
         self.clock = clock
@@ -116,11 +117,19 @@ class Service:
         self._reconcile = False  # a cycle failed half-way: reconcile store and executor first
         self._scanned_at = float("-inf")  # last full scan for rows with an unknown state
         self._running_cache: dict = {}  # job id -> view fields (running_views)
-        self.nodes = Nodes(store, inventory, self.clock)  # lost, drained, faulty nodes
         self._pending_cache: dict = {}  # job id -> JobRequest (pending_views)
         self._queued_cache: dict = {}  # job id -> (version, JobRecord) of the last cycle's queue
         self._handed: dict[int, JobRecord] = {}  # jobs this process just created (note_submitted)
         self.max_loop_share = 0.25  # run(): after a cycle of d seconds, wait >= d * (1/share - 1)
+
+    @property
+    def inventory(self) -> Inventory:
+        return self._inventory
+
+    @inventory.setter
+    def inventory(self, inventory: Inventory) -> None:
+        """A new inventory (tests swap one in) is the node bookkeeping's too."""
+        self._inventory = self.nodes.inventory = inventory
 
     # -- paths --------------------------------------------------------------------------------
     def job_dir(self, job_id: int) -> Path:

@@ -164,7 +164,7 @@ def test_job_failing_with_its_node_before_the_node_is_declared_dead_is_requeued_
     node's death as its cause, and Ray still lists the node alive. Not the job's failure."""
     c = Cluster(tmp_path, db_url)
     nodes = ProbedNodes(c.readers)
-    c.service.inventory = c.service.nodes.inventory = Inventory(nodes, c.readers)
+    c.service.inventory = Inventory(nodes, c.readers)
     try:
         job = c.submit(duration=30, max_retries=0)
         c.run(2)
