@@ -81,7 +81,7 @@ def test_nvml_reads_the_gpu_and_sees_this_process_memory_and_load(reader):
         for _ in range(12):
             time.sleep(0.25)
             r = reader.read()[0]
-            samples.append((r.utilization_pct, (_mine(r) or r).__dict__.get("sm_util_pct")))
+            samples.append((r.utilization_pct, getattr(_mine(r), "sm_util_pct", None)))
     finally:
         stop.set()
         t.join()
