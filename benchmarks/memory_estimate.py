@@ -27,6 +27,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+WORDS = ("apple river stone cloud green table music light house water paper tiger bread chair "
+         "smile ocean plant dream night happy storm quiet sugar horse lemon metal grape").split()
 # (name, hidden, layers, heads, kv_heads, intermediate, vocab)
 SHAPES = {
     "h1024-I4096": (1024, 8, 16, 16, 4096, 32000),
@@ -62,9 +64,7 @@ def build(work: Path, shape: str):
     d = work / shape
     if (d / "config.json").exists():
         return d, load_tokenizer(d)
-    words = ("apple river stone cloud green table music light house water paper tiger bread chair "
-             "smile ocean plant dream night happy storm quiet sugar horse lemon metal grape").split()
-    texts = [" ".join(words[(i * 7 + j) % len(words)] for j in range(40)) for i in range(200)]
+    texts = [" ".join(WORDS[(i * 7 + j) % len(WORDS)] for j in range(40)) for i in range(200)]
     tok = build_tokenizer(texts)
     h, layers, heads, kv, inter, vocab = SHAPES[shape]
     config = LlamaConfig(vocab_size=vocab, hidden_size=h, intermediate_size=inter, num_hidden_layers=layers,
@@ -77,11 +77,9 @@ def build(work: Path, shape: str):
 
 
 def records(path: Path, tok, max_length: int, n: int = 64) -> Path:
-    words = ("apple river stone cloud green table music light house water paper tiger bread chair "
-             "smile ocean plant dream night happy storm quiet sugar horse lemon metal grape").split()
     rows = []
     for i in range(n):  # long completions: truncated to max_length, every row full
-        body = " ".join(words[(i * 11 + j * 3) % len(words)] for j in range(max_length + 64))
+        body = " ".join(WORDS[(i * 11 + j * 3) % len(WORDS)] for j in range(max_length + 64))
         rows.append({"prompt": "Say:", "completion": " " + body})
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return path

@@ -9,7 +9,7 @@ from rich.table import Table
 
 from scheduler.models import Role
 from scheduler.client import ShoalError
-from scheduler.cli.common import (_client, _emit, _error, _fail, _fail_code, _table, _ts, app,
+from scheduler.cli.common import (_ask, _client, _emit, _error, _fail, _for_each, _table, _ts, app,
     out, OUTPUT, Output)
 from scheduler.cli.server import _store_url
 
@@ -62,10 +62,7 @@ def quota_show(team: Optional[str] = typer.Argument(None, help="one team (defaul
                output: Output = OUTPUT) -> None:
     """Quota, use and budget per team."""
     client = _client()
-    try:
-        teams = [client.team(team)] if team else client.teams()
-    except ShoalError as e:
-        raise _fail(e) from None
+    teams = _ask(lambda: [client.team(team)] if team else client.teams())
     if not _emit(teams, output):
         out.print(_quota_table(teams))
 
@@ -88,10 +85,7 @@ def quota_set(team: str,
                "--weight, --budget-usd")
         raise typer.Exit(2)
     client = _client()
-    try:
-        team_out = client.put_team(team, **fields) if create else client.patch_team(team, **fields)
-    except ShoalError as e:
-        raise _fail(e) from None
+    team_out = _ask(lambda: client.put_team(team, **fields) if create else client.patch_team(team, **fields))
     if not _emit(team_out, output):
         out.print(_quota_table([team_out]))
 
@@ -123,10 +117,7 @@ def token_create(user: str = typer.Option(..., "--user", "-u"),
 def token_list(output: Output = OUTPUT) -> None:
     """Tokens you can see (admins: all; team admins: their team's; others: their own)."""
     client = _client()
-    try:
-        toks = client.tokens()
-    except ShoalError as e:
-        raise _fail(e) from None
+    toks = _ask(client.tokens)
     if not _emit(toks, output):
         t = _table("ID", "USER", "CREATED", "EXPIRES", "REVOKED", "DESCRIPTION", fold="DESCRIPTION")
         for x in toks:
@@ -139,25 +130,19 @@ def token_list(output: Output = OUTPUT) -> None:
 def token_revoke(token_ids: list[str]) -> None:
     """Revoke tokens by id (the 8 hex characters after `shoal_`)."""
     client = _client()
-    code = 0
-    for tid in token_ids:
-        try:
-            client.revoke_token(tid)
-            out.print(f"Token {tid} revoked")
-        except ShoalError as e:
-            _error(f"token {tid}: {e}")
-            code = max(code, _fail_code(e))
-    raise typer.Exit(code)
+
+    def revoke(tid: str) -> str:
+        client.revoke_token(tid)
+        return f"Token {tid} revoked"
+
+    _for_each(token_ids, "token", revoke)
 
 
 @app.command()
 def whoami(output: Output = OUTPUT) -> None:
     """The user, team and role of the token in use."""
     client = _client()
-    try:
-        me = client.whoami()
-    except ShoalError as e:
-        raise _fail(e) from None
+    me = _ask(client.whoami)
     if not _emit(me, output):
         out.print(f"{me.user} (team {me.team or '-'}, role {me.role.value}, token {me.token_id}) at {client.url}",
                   highlight=False)
@@ -165,10 +150,7 @@ def whoami(output: Output = OUTPUT) -> None:
 
 def _drain(node: str, reason: str | None, undo: bool, output: Output) -> None:
     client = _client()
-    try:
-        n = client.undrain(node) if undo else client.drain(node, reason or "drained by admin")
-    except ShoalError as e:
-        raise _fail(e) from None
+    n = _ask(lambda: client.undrain(node) if undo else client.drain(node, reason or "drained by admin"))
     if not _emit(n, output):
         out.print(f"Node {n.name}: " + (f"drained ({n.drain_reason}); its running jobs checkpoint and move, nothing new starts there"
                                          if n.drained else "schedulable again"), highlight=False)

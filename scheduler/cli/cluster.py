@@ -11,7 +11,7 @@ from rich.table import Table
 
 from scheduler.client import ShoalError
 from scheduler.lifecycle import JobState
-from scheduler.cli.common import (_client, _emit, _error, _fail, _num, _table, _ts, app, out,
+from scheduler.cli.common import (_ask, _client, _emit, _error, _fail, _num, _table, _ts, app, out,
     OUTPUT, Output)
 
 
@@ -39,10 +39,7 @@ def _nodes_table(nodes) -> Table:
 def nodes(output: Output = OUTPUT) -> None:
     """Nodes and GPUs with live readings (utilization, memory, health) and the jobs on them."""
     client = _client()
-    try:
-        ns = client.nodes()
-    except ShoalError as e:
-        raise _fail(e) from None
+    ns = _ask(client.nodes)
     if not _emit(ns, output):
         out.print(_nodes_table(ns))
         for n in ns:

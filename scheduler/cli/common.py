@@ -8,6 +8,7 @@ import sys
 import time
 from datetime import datetime
 from enum import Enum
+from typing import Callable, Iterable, TypeVar
 
 import typer
 from rich.console import Console
@@ -97,6 +98,30 @@ def _fail(e: Exception, code: int = 1) -> typer.Exit:
     else:
         _error(str(e))
     return typer.Exit(code)
+
+
+T = TypeVar("T")
+
+
+def _ask(call: Callable[[], T]) -> T:
+    """The result of an API call; a refused or failed call ends the command with its exit code."""
+    try:
+        return call()
+    except ShoalError as e:
+        raise _fail(e) from None
+
+
+def _for_each(ids: Iterable, noun: str, act: Callable[[object], str]) -> None:
+    """`act(id)` for every id, printing the message it returns; a refused one is reported and the
+    rest still run. Exits with the worst outcome's code."""
+    code = 0
+    for i in ids:
+        try:
+            out.print(act(i))
+        except ShoalError as e:
+            _error(f"{noun} {i}: {e}")
+            code = max(code, _fail_code(e))
+    raise typer.Exit(code)
 
 
 def _error(message: str) -> None:

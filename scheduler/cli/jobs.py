@@ -16,7 +16,7 @@ from scheduler.client import Client, ShoalError
 from scheduler.lifecycle import JobState
 from scheduler.placement import describe, named_parts
 from scheduler.spec import SpecError, load_job_spec
-from scheduler.cli.common import (_client, _emit, _error, _fail, _fail_code, _num, _table, _ts,
+from scheduler.cli.common import (_ask, _client, _emit, _error, _fail, _for_each, _num, _table, _ts,
     _when, app, out, OUTPUT, Output)
 
 
@@ -186,10 +186,7 @@ def queue(state: Optional[list[JobState]] = typer.Option(None, "--state", "-s"),
     """List jobs (unfinished ones unless --all), with the reason each pending job waits."""
     client = _client()
     if start:
-        try:
-            entries = client.queue(team=team)
-        except ShoalError as e:
-            raise _fail(e) from None
+        entries = _ask(lambda: client.queue(team=team))
         if not _emit(entries, output):
             t = _table("POS", "ID", "NAME", "TEAM", "USER", "PRI", "GPUS", "START", "REASON", fold="REASON")
             for e in entries:
@@ -199,10 +196,7 @@ def queue(state: Optional[list[JobState]] = typer.Option(None, "--state", "-s"),
         return
     states = [s.value for s in state] if state else (None if all_ else
                                                      [s.value for s in JobState if not s.terminal])
-    try:
-        jobs = client.jobs(state=states, team=team, user=user)
-    except ShoalError as e:
-        raise _fail(e) from None
+    jobs = _ask(lambda: client.jobs(state=states, team=team, user=user))
     if _emit(jobs, output):
         return
     t = _table("ID", "NAME", "TEAM", "USER", "PRI", "STATE", "GPUS", "NODE/GPU", "PROGRESS", "START", "REASON",
@@ -230,10 +224,7 @@ def _eta(ts: float | None) -> str:
 def status(job_id: int, output: Output = OUTPUT) -> None:
     """Show one job: state, placement, progress, result and its state history."""
     client = _client()
-    try:
-        job, events = client.job(job_id), client.events(job_id)
-    except ShoalError as e:
-        raise _fail(e) from None
+    job, events = _ask(lambda: (client.job(job_id), client.events(job_id)))
     if _emit({**job.model_dump(mode="json"), "events": [e.model_dump() for e in events]}, output):
         return
     out.print(f"Job {job.id} [bold]{job.name}[/]  team {job.team}  user {job.user}  priority {job.priority}")
@@ -271,15 +262,12 @@ def logs(job_id: int, follow: bool = typer.Option(False, "--follow", "-f", help=
 def _each(job_ids: list[int], action: str, done: str) -> None:
     """Apply a job action to each id; the exit code is the worst outcome."""
     client = _client()
-    code = 0
-    for jid in job_ids:
-        try:
-            job = getattr(client, action)(jid)
-            out.print(f"Job {jid}: {done}" + ("" if action == "cancel" else f" ({job.state.value})"))
-        except ShoalError as e:
-            _error(f"job {jid}: {e}")
-            code = max(code, _fail_code(e))
-    raise typer.Exit(code)
+
+    def act(jid: int) -> str:
+        job = getattr(client, action)(jid)
+        return f"Job {jid}: {done}" + ("" if action == "cancel" else f" ({job.state.value})")
+
+    _for_each(job_ids, "job", act)
 
 
 @app.command()
