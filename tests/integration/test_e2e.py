@@ -109,7 +109,11 @@ def test_running_job_shows_on_its_gpu_in_metrics_and_cancel_stops_it(server, tmp
         assert time.monotonic() < deadline, server.log()[-3000:]
         time.sleep(0.5)
     gpu = client.job(job.id).placement["gpu_indices"][0]
-    text = httpx.get(f"{client.url}/metrics").text
+    # RUNNING comes with the job's first report, which may precede its first step: wait for the step
+    deadline = time.monotonic() + 60
+    while not _metric(text := httpx.get(f"{client.url}/metrics").text, "shoal_job_step", job_id=str(job.id)):
+        assert time.monotonic() < deadline, "progress is not exported"
+        time.sleep(0.5)
     assert _metric(text, "DCGM_FI_DEV_FB_USED", gpu=str(gpu), job_id=str(job.id), team="default") == [
         float(job.memory_per_gpu_mib)]
     assert _metric(text, "shoal_jobs", state="RUNNING", team="default") == [1.0]
