@@ -100,9 +100,7 @@ def preempt_for(cy: Cycle, job: Job, allowed: list[tuple[str, str]], avoid: dict
     for r in pick.victims:
         cy.preempts.append(Preempt(r.job_id, reasons[r.job_id]))
         rf = cy.flavor_of[r.job_id]
-        for units in cy.victims_ok.values():
-            for jobs in units.values():
-                jobs.pop(r.job_id, None)
+        cy.not_a_victim(r.job_id)
         k = book.key(r.team, rf)
         cy.reclaimed[(r.team, k)] += amount(c, rf, len(r.gpu_indices), r.memory_per_gpu_mib, r.shareable)
     ids = [r.job_id for r in pick.victims]
@@ -157,9 +155,7 @@ def quota_preempt(cy: Cycle, job: Job) -> str:
         cy.gen += 1
         for r in chosen:
             cy.preempts.append(Preempt(r.job_id, why))
-            for units in cy.victims_ok.values():
-                for jobs in units.values():
-                    jobs.pop(r.job_id, None)
+            cy.not_a_victim(r.job_id)
         cy.reclaimed[(req.team, k)] += freed
         return f"preempting {explain.jobs([r.job_id for r in chosen])} of lower priority for it; starts when they checkpoint"
     return ""

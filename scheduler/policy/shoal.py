@@ -56,7 +56,8 @@ from scheduler.policy.cluster import Cluster, Part
 from scheduler.policy.quota import ANY, BORROW, NOMINAL, Check, QuotaBook
 from scheduler.policy.reserve import INF, reserve
 from scheduler.policy.rules import claim_stopping, preempt_for, quota_preempt
-from scheduler.policy.state import Cycle, Job, amount, flavor_of, packs, reserve_for
+from scheduler.policy.running import running_index
+from scheduler.policy.state import Cycle, Job, amount, packs, reserve_for
 from scheduler.policy.types import (
     Decision, JobRequest, NodeView, Placement, PolicySettings, Snapshot, Start, TeamQuota,
 )
@@ -68,71 +69,16 @@ def _index(snap: Snapshot) -> Cycle:
     running = {r.job_id: r for r in snap.running}
     cluster = Cluster(snap, running)
     cy = Cycle(snap, cluster, QuotaBook(snap.quotas, snap.cohorts), running)
-    s, now = snap.settings, snap.now
     for u in cluster.units:
         if u.held:
             cy.held[u.order] = dict(u.held)
-    # One pass over the running jobs (the cycle's largest fixed cost): what a job contributes
-    # depends on its view and the cluster's layout alone, so it is computed once per view
-    # (_running_facts); the same values are inserted in the same order as a fresh computation.
-    layout, memo = cluster.by_gpu, _RUNNING
-    book, teams, use, ends, cpu_ends = cy.book, cy.book.teams, cy.use, cy.ends, cy.cpu_ends
-    stopping, victims_ok, min_prio, victim_teams = cy.stopping, cy.victims_ok, cy.min_prio, cy.victim_teams
-    flavor_by_job, min_runtime = cy.flavor_of, s.min_runtime_s
-    latest, work = 0.0, 0.0  # makespan guard: the latest expected end, the GPU-seconds left (running)
-    for r in snap.running:
-        hit = memo.get(id(r))
-        if hit is None or hit[0] is not r or hit[1] is not layout:
-            hit = _running_facts(cluster, r)
-        _, _, flavor, amt, end, cpu_parts, gpu_keys, gpus = hit
-        if r.expected_end_at is not None:
-            left = max(0.0, end - now)
-            latest = max(latest, left)
-            work += left * gpus
-        flavor_by_job[r.job_id] = flavor
-        team = r.team
-        if team in teams:
-            book.hold(team, book.key(team, flavor), amt)
-        use[team][flavor] += amt
-        for node_id, cpus in cpu_parts:  # a multi-node gang frees its CPUs on each of its nodes
-            cpu_ends.setdefault(node_id, []).append((end, cpus))
-        for k in gpu_keys:
-            ends[k] = max(ends.get(k, 0.0), end)
-        if r.stopping:
-            if team in teams:
-                cy.stopping_amt[(team, book.key(team, flavor))] += amt
-            for o, _ in gpu_keys:
-                stopping.setdefault(o, set()).add(r.job_id)
-        elif gpu_keys and r.preemptible and now - r.started_at >= min_runtime:
-            min_prio[team] = min(min_prio.get(team, r.priority), r.priority)
-            victim_teams.setdefault(flavor, set()).add(team)
-            mine = victims_ok.setdefault(flavor, {})
-            for o, _ in gpu_keys:
-                mine.setdefault(o, {})[r.job_id] = r
-    if s.makespan_guard:
+    # The running jobs' part (the cycle's largest fixed cost when scanned): kept across cycles and
+    # updated by the views that changed (running.py); the same values as a scan of every job.
+    kept = running_index(cy, cy.memoized(("quota-config",), snap.quota_config))
+    latest, work = kept.fill(cy, snap.now)
+    if snap.settings.makespan_guard:
         cy.critical, cy.drain = _critical_length(snap, cluster, latest, work)
     return cy
-
-
-_RUNNING: dict[int, tuple] = {}  # id(view) -> (view, layout, facts): see _running_facts
-
-
-def _running_facts(c: Cluster, r) -> tuple:
-    """(view, layout, flavor, quota amount, expected end, [(node, CPUs freed at the end)],
-    [(unit, GPU index)], GPUs) of a running job: a function of its (immutable) view and the cluster's
-    layout only, memoized on both (the service hands the policy one view object per attempt)."""
-    flavor = flavor_of(c, r)
-    parts = r.placements()
-    gpus = r.gpu_count
-    amt = amount(c, flavor, gpus, r.memory_per_gpu_mib, r.shareable) if flavor in c.flavors else gpus
-    end = r.expected_end_at if r.expected_end_at is not None else INF
-    cpu_parts = tuple((node_id, float(r.cpus) * len(ix) / max(1, gpus)) for node_id, ix in parts)
-    by_gpu = c.by_gpu
-    gpu_keys = tuple((o, i) for node_id, ix in parts for i in ix if (o := by_gpu.get((node_id, i))) is not None)
-    if len(_RUNNING) > 8192:  # bounded (it keeps old views alive): live views are recomputed after a clear
-        _RUNNING.clear()
-    hit = _RUNNING[id(r)] = (r, by_gpu, flavor, amt, end, cpu_parts, gpu_keys, gpus)
-    return hit
 
 
 _FEASIBLE: dict[tuple, tuple[list[str], str | None]] = {}

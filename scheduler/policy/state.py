@@ -40,7 +40,8 @@ class Cycle:
     eta: dict[int, float] = field(default_factory=dict)
     reservation: Reservation | None = None
     stopping: dict[int, set[int]] = field(default_factory=dict)  # unit -> stopping job ids, unclaimed
-    victims_ok: dict[str, dict[int, dict[int, RunningJob]]] = field(default_factory=dict)  # flavor -> unit -> id -> job
+    # flavor -> unit -> id -> job; the inner dicts are read-only (not_a_victim replaces them)
+    victims_ok: dict[str, dict[int, dict[int, RunningJob]]] = field(default_factory=dict)
     flavor_of: dict[int, str] = field(default_factory=dict)  # running job -> its flavor
     min_prio: dict[str, int] = field(default_factory=dict)  # team -> lowest priority among its preemptible jobs
     victim_teams: dict[str, set[str]] = field(default_factory=dict)  # flavor -> teams with preemptible jobs
@@ -53,6 +54,14 @@ class Cycle:
     order: list[Any] = field(default_factory=list)  # the jobs in the order the cycle considered them
     critical: float = float("inf")  # makespan guard: expected run time from which a job sets the makespan
     drain: float = float("inf")  # makespan guard: time to run all known work on the healthy GPUs
+
+    def not_a_victim(self, job_id: int) -> None:
+        """Take a job out of the victim candidates (it is being preempted). The per-unit dicts may
+        be shared with the kept running index (running.py): replaced, never mutated."""
+        for units in self.victims_ok.values():
+            for o, jobs in units.items():
+                if job_id in jobs:
+                    units[o] = {k: v for k, v in jobs.items() if k != job_id}
 
     def memoized(self, key: tuple, compute: Callable[[], Any]) -> Any:
         """compute() once per key in this cycle. A key holding `gen` is valid until the next start,

@@ -285,6 +285,7 @@ def test_memoized_cycles_decide_what_cold_ones_decide(monkeypatch):
     borrowing, reclaim, sharing and reservations is decided a second time with every module memo
     cleared and the cycle's memo forgetting what it is told, and the two decisions are equal."""
     import scheduler.policy.cluster as cluster_mod
+    import scheduler.policy.running as running_mod
     import scheduler.policy.shoal as shoal
     from scheduler.sim.engine import Simulation
 
@@ -301,8 +302,9 @@ def test_memoized_cycles_decide_what_cold_ones_decide(monkeypatch):
 
     def decide(snap, cold: bool):
         if cold:
-            for memo in (shoal._RUNNING, shoal._FEASIBLE, cluster_mod._NODE_INDEX, cluster_mod._LAYOUTS):
+            for memo in (shoal._FEASIBLE, cluster_mod._NODE_INDEX, cluster_mod._LAYOUTS):
                 memo.clear()
+            running_mod.reset()
             monkeypatch.setattr(shoal, "_index", cold_index)
         try:
             d, held = shoal.plan(snap)
@@ -329,3 +331,51 @@ def test_memoized_cycles_decide_what_cold_ones_decide(monkeypatch):
     r = Simulation(sc, make_jobs(rows, sc.sim.workload, sc.team_of, sc.sim.seed), both, "shoal").run()
     assert len(cycles) > 100 and sum(1 for c in cycles if c) > 20  # many cycles decided something
     assert sum(j["preemptions"] for j in r.jobs) > 0
+
+
+def test_kept_running_index_equals_a_scan_of_every_running_job(monkeypatch):
+    """The running jobs' part of the index is kept across cycles and updated by the views that
+    changed (policy/running.py). On every cycle of a replay with preemptions (stopping jobs, jobs
+    crossing min_runtime_s, requeued jobs restarting under their old ids), sharing and borrowing,
+    what it puts into the cycle equals what one pass over every running job builds: the same
+    float sums and the same iteration orders a decision could read (victims by unit, stopping GPUs)."""
+    import scheduler.policy.shoal as shoal
+    from scheduler.policy.cluster import Cluster
+    from scheduler.policy.quota import QuotaBook
+    from scheduler.policy.running import scan
+    from scheduler.policy.state import Cycle
+    from scheduler.sim.engine import Simulation
+
+    def fields(cy, guard):
+        return (dict(cy.book.used), {t: dict(v) for t, v in cy.use.items()}, dict(cy.ends),
+                {n: sorted(v) for n, v in cy.cpu_ends.items()}, list(cy.stopping.items()), dict(cy.stopping_amt),
+                [(f, [(o, list(js.items())) for o, js in units.items()]) for f, units in cy.victims_ok.items()],
+                dict(cy.min_prio), {f: sorted(t) for f, t in cy.victim_teams.items()}, dict(cy.flavor_of), guard)
+
+    index = shoal._index
+    seen = {"cycles": 0, "stopping": 0, "victims": 0, "shared": 0}
+
+    def checked(snap):
+        cy = index(snap)
+        running = {r.job_id: r for r in snap.running}
+        ref = Cycle(snap, Cluster(snap, running), QuotaBook(snap.quotas, snap.cohorts), running)
+        ref.critical, ref.drain = shoal._critical_length(snap, ref.cluster, *scan(ref))
+        assert fields(cy, (cy.critical, cy.drain)) == fields(ref, (ref.critical, ref.drain))
+        seen["cycles"] += 1
+        seen["stopping"] += bool(ref.stopping)
+        seen["victims"] += bool(ref.victims_ok)
+        seen["shared"] += any(r.shareable for r in snap.running)
+        return cy
+
+    monkeypatch.setattr(shoal, "_index", checked)
+    doc = {"gpu_models": {"H100 80GB": {"memory_gib": 80}},
+           "nodes": [{"count": 3, "gpus_per_node": 8, "gpu_model": "H100 80GB"}],
+           "teams": {"x": {"gpus": 8, "cohort": "all"}, "y": {"gpus": 8, "cohort": "all"},
+                     "z": {"gpus": 8, "cohort": "all"}},
+           "cohorts": {"all": {}},
+           "simulation": {"tick_s": 60, "restart_overhead_s": 30, "stop_s": 600, "workload": {"estimate_sigma": 0.5}}}
+    sc = parse_sim_cluster(yaml.safe_dump(doc), "<test>")
+    rows = trace(*[(t.submit_s * 10, t.duration_s * 40, t.gpus, t.group) for t in random_trace(300, seed=5)])
+    r = Simulation(sc, make_jobs(rows, sc.sim.workload, sc.team_of, sc.sim.seed), schedule, "shoal").run()
+    assert seen["cycles"] > 100 and seen["stopping"] > 5 and seen["victims"] > 50 and seen["shared"] > 20, seen
+    assert sum(j["preemptions"] for j in r.jobs) > 0 and all(j["state"] == "SUCCEEDED" for j in r.jobs)

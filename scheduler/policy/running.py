@@ -1,0 +1,337 @@
+"""The running jobs' part of a cycle's index, kept across cycles and updated by difference.
+
+A cycle needs, from the running jobs: quota usage per team and key, fair-share usage per team and
+flavor, when each held GPU and each node's CPUs free up, the jobs that are stopping, the jobs that
+may be preempted (past `min_runtime_s`) and the makespan guard's sums. Building that from every
+running job each cycle was the largest fixed cost of a cycle (O(running jobs) of Python per
+cycle, whatever changed). The service hands the policy one view object per attempt, so between
+two cycles only a few views differ (starts, ends, preemptions, state changes); `RunningIndex`
+keeps the aggregates and applies just those differences, and a cycle copies what it will mutate
+(C-level dict and list copies).
+
+Identical to a fresh scan (`scan` below, kept as the reference and tested against this on every
+cycle of a replay), including the floating-point sums and every dict's iteration order that a
+decision could depend on: sums are added in job-id order (the snapshot's order) from 0.0 with
+plain additions; victims, stopping GPUs and per-unit orders are rebuilt in job-id order. A
+changed layout, quota configuration or `min_runtime_s`, or a clock that went backwards, starts a
+fresh index.
+"""
+from __future__ import annotations
+
+import heapq
+import math
+import operator
+import threading
+from functools import reduce
+from typing import Any
+
+from scheduler.policy.cluster import Cluster
+from scheduler.policy.reserve import INF
+from scheduler.policy.state import Cycle, amount, flavor_of
+from scheduler.policy.types import RunningJob
+
+_add = operator.add
+
+
+def facts(c: Cluster, r: RunningJob) -> tuple:
+    """(flavor, quota amount, expected end, [(node, CPUs freed at the end)], [(unit, GPU index)],
+    GPUs) of a running job: a function of its (immutable) view and the cluster's layout only."""
+    flavor = flavor_of(c, r)
+    parts = r.placements()
+    gpus = r.gpu_count
+    amt = amount(c, flavor, gpus, r.memory_per_gpu_mib, r.shareable) if flavor in c.flavors else gpus
+    end = r.expected_end_at if r.expected_end_at is not None else INF
+    cpu_parts = tuple((node_id, float(r.cpus) * len(ix) / max(1, gpus)) for node_id, ix in parts)
+    by_gpu = c.by_gpu
+    gpu_keys = tuple((o, i) for node_id, ix in parts for i in ix if (o := by_gpu.get((node_id, i))) is not None)
+    return flavor, amt, end, cpu_parts, gpu_keys, gpus
+
+
+def _seqsum(values, start: float = 0.0) -> float:
+    """start + v1 + v2 + ... in order, plain float additions (sum() may compensate on newer
+    Pythons; the reference scan adds one by one)."""
+    return reduce(_add, values, start)
+
+
+class _ById(dict):
+    """job id -> value, iterated in job-id order (the snapshot's order) once `ordered()` is asked."""
+
+    __slots__ = ("sorted",)
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.sorted = True
+
+    def put(self, job_id: int, value: Any) -> None:
+        if job_id not in self and self and self.sorted and job_id < next(reversed(self)):
+            self.sorted = False
+        self[job_id] = value
+
+    def ordered(self) -> "_ById":
+        if not self.sorted:
+            items = sorted(self.items())
+            self.clear()
+            self.update(items)
+            self.sorted = True
+        return self
+
+
+class RunningIndex:
+    def __init__(self, key: tuple, layout: dict, min_runtime_s: float) -> None:
+        self.key = key
+        self.layout = layout  # the Cluster.by_gpu object the facts were computed on
+        self.min_runtime_s = min_runtime_s
+        self.now = -INF
+        self.views: dict[int, RunningJob] = {}
+        self.facts: dict[int, tuple] = {}
+        self.flavor_of: dict[int, str] = {}
+        self.used: dict[tuple[str, str], _ById] = {}  # (team, quota key) -> id -> amount (teams with a quota)
+        self.use: dict[tuple[str, str], _ById] = {}  # (team, flavor) -> id -> amount
+        self.timed = _ById()  # id -> (expected end, GPUs) of jobs with an expected end
+        self.gpu_ends: dict[tuple[int, int], dict[int, float]] = {}
+        self.ends: dict[tuple[int, int], float] = {}
+        self.cpu: dict[str, dict[int, tuple[float, float]]] = {}
+        self.stopping: set[int] = set()
+        self.eligible: dict[int, RunningJob] = {}  # preemptible, past min_runtime_s: id -> view
+        self.victims: dict[str, dict[int, _ById]] = {}  # the eligible by flavor and unit: id -> view
+        self.prios: dict[str, dict[int, int]] = {}  # team -> priority -> eligible jobs
+        self.victim_teams: dict[tuple[str, str], int] = {}  # (flavor, team) -> eligible jobs
+        self._orders: dict[str, tuple[tuple[int, int], dict[int, _ById]]] = {}  # flavor -> (first, units in order)
+        self._stale: set[str] = set()  # flavors whose victims changed since their order was computed
+        self._not_yet: list[tuple[float, int, int]] = []  # heap: (started + min_runtime, id, id(view))
+        self._qkey: dict[int, str | None] = {}  # id -> its quota key (None: its team has no quota)
+
+    # -- maintenance ----------------------------------------------------------------------
+    def update(self, running: tuple[RunningJob, ...], c: Cluster, book, now: float) -> None:
+        views = self.views
+        get = views.get
+        changed = [r for r in running if get(r.job_id) is not r]
+        new = sum(1 for r in changed if r.job_id not in views)
+        if len(views) + new != len(running):  # some left
+            ids = {r.job_id for r in running}
+            for job_id in [j for j in views if j not in ids]:
+                self._remove(job_id)
+        for r in changed:
+            if r.job_id in views:
+                self._remove(r.job_id)
+            self._insert(r, c, book, now)
+        self.now = now
+        heap, later = self._not_yet, []
+        while heap and heap[0][0] <= now:
+            entry = heapq.heappop(heap)
+            r = views.get(entry[1])
+            if r is None or id(r) != entry[2]:
+                continue  # that view left (its job ended, stopped or changed state)
+            if now - r.started_at >= self.min_runtime_s:  # the reference's exact test
+                self._enter(r)
+            else:  # the sum rounded the other way: not yet, try again next cycle
+                later.append((math.nextafter(now, INF), entry[1], entry[2]))
+        for entry in later:
+            heapq.heappush(heap, entry)
+
+    def _insert(self, r: RunningJob, c: Cluster, book, now: float) -> None:
+        job_id = r.job_id
+        f = self.facts[job_id] = facts(c, r)
+        flavor, amt, end, cpu_parts, gpu_keys, gpus = f
+        self.views[job_id] = r
+        self.flavor_of[job_id] = flavor
+        team = r.team
+        if team in book.teams:
+            k = self._qkey[job_id] = book.key(team, flavor)
+            self.used.setdefault((team, k), _ById()).put(job_id, amt)
+        else:
+            self._qkey[job_id] = None
+        self.use.setdefault((team, flavor), _ById()).put(job_id, amt)
+        if r.expected_end_at is not None:
+            self.timed.put(job_id, (end, gpus))
+        for node_id, cpus in cpu_parts:
+            self.cpu.setdefault(node_id, {})[job_id] = (end, cpus)
+        for k in gpu_keys:
+            on = self.gpu_ends.setdefault(k, {})
+            on[job_id] = end
+            self.ends[k] = max(0.0, *on.values())
+        if r.stopping:
+            self.stopping.add(job_id)
+        elif gpu_keys and r.preemptible:
+            if now - r.started_at >= self.min_runtime_s:
+                self._enter(r)
+            else:
+                heapq.heappush(self._not_yet, (r.started_at + self.min_runtime_s, job_id, id(r)))
+
+    def _remove(self, job_id: int) -> None:
+        r = self.views.pop(job_id)
+        flavor, amt, end, cpu_parts, gpu_keys, gpus = self.facts.pop(job_id)
+        del self.flavor_of[job_id]
+        k = self._qkey.pop(job_id)
+        if k is not None:
+            self._drop(self.used, (r.team, k), job_id)
+        self._drop(self.use, (r.team, flavor), job_id)
+        self.timed.pop(job_id, None)
+        for node_id, _ in cpu_parts:
+            on = self.cpu[node_id]
+            del on[job_id]
+            if not on:
+                del self.cpu[node_id]
+        for key in gpu_keys:
+            on = self.gpu_ends[key]
+            on.pop(job_id, None)
+            if on:
+                self.ends[key] = max(0.0, *on.values())
+            else:
+                del self.gpu_ends[key], self.ends[key]
+        self.stopping.discard(job_id)
+        self._leave(job_id, r, flavor, gpu_keys)  # a heap entry, if any, no longer matches the view
+
+    def _enter(self, r: RunningJob) -> None:
+        job_id = r.job_id
+        if job_id in self.eligible:
+            return
+        self.eligible[job_id] = r
+        flavor, gpu_keys = self.facts[job_id][0], self.facts[job_id][4]
+        units = self.victims.setdefault(flavor, {})
+        self._stale.add(flavor)
+        for o, _ in gpu_keys:
+            units.setdefault(o, _ById()).put(job_id, r)
+        p = self.prios.setdefault(r.team, {})
+        p[r.priority] = p.get(r.priority, 0) + 1
+        k = (flavor, r.team)
+        self.victim_teams[k] = self.victim_teams.get(k, 0) + 1
+
+    def _leave(self, job_id: int, r: RunningJob, flavor: str, gpu_keys: tuple) -> None:
+        if self.eligible.pop(job_id, None) is None:
+            return
+        units = self.victims[flavor]
+        self._stale.add(flavor)
+        for o, _ in gpu_keys:
+            on = units.get(o)
+            if on is not None and on.pop(job_id, None) is not None and not on:
+                del units[o]
+        if not units:
+            del self.victims[flavor]
+        p = self.prios[r.team]
+        p[r.priority] -= 1
+        if not p[r.priority]:
+            del p[r.priority]
+            if not p:
+                del self.prios[r.team]
+        k = (flavor, r.team)
+        self.victim_teams[k] -= 1
+        if not self.victim_teams[k]:
+            del self.victim_teams[k]
+
+    @staticmethod
+    def _drop(groups: dict, key: tuple, job_id: int) -> None:
+        g = groups[key]
+        del g[job_id]
+        if not g:
+            del groups[key]
+
+    # -- the cycle's copy -----------------------------------------------------------------
+    def fill(self, cy: Cycle, now: float) -> tuple[float, float]:
+        """Put the running jobs' part of the index into a fresh cycle; returns the makespan guard's
+        (latest expected end from now, GPU-seconds left) of the running jobs."""
+        book = cy.book
+        # quota and fair-share usage, each summed in job-id order as the reference scan does
+        for key, g in self.used.items():
+            book.used[key] = _seqsum(g.ordered().values())
+        use = cy.use
+        for (team, flavor), g in self.use.items():
+            use[team][flavor] = _seqsum(g.ordered().values())
+        cy.flavor_of.update(self.flavor_of)
+        cy.ends.update(self.ends)
+        cy.cpu_ends.update({n: list(on.values()) for n, on in self.cpu.items()})
+        views, fcts, qkey = self.views, self.facts, self._qkey
+        for job_id in sorted(self.stopping):
+            r, (flavor, amt, _, _, gpu_keys, _) = views[job_id], fcts[job_id]
+            if qkey[job_id] is not None:
+                cy.stopping_amt[(r.team, qkey[job_id])] += amt
+            for o, _ in gpu_keys:
+                cy.stopping.setdefault(o, set()).add(job_id)
+        # the reference inserts units and flavors as it meets their first eligible job (id order;
+        # a gang's units in its placement's order); a preemption's scan follows that order
+        for team, prios in self.prios.items():
+            cy.min_prio[team] = min(prios)
+        for flavor, team in self.victim_teams:
+            cy.victim_teams.setdefault(flavor, set()).add(team)
+        for flavor in self._stale:  # units in the reference's order, recomputed after a change
+            units = self.victims.get(flavor)
+            if units is None:
+                self._orders.pop(flavor, None)
+                continue
+            first = {o: _first(on.ordered(), o, fcts) for o, on in units.items()}
+            order = sorted(first, key=first.__getitem__)
+            self._orders[flavor] = (first[order[0]], {o: units[o] for o in order})
+        self._stale.clear()
+        # shallow copies: the per-unit dicts are shared, and a cycle replaces rather than mutates them
+        for flavor in sorted(self._orders, key=lambda f: self._orders[f][0]):
+            cy.victims_ok[flavor] = dict(self._orders[flavor][1])
+        timed = self.timed.ordered()
+        if not timed:
+            return 0.0, 0.0
+        latest = max(0.0, max(e for e, _ in timed.values()) - now)
+        work = _seqsum((e - now) * g if e > now else 0.0 for e, g in timed.values())
+        return latest, work
+
+
+def _first(on: _ById, o: int, fcts: dict[int, tuple]) -> tuple[int, int]:
+    """Where the reference scan first meets unit o: (its lowest job id, o's place in that job's GPUs)."""
+    job_id = next(iter(on))
+    return job_id, next(n for n, (u, _) in enumerate(fcts[job_id][4]) if u == o)
+
+
+_STATE = threading.local()  # one kept index per thread: a policy call never shares it
+
+
+def running_index(cy: Cycle, quota_config: tuple) -> RunningIndex:
+    """The kept index for this cycle's layout, quota configuration and settings, brought up to the
+    snapshot's running jobs (a fresh one when any of those changed or the clock went back)."""
+    snap, c = cy.snap, cy.cluster
+    s = snap.settings
+    key = (id(c.by_gpu), quota_config, s.min_runtime_s)
+    idx = getattr(_STATE, "index", None)
+    if idx is None or idx.key != key or idx.layout is not c.by_gpu or snap.now < idx.now:
+        idx = _STATE.index = RunningIndex(key, c.by_gpu, s.min_runtime_s)
+    idx.update(snap.running, c, cy.book, snap.now)
+    return idx
+
+
+def scan(cy: Cycle) -> tuple[float, float]:
+    """The reference: the same part of the index from one pass over every running job (what
+    `RunningIndex` keeps by difference). Returns (latest expected end from now, GPU-seconds left)."""
+    snap, c = cy.snap, cy.cluster
+    s, now = snap.settings, snap.now
+    book, teams, use, ends, cpu_ends = cy.book, cy.book.teams, cy.use, cy.ends, cy.cpu_ends
+    latest, work = 0.0, 0.0
+    for r in snap.running:
+        flavor, amt, end, cpu_parts, gpu_keys, gpus = facts(c, r)
+        if r.expected_end_at is not None:
+            left = max(0.0, end - now)
+            latest = max(latest, left)
+            work += left * gpus
+        cy.flavor_of[r.job_id] = flavor
+        team = r.team
+        if team in teams:
+            book.hold(team, book.key(team, flavor), amt)
+        use[team][flavor] += amt
+        for node_id, cpus in cpu_parts:
+            cpu_ends.setdefault(node_id, []).append((end, cpus))
+        for k in gpu_keys:
+            ends[k] = max(ends.get(k, 0.0), end)
+        if r.stopping:
+            if team in teams:
+                cy.stopping_amt[(team, book.key(team, flavor))] += amt
+            for o, _ in gpu_keys:
+                cy.stopping.setdefault(o, set()).add(r.job_id)
+        elif gpu_keys and r.preemptible and now - r.started_at >= s.min_runtime_s:
+            cy.min_prio[team] = min(cy.min_prio.get(team, r.priority), r.priority)
+            cy.victim_teams.setdefault(flavor, set()).add(team)
+            mine = cy.victims_ok.setdefault(flavor, {})
+            for o, _ in gpu_keys:
+                mine.setdefault(o, {})[r.job_id] = r
+    return latest, work
+
+
+def reset() -> None:
+    """Forget the kept index (tests: decide a cycle cold)."""
+    _STATE.__dict__.clear()
+
