@@ -23,8 +23,9 @@ headroom (foreign processes count: GpuView.free_mib). Exclusive jobs never share
 """
 from __future__ import annotations
 
+import operator
 from bisect import bisect_left, insort
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from scheduler.policy.types import GpuView, NodeView, RunningJob, Snapshot
 
@@ -59,10 +60,11 @@ Part = tuple[int, tuple[int, ...]]  # (unit order, GPU indices)
 _NODE_INDEX: dict[int, tuple] = {}
 
 
-def _node_index(node: NodeView, headroom: int, share_max_util: float) -> list[tuple]:
+def _node_index(node: NodeView, headroom: int, share_max_util: float) -> tuple[list[tuple], int]:
     """Per flavor of the node: (flavor, GPUs by index, by_gpu keys, largest GPU memory, healthy
     GPUs on a schedulable node, sorted exclusive-free (free MiB, index), shared candidates (free
-    MiB, index, tenants), MiB free per GPU once Shoal's jobs left, healthy indices, jobs per GPU).
+    MiB, index, tenants), MiB free per GPU once Shoal's jobs left, healthy indices, jobs per GPU),
+    and the node's interned shape id (_shape_id).
     What Cluster.__init__ computed per GPU, memoized on the (immutable) NodeView object: the
     simulator's inventory reuses a node's view while nothing on it changed, so an unchanged node
     costs nothing per cycle. A pure speed-up: same values, computed once per view."""
@@ -94,21 +96,163 @@ def _node_index(node: NodeView, headroom: int, share_max_util: float) -> list[tu
                     {i: g.allocated_to for i, g in gpus.items() if g.allocated_to}))
     if len(_NODE_INDEX) > 4096:  # bounded: live views are re-indexed after a clear
         _NODE_INDEX.clear()
-    _NODE_INDEX[id(node)] = (node, (headroom, share_max_util), out)
-    return out
+    hit = (out, _shape_id(node, out))
+    _NODE_INDEX[id(node)] = (node, (headroom, share_max_util), hit)
+    return hit
 
 
-_LAYOUTS: dict[tuple, dict[tuple[str, int], int]] = {}
+_LAYOUTS: dict[tuple[int, ...], dict[tuple[str, int], int]] = {}
+_SHAPES: dict[tuple, int] = {}  # a node's structure -> a small id (a layout is a tuple of them)
+_NODE_UNITS: dict[int, tuple] = {}  # id(node view) -> (view, (settings, first unit order), its Units)
 
 
-def _layout(shape: list[tuple]) -> dict[tuple[str, int], int]:
-    key = tuple(shape)
+def _shape_id(node: NodeView, out: list[tuple]) -> int:
+    """The node's structure (id, CPUs, per flavor: model, largest GPU memory, GPU keys) interned as
+    an int, computed once per node view: a cycle's layout key is then a tuple of ints."""
+    piece = (node.node_id, node.cpus, tuple((e[0], e[3], e[2]) for e in out))
+    hit = _SHAPES.get(piece)
+    if hit is None:
+        if len(_SHAPES) > 65536:  # bounded: ids restart, with everything that holds one
+            for memo in (_SHAPES, _LAYOUTS, _NODE_INDEX, _NODE_UNITS):
+                memo.clear()
+        hit = _SHAPES[piece] = len(_SHAPES)
+    return hit
+
+
+def _layout(key: tuple[int, ...], units: list[Unit]) -> dict[tuple[str, int], int]:
     hit = _LAYOUTS.get(key)
     if hit is None:
         if len(_LAYOUTS) > 64:  # bounded: a changed cluster gets a new layout
             _LAYOUTS.clear()
-        hit = _LAYOUTS[key] = {k: o for o, (_, _, _, keys, _) in enumerate(shape) for k in keys}
+        hit = _LAYOUTS[key] = {(u.node_id, i): u.order for u in units for i in u.gpus}
     return hit
+
+
+class _Base:
+    """The cluster as built from a snapshot's nodes, before any cycle changed it, kept for the next
+    cycle: between two cycles most nodes' views are the same objects (the simulator's inventory
+    reuses an unchanged node's view; production builds new ones, and every node then counts as
+    changed), so the next cycle patches in the nodes whose view changed - their units, bucket
+    entries, shared-GPU candidates, free counts and health - instead of rebuilding all. A changed
+    node structure (GPUs, memory, CPUs, flavors) rebuilds from scratch. Everything a cycle changes
+    is copied from the base (Cluster.__init__) or copied on write (units: Cluster.own)."""
+
+    def __init__(self, snap: Snapshot, settings: tuple) -> None:
+        self.settings = settings
+        headroom, share_max_util = settings
+        self.nodes: list[NodeView] = []
+        self.shape: list[int] = []  # one interned shape id per node
+        self.first: list[int] = []  # the node's first unit order
+        self.units: list[Unit] = []
+        self.flavors: dict[str, Flavor] = {}
+        self.cpus_free: dict[str, float] = {}
+        self.node_cpus: dict[str, float] = {}
+        # flavor -> sorted (free MiB, unit, index) of GPUs hosting only Shoal jobs under the
+        # utilization threshold, each with its tenants (whether they are all shareable is checked
+        # per cycle, against the cycle's running jobs)
+        self.candidates: dict[str, list[tuple[int, int, int]]] = {}
+        self.tenants: dict[tuple[int, int], tuple[int, ...]] = {}
+        self.healthy: list[int] = []  # per unit: healthy GPUs on a schedulable node
+        for node in snap.nodes:
+            entries, shape_id = _node_index(node, headroom, share_max_util)
+            self.nodes.append(node)
+            self.shape.append(shape_id)
+            self.first.append(len(self.units))
+            self._node(node, entries)
+            for u, (model, gpus, _, mem, healthy, _, _, _, _, _) in zip(self.units[self.first[-1]:], entries):
+                fl = self.flavors.get(model)
+                if fl is None:
+                    fl = self.flavors[model] = Flavor(model)
+                fl.units.append(u.order)
+                fl.gpus += len(gpus)
+                fl.largest_unit = max(fl.largest_unit, len(gpus))
+                fl.memory_total_mib = max(fl.memory_total_mib, mem)
+                fl.healthy += healthy
+        for lst in self.candidates.values():
+            lst.sort()
+        # (node_id, index) -> unit order. Shared by every cycle with this layout (never mutated), so
+        # its identity names the layout: facts derived from it can be memoized on it (shoal._index).
+        self.by_gpu: dict[tuple[str, int], int] = _layout(tuple(self.shape), self.units)
+        self.buckets: dict[str, list[dict[int, None]]] = {}
+        self.free_total: dict[str, int] = {}
+        for name, fl in self.flavors.items():
+            b: list[dict[int, None]] = [{} for _ in range(fl.largest_unit + 1)]
+            for o in fl.units:
+                b[len(self.units[o].free)][o] = None
+            self.buckets[name] = b
+            self.candidates.setdefault(name, [])
+            self.free_total[name] = sum(len(self.units[o].free) for o in fl.units)
+
+    def _node(self, node: NodeView, entries: list[tuple], replace_at: int | None = None) -> None:
+        """Add (or, at `replace_at`, replace) the node's units, CPUs and shared candidates."""
+        node_id = node.node_id
+        self.cpus_free[node_id] = node.cpus_free()
+        self.node_cpus[node_id] = float("inf") if node.cpus is None else float(node.cpus)
+        first = len(self.units) if replace_at is None else replace_at
+        # The node's units, reused while its view and position are the same: a cycle never
+        # mutates a unit it did not copy first (own()), so a reused unit is as built.
+        made = _NODE_UNITS.get(id(node))
+        if made is None or made[0] is not node or made[1] != (self.settings, first):
+            made = (node, (self.settings, first), [
+                Unit(first + k, node_id, node.name, model, gpus, node.schedulable, list(free), foreign, ok, held)
+                for k, (model, gpus, _, _, _, free, _, foreign, ok, held) in enumerate(entries)])
+            if len(_NODE_UNITS) > 4096:  # bounded: live views are rebuilt after a clear
+                _NODE_UNITS.clear()
+            _NODE_UNITS[id(node)] = made
+        for u, (model, _, _, _, healthy, _, shared, _, _, _) in zip(made[2], entries):
+            if replace_at is None:
+                self.units.append(u)
+                self.healthy.append(healthy)
+            else:
+                self.units[u.order] = u
+                self.healthy[u.order] = healthy
+            for free_mib, i, held in shared:
+                if replace_at is None:
+                    self.candidates.setdefault(model, []).append((free_mib, u.order, i))
+                else:
+                    insort(self.candidates[model], (free_mib, u.order, i))
+                self.tenants[(u.order, i)] = held
+
+    def patch(self, snap: Snapshot) -> bool:
+        """Bring the base up to the snapshot's nodes; False when the layout changed (rebuild)."""
+        nodes = snap.nodes
+        if len(nodes) != len(self.nodes):
+            return False
+        if all(map(operator.is_, nodes, self.nodes)):
+            return True
+        headroom, share_max_util = self.settings
+        for p, node in enumerate(nodes):
+            if node is self.nodes[p]:
+                continue
+            entries, shape_id = _node_index(node, headroom, share_max_util)
+            if shape_id != self.shape[p]:
+                return False
+            first = self.first[p]
+            for k in range(len(entries)):  # take out the old units' contributions
+                u = self.units[first + k]
+                fl = self.flavors[u.flavor]
+                lst = self.candidates[u.flavor]
+                lst[:] = [e for e in lst if e[1] != u.order]
+                for i in u.gpus:
+                    self.tenants.pop((u.order, i), None)
+                b = self.buckets[u.flavor]
+                del b[len(u.free)][u.order]
+                self.free_total[u.flavor] -= len(u.free)
+                self.flavors[u.flavor] = replace(fl, healthy=fl.healthy - self.healthy[u.order])
+            self._node(node, entries, replace_at=first)
+            for k in range(len(entries)):  # and put the new ones in, in unit order
+                u = self.units[first + k]
+                fl = self.flavors[u.flavor]
+                b = self.buckets[u.flavor]
+                c = len(u.free)
+                b[c] = dict.fromkeys(sorted([*b[c], u.order]))
+                self.free_total[u.flavor] += c
+                self.flavors[u.flavor] = replace(fl, healthy=fl.healthy + self.healthy[u.order])
+            self.nodes[p] = node
+        return True
+
+
+_BASE: dict[str, _Base] = {}  # the last base; a build takes it out and puts it back (one user at a time)
 
 
 class Cluster:
@@ -119,49 +263,32 @@ class Cluster:
         # Pack shareable jobs onto shared GPUs first only while GPUs are scarce (set per cycle by
         # the policy); with GPUs to spare they take a GPU of their own and share only if none fits.
         self.pack_shared = True
-        self.units: list[Unit] = []
-        self.flavors: dict[str, Flavor] = {}
-        self.cpus_free: dict[str, float] = {}
-        self.node_cpus: dict[str, float] = {}
-        self.buckets: dict[str, list[dict[int, None]]] = {}
+        settings = (self.headroom, self.share_max_util)
+        base = _BASE.pop("base", None)
+        if base is None or base.settings != settings or not base.patch(snap):
+            base = _Base(snap, settings)
+        self.units: list[Unit] = list(base.units)  # shared with the base until own() copies one
+        self.flavors: dict[str, Flavor] = base.flavors  # read-only
+        self.cpus_free: dict[str, float] = dict(base.cpus_free)
+        self.node_cpus: dict[str, float] = base.node_cpus  # read-only
+        self.buckets: dict[str, list[dict[int, None]]] = {f: [dict(d) for d in b] for f, b in base.buckets.items()}
+        # flavor -> sorted (free MiB, unit, index) of GPUs that host only shareable jobs, fewer than
+        # share_max_jobs of them; (unit, index) -> (its entry's free MiB, shareable jobs on it)
         self.shared: dict[str, list[tuple[int, int, int]]] = {}
-        # (unit, index) -> (its entry's free MiB, shareable jobs on it)
         self.shared_slot: dict[tuple[int, int], tuple[int, int]] = {}
-        self.failures: dict[str, list[tuple[int, int, int, bool]]] = {}
-        self.free_total: dict[str, int] = {}  # flavor -> exclusive-free GPUs
-        shape: list[tuple] = []  # the cluster's layout: (node, flavor, largest GPU MiB, GPU indices, CPUs) per unit
-        for node in snap.nodes:
-            self.cpus_free[node.node_id] = node.cpus_free()
-            self.node_cpus[node.node_id] = float("inf") if node.cpus is None else float(node.cpus)
-            for model, gpus, keys, mem, healthy, free, shared, foreign, ok, held in _node_index(
-                    node, self.headroom, self.share_max_util):
-                fl = self.flavors.get(model)
-                if fl is None:
-                    fl = self.flavors[model] = Flavor(model)
-                u = Unit(len(self.units), node.node_id, node.name, model, gpus, node.schedulable, list(free),
-                         foreign, ok, held)
-                self.units.append(u)
-                fl.units.append(u.order)
-                fl.gpus += len(gpus)
-                fl.largest_unit = max(fl.largest_unit, len(gpus))
-                fl.memory_total_mib = max(fl.memory_total_mib, mem)
-                fl.healthy += healthy
-                shape.append((node.node_id, model, mem, keys, node.cpus))
-                for free_mib, i, held in shared:  # GPUs that host only shareable jobs (checked per cycle)
-                    if len(held) < self.share_max_jobs and all(t in tenants and tenants[t].shareable for t in held):
-                        self.shared.setdefault(model, []).append((free_mib, u.order, i))
-                        self.shared_slot[(u.order, i)] = (free_mib, len(held))
-        # (node_id, index) -> unit order. Shared by every cycle with this layout (never mutated), so
-        # its identity names the layout: facts derived from it can be memoized on it (shoal._index).
-        self.by_gpu: dict[tuple[str, int], int] = _layout(shape)
-        for name, fl in self.flavors.items():
-            b: list[dict[int, None]] = [{} for _ in range(fl.largest_unit + 1)]
-            for o in fl.units:
-                b[len(self.units[o].free)][o] = None
-            self.buckets[name] = b
-            self.shared.setdefault(name, []).sort()
-            self.failures[name] = []
-            self.free_total[name] = sum(len(self.units[o].free) for o in fl.units)
+        cap, held_by = self.share_max_jobs, base.tenants
+        for f, lst in base.candidates.items():
+            mine = self.shared[f] = []
+            for e in lst:
+                held = held_by[(e[1], e[2])]
+                if len(held) < cap and all(t in tenants and tenants[t].shareable for t in held):
+                    mine.append(e)
+                    self.shared_slot[(e[1], e[2])] = (e[0], len(held))
+        self.failures: dict[str, list[tuple[int, int, int, bool]]] = {f: [] for f in base.flavors}
+        self.free_total: dict[str, int] = dict(base.free_total)  # flavor -> exclusive-free GPUs
+        self.by_gpu: dict[tuple[str, int], int] = base.by_gpu
+        self._owned: set[int] = set()  # units this cycle copied before changing them
+        _BASE["base"] = base
 
     # -- queries --------------------------------------------------------------------------
     def free_count(self, flavor: str) -> int:
@@ -269,9 +396,18 @@ class Cluster:
         return None
 
     # -- commit ---------------------------------------------------------------------------
+    def own(self, o: int) -> Unit:
+        """Unit o, copied first if this cycle has not yet: units are shared with later cycles
+        while their node is unchanged, so a cycle changes only its own copy."""
+        if o not in self._owned:
+            u = self.units[o]
+            self.units[o] = replace(u, free=list(u.free))
+            self._owned.add(o)
+        return self.units[o]
+
     def take(self, parts: list[Part], m: int, cpg: int, shareable: bool) -> None:
         for o, idx in parts:
-            u = self.units[o]
+            u = self.own(o)
             self.cpus_free[u.node_id] -= cpg * len(idx)
             shared = self.shared[u.flavor]
             before = len(u.free)

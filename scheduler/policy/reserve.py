@@ -41,9 +41,9 @@ def _unit_times(cluster: Cluster, o: int, m: int, now: float, ends: dict[tuple[i
     u = cluster.units[o]
     if not u.schedulable:
         return []
-    free_now = {i for free, i in u.free if free >= m}
+    free_now = {i for free, i in u.free if free >= m} if u.free else ()
     foreign = u.foreign  # MiB free per GPU once its Shoal jobs left
-    times = [(now, i) if i in free_now else (max(now, end), i) for i in u.healthy
+    times = [(now, i) if i in free_now else (end if end > now else now, i) for i in u.healthy
              if i in free_now or ((end := ends.get((o, i))) is not None and foreign[i] >= m)]
     times.sort()
     return times
@@ -72,6 +72,8 @@ def reserve(cluster: Cluster, job_id: int, flavors: list[str], g: int, m: int, n
     spread: tuple[float, tuple[Part, ...]] | None = None
     for flavor in flavors:
         per_unit = []
+        # a gang one node could hold never spreads (Cluster.fit's rule): no per-GPU list for it
+        spread_ok = multi_node and not cluster.one_node_holds(flavor, g, cpus)
         for o in cluster.flavors[flavor].units:
             times = _unit_times(cluster, o, m, now, ends)
             if len(times) >= g:
@@ -79,9 +81,9 @@ def reserve(cluster: Cluster, job_id: int, flavors: list[str], g: int, m: int, n
                 key = (at, len(cluster.units[o].free))
                 if best is None or key < best[:2]:
                     best = (key[0], key[1], (o, tuple(sorted(i for _, i in times[:g]))))
-            if multi_node:
+            if spread_ok:
                 per_unit.extend((t, o, i) for t, i in times)
-        if multi_node and best is None and len(per_unit) >= g and not cluster.one_node_holds(flavor, g, cpus):
+        if spread_ok and best is None and len(per_unit) >= g:
             per_unit.sort()
             at = per_unit[g - 1][0]
             if spread is None or at < spread[0]:

@@ -21,7 +21,6 @@ from __future__ import annotations
 import heapq
 import math
 import operator
-import threading
 from functools import reduce
 from typing import Any
 
@@ -279,20 +278,30 @@ def _first(on: _ById, o: int, fcts: dict[int, tuple]) -> tuple[int, int]:
     return job_id, next(n for n, (u, _) in enumerate(fcts[job_id][4]) if u == o)
 
 
-_STATE = threading.local()  # one kept index per thread: a policy call never shares it
+# The kept index. A cycle takes it out of the slot and puts it back when it is done (release),
+# so a cycle running at the same time in another thread (another Service in the process) finds the
+# slot empty and builds its own: the index and the victim sets it shares with its cycle are used
+# by one cycle at a time.
+_SLOT: dict[str, RunningIndex] = {}
 
 
 def running_index(cy: Cycle, quota_config: tuple) -> RunningIndex:
     """The kept index for this cycle's layout, quota configuration and settings, brought up to the
-    snapshot's running jobs (a fresh one when any of those changed or the clock went back)."""
+    snapshot's running jobs (a fresh one when any of those changed or the clock went back). Hand
+    it back with release() when the cycle is done."""
     snap, c = cy.snap, cy.cluster
     s = snap.settings
     key = (id(c.by_gpu), quota_config, s.min_runtime_s)
-    idx = getattr(_STATE, "index", None)
+    idx = _SLOT.pop("index", None)
     if idx is None or idx.key != key or idx.layout is not c.by_gpu or snap.now < idx.now:
-        idx = _STATE.index = RunningIndex(key, c.by_gpu, s.min_runtime_s)
+        idx = RunningIndex(key, c.by_gpu, s.min_runtime_s)
     idx.update(snap.running, c, cy.book, snap.now)
     return idx
+
+
+def release(idx: RunningIndex | None) -> None:
+    if idx is not None:
+        _SLOT["index"] = idx
 
 
 def scan(cy: Cycle) -> tuple[float, float]:
@@ -333,5 +342,5 @@ def scan(cy: Cycle) -> tuple[float, float]:
 
 def reset() -> None:
     """Forget the kept index (tests: decide a cycle cold)."""
-    _STATE.__dict__.clear()
+    _SLOT.clear()
 

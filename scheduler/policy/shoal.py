@@ -56,7 +56,7 @@ from scheduler.policy.cluster import Cluster, Part
 from scheduler.policy.quota import ANY, BORROW, NOMINAL, Check, QuotaBook
 from scheduler.policy.reserve import INF, reserve
 from scheduler.policy.rules import claim_stopping, preempt_for, quota_preempt
-from scheduler.policy.running import running_index
+from scheduler.policy.running import release, running_index
 from scheduler.policy.state import Cycle, Job, amount, packs, reserve_for
 from scheduler.policy.types import (
     Decision, JobRequest, NodeView, Placement, PolicySettings, Snapshot, Start, TeamQuota,
@@ -74,8 +74,8 @@ def _index(snap: Snapshot) -> Cycle:
             cy.held[u.order] = dict(u.held)
     # The running jobs' part (the cycle's largest fixed cost when scanned): kept across cycles and
     # updated by the views that changed (running.py); the same values as a scan of every job.
-    kept = running_index(cy, cy.memoized(("quota-config",), snap.quota_config))
-    latest, work = kept.fill(cy, snap.now)
+    cy.kept = running_index(cy, cy.memoized(("quota-config",), snap.quota_config))
+    latest, work = cy.kept.fill(cy, snap.now)
     if snap.settings.makespan_guard:
         cy.critical, cy.drain = _critical_length(snap, cluster, latest, work)
     return cy
@@ -242,6 +242,7 @@ def plan(snap: Snapshot) -> tuple[Decision, tuple[tuple[str, tuple[int, ...], fl
     """The decision plus the cycle's reservation as (node_id, GPUs, start time, job id) per part
     (for tests and the simulator's traces)."""
     cy = _cycle(snap)
+    release(cy.kept)
     c, r = cy.cluster, cy.reservation
     held = tuple((*c.gpus_of(p), r.at, r.job_id) for p in r.parts) if r else None
     return Decision(tuple(cy.starts), tuple(cy.preempts), cy.pending, cy.eta), held
@@ -258,6 +259,7 @@ def forecast(snap: Snapshot, depth: int = 64) -> dict[int, float]:
     `schedule`, and separate from it: it costs O(depth x GPUs), so the service runs it at a
     slower cadence than the cycle."""
     cy = _cycle(snap)
+    release(cy.kept)  # what follows reads only the cycle's own copies
     c, now, s = cy.cluster, snap.now, snap.settings
     out = dict(cy.eta)
     ends = dict(cy.ends)
@@ -267,7 +269,7 @@ def forecast(snap: Snapshot, depth: int = 64) -> dict[int, float]:
     def hold(req: JobRequest, at: float, parts) -> None:  # in the plan, from now until its end
         end = at + req.expected_duration_s if req.expected_duration_s is not None else INF
         for o, ix in parts:
-            u = c.units[o]
+            u = c.own(o)
             u.free[:] = [e for e in u.free if e[1] not in ix]
             for i in ix:
                 ends[(o, i)] = max(ends.get((o, i), 0.0), end)

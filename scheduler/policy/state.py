@@ -54,6 +54,7 @@ class Cycle:
     order: list[Any] = field(default_factory=list)  # the jobs in the order the cycle considered them
     critical: float = float("inf")  # makespan guard: expected run time from which a job sets the makespan
     drain: float = float("inf")  # makespan guard: time to run all known work on the healthy GPUs
+    kept: Any = None  # the kept running index (running.py) this cycle holds until it is released
 
     def not_a_victim(self, job_id: int) -> None:
         """Take a job out of the victim candidates (it is being preempted). The per-unit dicts may

@@ -302,7 +302,8 @@ def test_memoized_cycles_decide_what_cold_ones_decide(monkeypatch):
 
     def decide(snap, cold: bool):
         if cold:
-            for memo in (shoal._FEASIBLE, cluster_mod._NODE_INDEX, cluster_mod._LAYOUTS):
+            for memo in (shoal._FEASIBLE, cluster_mod._NODE_INDEX, cluster_mod._LAYOUTS, cluster_mod._NODE_UNITS,
+                         cluster_mod._BASE):
                 memo.clear()
             running_mod.reset()
             monkeypatch.setattr(shoal, "_index", cold_index)
@@ -333,12 +334,15 @@ def test_memoized_cycles_decide_what_cold_ones_decide(monkeypatch):
     assert sum(j["preemptions"] for j in r.jobs) > 0
 
 
-def test_kept_running_index_equals_a_scan_of_every_running_job(monkeypatch):
-    """The running jobs' part of the index is kept across cycles and updated by the views that
-    changed (policy/running.py). On every cycle of a replay with preemptions (stopping jobs, jobs
-    crossing min_runtime_s, requeued jobs restarting under their old ids), sharing and borrowing,
-    what it puts into the cycle equals what one pass over every running job builds: the same
-    float sums and the same iteration orders a decision could read (victims by unit, stopping GPUs)."""
+def test_kept_index_equals_a_fresh_one(monkeypatch):
+    """Two parts of the cycle's index are kept across cycles and patched with what changed: the
+    running jobs' part (policy/running.py: by the views that changed) and the cluster's free GPUs
+    (policy/cluster.py's _Base: by the nodes whose view changed). On every cycle of a replay with
+    preemptions (stopping jobs, jobs crossing min_runtime_s, requeued jobs restarting under their
+    old ids), sharing and borrowing, what they put into the cycle equals what a scan of every
+    running job and a cluster built from scratch give: the same float sums and the same iteration
+    orders a decision could read (victims by unit, stopping GPUs, units per free-GPU count)."""
+    import scheduler.policy.cluster as cluster_mod
     import scheduler.policy.shoal as shoal
     from scheduler.policy.cluster import Cluster
     from scheduler.policy.quota import QuotaBook
@@ -355,10 +359,17 @@ def test_kept_running_index_equals_a_scan_of_every_running_job(monkeypatch):
     index = shoal._index
     seen = {"cycles": 0, "stopping": 0, "victims": 0, "shared": 0}
 
+    def layout(c):
+        return ([vars(u) for u in c.units], {f: vars(fl) for f, fl in c.flavors.items()}, c.cpus_free, c.node_cpus,
+                {f: [list(d) for d in b] for f, b in c.buckets.items()}, c.shared, c.shared_slot, c.free_total,
+                c.by_gpu)
+
     def checked(snap):
         cy = index(snap)
         running = {r.job_id: r for r in snap.running}
+        cluster_mod._BASE.clear()  # a cluster built from scratch (it becomes the next cycle's base)
         ref = Cycle(snap, Cluster(snap, running), QuotaBook(snap.quotas, snap.cohorts), running)
+        assert layout(cy.cluster) == layout(ref.cluster)
         ref.critical, ref.drain = shoal._critical_length(snap, ref.cluster, *scan(ref))
         assert fields(cy, (cy.critical, cy.drain)) == fields(ref, (ref.critical, ref.drain))
         seen["cycles"] += 1

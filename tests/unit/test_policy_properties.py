@@ -166,3 +166,41 @@ def test_same_snapshot_same_decision_and_every_job_accounted(snap, rnd):
         r = running[p.job_id]
         assert r.preemptible and not r.stopping and snap.now - r.started_at >= snap.settings.min_runtime_s
     assert len({p.job_id for p in d.to_preempt}) == len(d.to_preempt)
+
+
+def _cluster_fields(c):
+    return ([vars(u) for u in c.units], {f: vars(fl) for f, fl in c.flavors.items()}, c.cpus_free, c.node_cpus,
+            {f: [list(d) for d in b] for f, b in c.buckets.items()}, c.shared, c.shared_slot, c.free_total, c.by_gpu)
+
+
+@PROPS
+@given(snapshots(), st.data())
+def test_a_patched_cluster_equals_one_built_from_scratch(first, data):
+    """The policy keeps the last cluster it built and patches in the nodes whose view changed
+    (cluster._Base). After a random change - per node: the same view object, or its GPUs'
+    health, foreign memory, utilization, schedulability, free CPUs and Shoal tenants redrawn -
+    the patched cluster is the one a build from scratch gives, orders included."""
+    from dataclasses import replace
+
+    import scheduler.policy.cluster as cluster_mod
+    from scheduler.policy.cluster import Cluster
+
+    cluster_mod._BASE.clear()
+    Cluster(first, {r.job_id: r for r in first.running})  # the base to patch
+    nodes = []
+    for n in first.nodes:
+        if data.draw(st.booleans()):
+            nodes.append(n)  # unchanged: the same object
+            continue
+        gpus = tuple(replace(g, healthy=data.draw(st.booleans()) or g.index % 2 == 0,
+                             memory_used_mib=data.draw(st.integers(0, g.memory_total_mib)),
+                             utilization=data.draw(st.sampled_from([0.0, 0.4, 0.9])),
+                             allocated_to=data.draw(st.sampled_from([(), g.allocated_to, (1001,), (1001, 1002)])))
+                     for g in n.gpus)
+        nodes.append(replace(n, gpus=gpus, schedulable=data.draw(st.booleans()),
+                             cpus_held=data.draw(st.integers(0, 4)) if n.cpus else 0))
+    second = replace(first, nodes=tuple(nodes))
+    tenants = {r.job_id: r for r in second.running}
+    patched = _cluster_fields(Cluster(second, tenants))
+    cluster_mod._BASE.clear()
+    assert patched == _cluster_fields(Cluster(second, tenants))
