@@ -90,13 +90,15 @@ class RunningIndex:
         self.gpu_ends: dict[tuple[int, int], dict[int, float]] = {}
         self.ends: dict[tuple[int, int], float] = {}
         self.cpu: dict[str, dict[int, tuple[float, float]]] = {}
+        self.cpu_lists: dict[str, list[tuple[float, float]]] = {}  # node -> its (end, CPUs), for cycles to share
         self.stopping: set[int] = set()
         self.eligible: dict[int, RunningJob] = {}  # preemptible, past min_runtime_s: id -> view
         self.victims: dict[str, dict[int, _ById]] = {}  # the eligible by flavor and unit: id -> view
         self.prios: dict[str, dict[int, int]] = {}  # team -> priority -> eligible jobs
         self.victim_teams: dict[tuple[str, str], int] = {}  # (flavor, team) -> eligible jobs
         self._orders: dict[str, tuple[tuple[int, int], dict[int, _ById]]] = {}  # flavor -> (first, units in order)
-        self._stale: set[str] = set()  # flavors whose victims changed since their order was computed
+        self._firsts: dict[str, dict[int, tuple[int, int]]] = {}  # flavor -> unit -> where the scan meets it
+        self._stale: dict[str, set[int]] = {}  # flavor -> units whose victims changed since the last fill
         self._not_yet: list[tuple[float, int, int]] = []  # heap: (started + min_runtime, id, id(view))
         self._qkey: dict[int, str | None] = {}  # id -> its quota key (None: its team has no quota)
 
@@ -144,7 +146,9 @@ class RunningIndex:
         if r.expected_end_at is not None:
             self.timed.put(job_id, (end, gpus))
         for node_id, cpus in cpu_parts:
-            self.cpu.setdefault(node_id, {})[job_id] = (end, cpus)
+            on = self.cpu.setdefault(node_id, {})
+            on[job_id] = (end, cpus)
+            self.cpu_lists[node_id] = list(on.values())
         for k in gpu_keys:
             on = self.gpu_ends.setdefault(k, {})
             on[job_id] = end
@@ -169,8 +173,10 @@ class RunningIndex:
         for node_id, _ in cpu_parts:
             on = self.cpu[node_id]
             del on[job_id]
-            if not on:
-                del self.cpu[node_id]
+            if on:
+                self.cpu_lists[node_id] = list(on.values())
+            else:
+                del self.cpu[node_id], self.cpu_lists[node_id]
         for key in gpu_keys:
             on = self.gpu_ends[key]
             on.pop(job_id, None)
@@ -188,9 +194,10 @@ class RunningIndex:
         self.eligible[job_id] = r
         flavor, gpu_keys = self.facts[job_id][0], self.facts[job_id][4]
         units = self.victims.setdefault(flavor, {})
-        self._stale.add(flavor)
+        stale = self._stale.setdefault(flavor, set())
         for o, _ in gpu_keys:
             units.setdefault(o, _ById()).put(job_id, r)
+            stale.add(o)
         p = self.prios.setdefault(r.team, {})
         p[r.priority] = p.get(r.priority, 0) + 1
         k = (flavor, r.team)
@@ -200,8 +207,9 @@ class RunningIndex:
         if self.eligible.pop(job_id, None) is None:
             return
         units = self.victims[flavor]
-        self._stale.add(flavor)
+        stale = self._stale.setdefault(flavor, set())
         for o, _ in gpu_keys:
+            stale.add(o)
             on = units.get(o)
             if on is not None and on.pop(job_id, None) is not None and not on:
                 del units[o]
@@ -238,7 +246,7 @@ class RunningIndex:
             use[team][flavor] = _seqsum(g.ordered().values())
         cy.flavor_of.update(self.flavor_of)
         cy.ends.update(self.ends)
-        cy.cpu_ends.update({n: list(on.values()) for n, on in self.cpu.items()})
+        cy.cpu_ends.update(self.cpu_lists)  # shared: a cycle replaces a node's list, never appends to it
         views, fcts, qkey = self.views, self.facts, self._qkey
         for job_id in sorted(self.stopping):
             r, (flavor, amt, _, _, gpu_keys, _) = views[job_id], fcts[job_id]
@@ -252,12 +260,19 @@ class RunningIndex:
             cy.min_prio[team] = min(prios)
         for flavor, team in self.victim_teams:
             cy.victim_teams.setdefault(flavor, set()).add(team)
-        for flavor in self._stale:  # units in the reference's order, recomputed after a change
+        for flavor, stale in self._stale.items():  # units in the reference's order, after a change
             units = self.victims.get(flavor)
             if units is None:
                 self._orders.pop(flavor, None)
+                self._firsts.pop(flavor, None)
                 continue
-            first = {o: _first(on.ordered(), o, fcts) for o, on in units.items()}
+            first = self._firsts.setdefault(flavor, {})
+            for o in stale:  # only the units whose victims changed
+                on = units.get(o)
+                if on is None:
+                    first.pop(o, None)
+                else:
+                    first[o] = _first(on.ordered(), o, fcts)
             order = sorted(first, key=first.__getitem__)
             self._orders[flavor] = (first[order[0]], {o: units[o] for o in order})
         self._stale.clear()

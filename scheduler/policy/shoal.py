@@ -69,9 +69,7 @@ def _index(snap: Snapshot) -> Cycle:
     running = {r.job_id: r for r in snap.running}
     cluster = Cluster(snap, running)
     cy = Cycle(snap, cluster, QuotaBook(snap.quotas, snap.cohorts), running)
-    for u in cluster.units:
-        if u.held:
-            cy.held[u.order] = dict(u.held)
+    cy.held.update({u.order: u.held for u in cluster.units if u.held})  # read-only: _commit replaces them
     # The running jobs' part (the cycle's largest fixed cost when scanned): kept across cycles and
     # updated by the views that changed (running.py); the same values as a scan of every job.
     cy.kept = running_index(cy, cy.memoized(("quota-config",), snap.quota_config))
@@ -138,19 +136,38 @@ def _infeasible_uncached(cy: Cycle, req: JobRequest) -> tuple[list[str], str | N
 
 # -- 4: order ---------------------------------------------------------------------------------
 
-def _job_key(req: JobRequest, now: float, s: PolicySettings) -> tuple[tuple, float, bool]:
-    """(sort key, GPU-seconds score, aged?). The score - remaining GPU-seconds when the duration is
+def _job_key(req: JobRequest, now: float, score: float, horizon: float) -> tuple[tuple, bool]:
+    """(sort key, aged?). The GPU-seconds score - remaining GPU-seconds when the duration is
     known, else attained GPU-seconds - decays linearly to 0 over the job's aging horizon
     aging_s + aging_ratio x (its duration, or attained GPU-s per GPU): a job that waited its
     horizon ties with a brand-new job of no work and wins on submit time, so no job waits behind
     later arrivals for longer than its horizon, and long jobs' horizons scale with their length
-    (bounded slowdown), instead of every job turning FIFO under sustained load."""
+    (bounded slowdown), instead of every job turning FIFO under sustained load. `score` and
+    `horizon` come from _request_facts (they do not change while the job waits)."""
+    wait = max(0.0, now - req.submitted_at)
+    effective = score * max(0.0, 1.0 - wait / horizon) if horizon > 0 else 0.0
+    return (-req.priority, effective, req.submitted_at, req.job_id), wait >= horizon
+
+
+_REQUESTS: dict[int, tuple] = {}  # id(request) -> (request, settings key, shape, score, horizon)
+
+
+def _request_facts(req: JobRequest, s: PolicySettings, skey: tuple) -> tuple:
+    """(request, settings key, shape, GPU-seconds score, aging horizon): what the job key and the
+    shape facts need that does not change while the request object is the same (the service
+    hands the policy one request object per queued attempt), memoized on it."""
+    hit = _REQUESTS.get(id(req))
+    if hit is not None and hit[0] is req and hit[1] == skey:
+        return hit
     score = req.gpus * req.expected_duration_s if req.expected_duration_s is not None else req.attained_gpu_s
     own = req.expected_duration_s if req.expected_duration_s is not None else req.attained_gpu_s / max(1, req.gpus)
     horizon = s.aging_s + s.aging_ratio * own  # the longest it waits behind later arrivals
-    wait = max(0.0, now - req.submitted_at)
-    effective = score * max(0.0, 1.0 - wait / horizon) if horizon > 0 else 0.0
-    return (-req.priority, effective, req.submitted_at, req.job_id), score, wait >= horizon
+    shape = (req.team, req.gpus, req.memory_per_gpu_mib, req.gpu_model, req.cpus_per_gpu, req.shareable,
+             packs(req, s))
+    if len(_REQUESTS) > 65536:  # bounded (it keeps old requests alive): live ones are recomputed after a clear
+        _REQUESTS.clear()
+    hit = _REQUESTS[id(req)] = (req, skey, shape, score, horizon)
+    return hit
 
 
 def _critical_length(snap: Snapshot, c: Cluster, latest: float, work: float) -> tuple[float, float]:
@@ -304,9 +321,12 @@ def _cycle(snap: Snapshot) -> Cycle:
     jobs = []
     critical = cy.critical
     facts: dict[tuple, tuple] = {}  # per shape: (flavors, why, demand key, claims?, amount)
+    skey, memo = (s.aging_s, s.aging_ratio, s.share_max_duration_s), _REQUESTS
     for req in snap.pending:
-        shape = (req.team, req.gpus, req.memory_per_gpu_mib, req.gpu_model, req.cpus_per_gpu, req.shareable,
-                 packs(req, s))
+        hit = memo.get(id(req))
+        if hit is None or hit[0] is not req or hit[1] != skey:
+            hit = _request_facts(req, s, skey)
+        _, _, shape, score, horizon = hit
         fact = facts.get(shape)
         if fact is None:  # nothing has started yet: these depend on the shape alone
             flavors, why = _infeasible(cy, req)
@@ -316,7 +336,7 @@ def _cycle(snap: Snapshot) -> Cycle:
         if fact[1] is not None:
             cy.pending[req.job_id] = fact[1]
             continue
-        key, score, aged = _job_key(req, now, s)
+        key, aged = _job_key(req, now, score, horizon)
         if req.expected_duration_s is not None and req.expected_duration_s >= critical:
             key = (key[0], -req.expected_duration_s, *key[2:])  # ahead of its priority level, longest first
         job = Job(req, fact[0], key, score, fact[2], aged)
@@ -434,14 +454,17 @@ def _commit(cy: Cycle, job: Job, f: str, parts: list[Part], end: float | None) -
     book.commit(req.team, book.key(req.team, f), amt, job.dkey)
     cy.use[req.team][f] += amt
     cy.fair.changed(req.team)
+    # cy.held's and cy.cpu_ends' values may be shared with the kept indexes: replaced, not mutated
     for o, ix in parts:
+        h = dict(cy.held.get(o, {}))
         for i in ix:
             cy.ends[(o, i)] = max(cy.ends.get((o, i), 0.0), end if end is not None else INF)
-            h = cy.held.setdefault(o, {})
             h[i] = h.get(i, ()) + (req.job_id,)
+        cy.held[o] = h
     for o, ix in parts:
-        cy.cpu_ends.setdefault(c.units[o].node_id, []).append((end if end is not None else INF,
-                                                                float(len(ix) * req.cpus_per_gpu)))
+        node_id = c.units[o].node_id
+        cy.cpu_ends[node_id] = [*cy.cpu_ends.get(node_id, ()), (end if end is not None else INF,
+                                                                 float(len(ix) * req.cpus_per_gpu))]
     named = [c.gpus_of(p) for p in parts]
     first = named[0]
     cy.starts.append(Start(req.job_id, Placement(first[0], first[1], tuple(named) if len(named) > 1 else ())))

@@ -31,8 +31,10 @@ class Cycle:
     book: QuotaBook
     running: dict[int, RunningJob]
     ends: dict[tuple[int, int], float] = field(default_factory=dict)  # (unit, gpu) -> expected free time
-    cpu_ends: dict[str, list[tuple[float, float]]] = field(default_factory=dict)  # node -> (end, CPUs)
-    held: dict[int, dict[int, tuple[int, ...]]] = field(default_factory=dict)  # unit -> gpu -> job ids
+    # node -> (end, CPUs); unit -> gpu -> job ids. The lists and inner dicts are shared with the
+    # kept indexes (running.py, cluster.py): a cycle replaces them (_commit), never mutates them.
+    cpu_ends: dict[str, list[tuple[float, float]]] = field(default_factory=dict)
+    held: dict[int, dict[int, tuple[int, ...]]] = field(default_factory=dict)
     use: dict[str, dict[str, float]] = field(default_factory=lambda: defaultdict(lambda: defaultdict(float)))
     starts: list[Start] = field(default_factory=list)
     preempts: list[Preempt] = field(default_factory=list)
