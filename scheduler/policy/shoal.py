@@ -49,6 +49,7 @@ from __future__ import annotations
 
 import heapq
 import math
+import operator
 from collections import defaultdict
 
 from scheduler.policy import explain
@@ -149,12 +150,12 @@ def _job_key(req: JobRequest, now: float, score: float, horizon: float) -> tuple
     return (-req.priority, effective, req.submitted_at, req.job_id), wait >= horizon
 
 
-_REQUESTS: dict[int, tuple] = {}  # id(request) -> (request, settings key, shape, score, horizon)
+_REQUESTS: dict[int, tuple] = {}  # id(request) -> (request, settings key, shape, score, horizon, static)
 
 
 def _request_facts(req: JobRequest, s: PolicySettings, skey: tuple) -> tuple:
-    """(request, settings key, shape, GPU-seconds score, aging horizon): what the job key and the
-    shape facts need that does not change while the request object is the same (the service
+    """(request, settings key, shape, GPU-seconds score, aging horizon, reason-memo key part): what
+    the job key, the shape facts and _one's memo need that does not change while the request object is the same (the service
     hands the policy one request object per queued attempt), memoized on it."""
     hit = _REQUESTS.get(id(req))
     if hit is not None and hit[0] is req and hit[1] == skey:
@@ -164,9 +165,10 @@ def _request_facts(req: JobRequest, s: PolicySettings, skey: tuple) -> tuple:
     horizon = s.aging_s + s.aging_ratio * own  # the longest it waits behind later arrivals
     shape = (req.team, req.gpus, req.memory_per_gpu_mib, req.gpu_model, req.cpus_per_gpu, req.shareable,
              packs(req, s))
+    static = (*shape, req.priority, req.expected_duration_s is None)  # what _one's reason memo keys on
     if len(_REQUESTS) > 65536:  # bounded (it keeps old requests alive): live ones are recomputed after a clear
         _REQUESTS.clear()
-    hit = _REQUESTS[id(req)] = (req, skey, shape, score, horizon)
+    hit = _REQUESTS[id(req)] = (req, skey, shape, score, horizon, static)
     return hit
 
 
@@ -232,7 +234,7 @@ def _ordered(cy: Cycle, jobs: list[Job]):
     heap = []
     pos = {}
     for team, q in queues.items():
-        q.sort(key=lambda j: j.key)
+        q.sort(key=_KEY)
         pos[team] = 0
         heap.append(_entry(fs, team, q[0]))
     heapq.heapify(heap)
@@ -245,8 +247,12 @@ def _ordered(cy: Cycle, jobs: list[Job]):
             heapq.heappush(heap, _entry(fs, team, q[pos[team]]))
 
 
+_KEY = operator.attrgetter("key")
+
+
 def _entry(fs: _FairShare, team: str, j: Job) -> tuple:
-    return (j.key[0], fs.band(team), j.key[1:], fs.ratio(team), team)
+    ratio, band = fs._get(team)
+    return (j.key[0], band, j.key[1:], ratio, team)
 
 
 # -- the cycle ----------------------------------------------------------------------------------
@@ -326,7 +332,7 @@ def _cycle(snap: Snapshot) -> Cycle:
         hit = memo.get(id(req))
         if hit is None or hit[0] is not req or hit[1] != skey:
             hit = _request_facts(req, s, skey)
-        _, _, shape, score, horizon = hit
+        _, _, shape, score, horizon, static = hit
         fact = facts.get(shape)
         if fact is None:  # nothing has started yet: these depend on the shape alone
             flavors, why = _infeasible(cy, req)
@@ -339,7 +345,7 @@ def _cycle(snap: Snapshot) -> Cycle:
         key, aged = _job_key(req, now, score, horizon)
         if req.expected_duration_s is not None and req.expected_duration_s >= critical:
             key = (key[0], -req.expected_duration_s, *key[2:])  # ahead of its priority level, longest first
-        job = Job(req, fact[0], key, score, fact[2], aged)
+        job = Job(req, fact[0], key, score, fact[2], aged, static)
         jobs.append(job)
         if fact[3]:  # claims only for work the free GPUs could take
             book.want(req.team, job.dkey, fact[4])
@@ -396,8 +402,7 @@ def _one(cy: Cycle, job: Job, fs: _FairShare) -> None:
     req, s, res = job.req, cy.snap.settings, cy.reservation
     d = req.expected_duration_s
     gate = s.preemption and len(cy.preempts) < s.max_preemptions_per_cycle and cy.attempts < s.max_preemptions_per_cycle
-    key = ("waits", cy.gen, cy.attempts if gate else -1, req.team, req.priority, req.gpus, req.memory_per_gpu_mib,
-           req.cpus_per_gpu, req.gpu_model, req.shareable, packs(req, s), d is None,
+    key = ("waits", cy.gen, cy.attempts if gate else -1, job.static,  # static: team, priority, shape, d is None
            job.aged if res is None else (d is None or cy.snap.now + d > res.at),
            cy.snap.now - req.submitted_at < s.preempt_grace_s, job.score if s.las_preempt_factor > 0 else None)
     reason = cy.memo.get(key)

@@ -14,7 +14,7 @@ from scheduler.policy.types import JobRequest, PolicySettings, Preempt, RunningJ
 _MISSING = object()
 
 
-@dataclass
+@dataclass(slots=True)
 class Job:
     req: JobRequest
     flavors: list[str]  # feasible flavors, in preference order
@@ -22,6 +22,7 @@ class Job:
     score: float  # GPU-seconds: expected left, else attained
     dkey: str = ""  # the quota key its waiting demand claims
     aged: bool = False  # waited past its aging horizon
+    static: tuple = ()  # team, priority, shape, "no estimate": the part of _one's memo key fixed per request
 
 
 @dataclass
