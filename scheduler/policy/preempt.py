@@ -76,10 +76,11 @@ def choose(cluster: Cluster, flavors: list[str], g: int, m: int, cpg: int, now: 
         u = cluster.units[o]
         if u.flavor not in flavors or not u.schedulable:
             continue
-        if not stopping.get(o) and (
-                len(u.free) - bisect_left(u.free, (m, -1)) + sum(r.gpu_count for r in cands) < g
-                or cluster.cpus_free[u.node_id] + sum(r.cpus for r in cands) < g * cpg):
-            continue  # even every candidate gone and every free GPU taken would not hold the gang
+        if not stopping.get(o):  # even every candidate gone and every free GPU taken would not hold the gang
+            free_n, cpus_free = len(u.free) - bisect_left(u.free, (m, -1)), cluster.cpus_free[u.node_id]
+            if ((free_n < g and free_n + sum(r.gpu_count for r in cands) < g)  # (sums only when needed)
+                    or (cpus_free < g * cpg and cpus_free + sum(r.cpus for r in cands) < g * cpg)):
+                continue
         gone = set(stopping.get(o, ()))
         usable_n, left, on = _usable(cluster, o, m, gone, held.get(o, {}), avoid.get(o, ()))
         cpus = cluster.cpus_free[u.node_id]

@@ -11,6 +11,9 @@ from scheduler.policy.state import Cycle, Job, amount, packs, reserve_for
 from scheduler.policy.types import JobRequest, Preempt, RunningJob
 
 
+INLINE_SCAN = True  # False: every victim through why() (tests check both give the same decisions)
+
+
 def claim_stopping(cy: Cycle, flavors: list[str], req: JobRequest, avoid: dict) -> list[int]:
     c = cy.cluster
     for o, ids in cy.stopping.items():
@@ -35,8 +38,8 @@ def preempt_for(cy: Cycle, job: Job, allowed: list[tuple[str, str]], avoid: dict
     # after another, share one scan of the running jobs.
     key = ("victims", cy.gen, req.team, req.priority, my_band, frozenset(nominal), frozenset(flavors),
            (job.score, req.gpus) if s.las_preempt_factor > 0 else None)
-    cands: dict[int, list[RunningJob]] | None = cy.memo.get(key)
-    if cands is not None and not cands:
+    hit = cy.memo.get(key)  # (reclaim?, candidates) of an earlier requester of this key
+    if hit is not None and not hit[1]:
         return ""
 
     teams_reclaimable: dict[tuple[str, str], bool] = {}
@@ -49,9 +52,13 @@ def preempt_for(cy: Cycle, job: Job, allowed: list[tuple[str, str]], avoid: dict
                                                   and book.borrowing(team, k) - cy.reclaimed[(team, k)] > 1e-9)
         return hit
 
-    reclaim = any(reclaimable(t, f) for f in nominal for t in sorted(cy.victim_teams.get(f, ())))
+    if hit is not None:
+        reclaim, cands = hit
+    else:
+        reclaim = any(reclaimable(t, f) for f in nominal for t in sorted(cy.victim_teams.get(f, ())))
+        cands = None
     if not (reclaim or cy.min_prio.get(req.team, req.priority) < req.priority or s.las_preempt_factor > 0):
-        cy.memo[key] = {}
+        cy.memo[key] = (reclaim, {})
         return ""
 
     def why(r: RunningJob) -> str | None:
@@ -73,12 +80,22 @@ def preempt_for(cy: Cycle, job: Job, allowed: list[tuple[str, str]], avoid: dict
 
     if cands is None:
         cands = {}
-        for f in flavors:
-            for o, rs in cy.victims_ok.get(f, {}).items():
-                for r in rs.values():
-                    if why(r):
-                        cands.setdefault(o, []).append(r)
-        cy.memo[key] = cands
+        if s.las_preempt_factor > 0 or not INLINE_SCAN:
+            for f in flavors:
+                for o, rs in cy.victims_ok.get(f, {}).items():
+                    for r in rs.values():
+                        if why(r):
+                            cands.setdefault(o, []).append(r)
+        else:  # why(r) inlined (the scan is the cost of a blocked job): the same candidates
+            exempt = _exempt(cy)
+            for f in flavors:  # victims_ok[f] holds jobs of flavor f
+                teams = {t for t in cy.victim_teams.get(f, ()) if reclaimable(t, f)} if reclaim and f in nominal else ()
+                for o, rs in cy.victims_ok.get(f, {}).items():
+                    mine = [r for r in rs.values() if (r.team == req.team and r.priority < req.priority)
+                            or (r.team in teams and not exempt[r.job_id])]
+                    if mine:
+                        cands[o] = mine
+        cy.memo[key] = (reclaim, cands)
     if not cands:
         return ""
     cy.attempts += 1
@@ -106,6 +123,19 @@ def preempt_for(cy: Cycle, job: Job, allowed: list[tuple[str, str]], avoid: dict
     ids = [r.job_id for r in pick.victims]
     return (f"preempting {explain.jobs(ids)} on {c.units[pick.unit].name} for it "
             f"({reasons[ids[0]]}); starts when they checkpoint")
+
+
+def _exempt(cy: Cycle) -> dict[int, bool]:
+    """Per preemptible running job: kept from reclaim and LAS this cycle (why() in preempt_for)
+    - it sets the makespan (more than the drain time left) or it is in its preemption backoff."""
+    hit = cy.memo.get(("exempt",))
+    if hit is None:
+        s, now = cy.snap.settings, cy.snap.now
+        hit = {r.job_id: (r.expected_end_at is not None and r.expected_end_at - now > cy.drain) or bool(
+                   r.restarts and now - r.started_at < s.min_runtime_s * s.preempt_backoff ** min(r.restarts, 24))
+               for units in cy.victims_ok.values() for rs in units.values() for r in rs.values()}
+        cy.memo[("exempt",)] = hit
+    return hit
 
 
 def quota_preempt(cy: Cycle, job: Job) -> str:

@@ -145,8 +145,10 @@ def _job_key(req: JobRequest, now: float, score: float, horizon: float) -> tuple
     later arrivals for longer than its horizon, and long jobs' horizons scale with their length
     (bounded slowdown), instead of every job turning FIFO under sustained load. `score` and
     `horizon` come from _request_facts (they do not change while the job waits)."""
-    wait = max(0.0, now - req.submitted_at)
-    effective = score * max(0.0, 1.0 - wait / horizon) if horizon > 0 else 0.0
+    wait = now - req.submitted_at
+    wait = wait if wait > 0.0 else 0.0  # max(0.0, wait), without the call (the same value)
+    left = 1.0 - wait / horizon if horizon > 0 else 0.0
+    effective = score * (left if left > 0.0 else 0.0) if horizon > 0 else 0.0
     return (-req.priority, effective, req.submitted_at, req.job_id), wait >= horizon
 
 
@@ -168,8 +170,16 @@ def _request_facts(req: JobRequest, s: PolicySettings, skey: tuple) -> tuple:
     static = (*shape, req.priority, req.expected_duration_s is None)  # what _one's reason memo keys on
     if len(_REQUESTS) > 65536:  # bounded (it keeps old requests alive): live ones are recomputed after a clear
         _REQUESTS.clear()
+        _INTERNED.clear()
+    # Equal tuples share one object, so a cycle's per-shape dicts key on its id (an int hashes
+    # faster than a tuple of seven); after a clear an equal tuple may get a second object, which
+    # only costs a second computation of the same facts.
+    shape, static = _INTERNED.setdefault(shape, shape), _INTERNED.setdefault(static, static)
     hit = _REQUESTS[id(req)] = (req, skey, shape, score, horizon, static)
     return hit
+
+
+_INTERNED: dict[tuple, tuple] = {}
 
 
 def _critical_length(snap: Snapshot, c: Cluster, latest: float, work: float) -> tuple[float, float]:
@@ -326,17 +336,17 @@ def _cycle(snap: Snapshot) -> Cycle:
     s, now, c, book = snap.settings, snap.now, cy.cluster, cy.book
     jobs = []
     critical = cy.critical
-    facts: dict[tuple, tuple] = {}  # per shape: (flavors, why, demand key, claims?, amount)
+    facts: dict[int, tuple] = {}  # per (interned) shape: (flavors, why, demand key, claims?, amount)
     skey, memo = (s.aging_s, s.aging_ratio, s.share_max_duration_s), _REQUESTS
     for req in snap.pending:
         hit = memo.get(id(req))
         if hit is None or hit[0] is not req or hit[1] != skey:
             hit = _request_facts(req, s, skey)
         _, _, shape, score, horizon, static = hit
-        fact = facts.get(shape)
+        fact = facts.get(id(shape))
         if fact is None:  # nothing has started yet: these depend on the shape alone
             flavors, why = _infeasible(cy, req)
-            fact = facts[shape] = (flavors, why) if why is not None else (
+            fact = facts[id(shape)] = (flavors, why) if why is not None else (
                 flavors, None, _demand_key(cy, req, flavors), _fits_free(cy, req, flavors),
                 amount(c, flavors[0], req.gpus, req.memory_per_gpu_mib, req.shareable))
         if fact[1] is not None:
@@ -402,7 +412,7 @@ def _one(cy: Cycle, job: Job, fs: _FairShare) -> None:
     req, s, res = job.req, cy.snap.settings, cy.reservation
     d = req.expected_duration_s
     gate = s.preemption and len(cy.preempts) < s.max_preemptions_per_cycle and cy.attempts < s.max_preemptions_per_cycle
-    key = ("waits", cy.gen, cy.attempts if gate else -1, job.static,  # static: team, priority, shape, d is None
+    key = ("waits", cy.gen, cy.attempts if gate else -1, id(job.static),  # team, priority, shape, d is None (interned)
            job.aged if res is None else (d is None or cy.snap.now + d > res.at),
            cy.snap.now - req.submitted_at < s.preempt_grace_s, job.score if s.las_preempt_factor > 0 else None)
     reason = cy.memo.get(key)

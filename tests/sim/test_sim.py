@@ -390,3 +390,36 @@ def test_kept_index_equals_a_fresh_one(monkeypatch):
     r = Simulation(sc, make_jobs(rows, sc.sim.workload, sc.team_of, sc.sim.seed), schedule, "shoal").run()
     assert seen["cycles"] > 100 and seen["stopping"] > 5 and seen["victims"] > 50 and seen["shared"] > 20, seen
     assert sum(j["preemptions"] for j in r.jobs) > 0 and all(j["state"] == "SUCCEEDED" for j in r.jobs)
+
+
+def test_the_inlined_victim_scan_decides_what_why_decides():
+    """preempt_for's victim scan inlines why() when LAS preemption is off (rules.INLINE_SCAN).
+    Every cycle of a replay with reclaim preemptions (and jobs in their preemption backoff) is
+    decided both ways, and the decisions are equal."""
+    import scheduler.policy.rules as rules
+    import scheduler.policy.shoal as shoal
+    from scheduler.sim.engine import Simulation
+
+    seen = {"cycles": 0, "preempting": 0}
+
+    def both(snap):
+        fast = shoal.plan(snap)
+        rules.INLINE_SCAN = False
+        try:
+            slow = shoal.plan(snap)
+        finally:
+            rules.INLINE_SCAN = True
+        assert fast == slow
+        seen["cycles"] += 1
+        seen["preempting"] += bool(fast[0].to_preempt)
+        return fast[0]
+
+    doc = {"gpu_models": {"H100 80GB": {"memory_gib": 80}},
+           "nodes": [{"count": 2, "gpus_per_node": 8, "gpu_model": "H100 80GB"}],
+           "teams": {"x": {"gpus": 8, "cohort": "all"}, "y": {"gpus": 8, "cohort": "all"}}, "cohorts": {"all": {}},
+           "scheduler": {"min_runtime_s": 60, "preempt_grace_s": 0},
+           "simulation": {"tick_s": 60, "restart_overhead_s": 30, "workload": {"estimate_sigma": 0.5}}}
+    sc = parse_sim_cluster(yaml.safe_dump(doc), "<test>")
+    rows = trace(*[(t.submit_s * 10, t.duration_s * 40, t.gpus, t.group) for t in random_trace(300, seed=3)])
+    Simulation(sc, make_jobs(rows, sc.sim.workload, sc.team_of, sc.sim.seed), both, "shoal").run()
+    assert seen["cycles"] > 100 and seen["preempting"] > 10, seen
