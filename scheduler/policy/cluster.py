@@ -268,9 +268,11 @@ class Cluster:
         if base is None or base.settings != settings or not base.patch(snap):
             base = _Base(snap, settings)
         self.units: list[Unit] = list(base.units)  # shared with the base until own() copies one
-        self.flavors: dict[str, Flavor] = base.flavors  # read-only
+        # copies: a later patch of the base (possibly while this cycle runs, in another thread)
+        # replaces entries of its dicts; Flavor and Unit objects are replaced, never mutated
+        self.flavors: dict[str, Flavor] = dict(base.flavors)
         self.cpus_free: dict[str, float] = dict(base.cpus_free)
-        self.node_cpus: dict[str, float] = base.node_cpus  # read-only
+        self.node_cpus: dict[str, float] = dict(base.node_cpus)
         self.buckets: dict[str, list[dict[int, None]]] = {f: [dict(d) for d in b] for f, b in base.buckets.items()}
         # flavor -> sorted (free MiB, unit, index) of GPUs that host only shareable jobs, fewer than
         # share_max_jobs of them; (unit, index) -> (its entry's free MiB, shareable jobs on it)

@@ -4,7 +4,8 @@ One cycle, in numbered steps:
 
  1. Index. Free GPUs per (node, flavor) unit (cluster.py); quota usage per team from running jobs
     (a shareable job counts the fraction of the GPU's memory it reserves); when each held GPU is
-    expected to free up (for reservations).
+    expected to free up (for reservations). Both are kept across cycles and patched with what
+    changed (cluster._Base, running.RunningIndex): caches, equal to a build from scratch.
  2. Feasibility. A job that cannot run even on the empty cluster (no flavor with enough GPUs on
     one node - or in all, with multi-node gangs - or memory or CPUs, or more GPUs than its team
     may ever hold) waits with an "infeasible: ..." reason and takes no further part.
