@@ -21,7 +21,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from scheduler.policy.cluster import _NODE_INDEX  # noqa: E402
+from scheduler.policy.cluster import _BASE, _NODE_INDEX, _NODE_UNITS  # noqa: E402
 from scheduler.policy import (  # noqa: E402
     Cohort, GpuView, JobRequest, NodeView, PolicySettings, RunningJob, Snapshot, TeamQuota, schedule,
 )
@@ -83,10 +83,14 @@ def timed(snap: Snapshot, runs: int) -> tuple[list[float], object]:
     times, d = [], None
     CPU.clear()
     for _ in range(runs):
-        # The policy memoizes each node's index on the NodeView object (the simulator reuses
-        # unchanged views); production's inventory builds new views every cycle, so every run
-        # here starts without that memo, as a production cycle does.
+        # The policy memoizes each node's index and units on the NodeView object and keeps the
+        # last cluster it built (the simulator reuses unchanged views); production's inventory
+        # builds new views every cycle, so every run here starts without those, as a production
+        # cycle does. (The running jobs' index stays: the service hands the policy the same view
+        # of a running job every cycle of its attempt.)
         _NODE_INDEX.clear()
+        _NODE_UNITS.clear()
+        _BASE.clear()
         t0, c0 = time.perf_counter(), time.process_time()
         d = schedule(snap)
         times.append(time.perf_counter() - t0)

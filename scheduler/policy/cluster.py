@@ -218,12 +218,14 @@ class _Base:
         nodes = snap.nodes
         if len(nodes) != len(self.nodes):
             return False
-        if all(map(operator.is_, nodes, self.nodes)):
+        changed = [p for p, same in enumerate(map(operator.is_, nodes, self.nodes)) if not same]
+        if not changed:
             return True
+        if len(changed) > PATCH_MAX_SHARE * len(nodes):  # production builds every view anew: building is cheaper
+            return False
         headroom, share_max_util = self.settings
-        for p, node in enumerate(nodes):
-            if node is self.nodes[p]:
-                continue
+        for p in changed:
+            node = nodes[p]
             entries, shape_id = _node_index(node, headroom, share_max_util)
             if shape_id != self.shape[p]:
                 return False
@@ -252,6 +254,7 @@ class _Base:
         return True
 
 
+PATCH_MAX_SHARE = 0.25  # patch the kept cluster when at most this share of the nodes changed, else rebuild
 _BASE: dict[str, _Base] = {}  # the last base; a build takes it out and puts it back (one user at a time)
 
 
