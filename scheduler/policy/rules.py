@@ -38,8 +38,8 @@ def preempt_for(cy: Cycle, job: Job, allowed: list[tuple[str, str]], avoid: dict
     # after another, share one scan of the running jobs.
     key = ("victims", cy.gen, req.team, req.priority, my_band, frozenset(nominal), frozenset(flavors),
            (job.score, req.gpus) if s.las_preempt_factor > 0 else None)
-    hit = cy.memo.get(key)  # (reclaim?, candidates) of an earlier requester of this key
-    if hit is not None and not hit[1]:
+    earlier = cy.memo.get(key)  # (reclaim?, candidates) of an earlier requester of this key
+    if earlier is not None and not earlier[1]:
         return ""
 
     teams_reclaimable: dict[tuple[str, str], bool] = {}
@@ -52,8 +52,8 @@ def preempt_for(cy: Cycle, job: Job, allowed: list[tuple[str, str]], avoid: dict
                                                   and book.borrowing(team, k) - cy.reclaimed[(team, k)] > 1e-9)
         return hit
 
-    if hit is not None:
-        reclaim, cands = hit
+    if earlier is not None:
+        reclaim, cands = earlier
     else:
         reclaim = any(reclaimable(t, f) for f in nominal for t in sorted(cy.victim_teams.get(f, ())))
         cands = None
