@@ -46,10 +46,10 @@ def facts(c: Cluster, r: RunningJob) -> tuple:
     return flavor, amt, end, cpu_parts, gpu_keys, gpus
 
 
-def _seqsum(values, start: float = 0.0) -> float:
-    """start + v1 + v2 + ... in order, plain float additions (sum() may compensate on newer
+def _seqsum(values) -> float:
+    """0.0 + v1 + v2 + ... in order, plain float additions (sum() may compensate on newer
     Pythons; the reference scan adds one by one)."""
-    return reduce(_add, values, start)
+    return reduce(_add, values, 0.0)
 
 
 class _ById(dict):
@@ -306,7 +306,7 @@ def running_index(cy: Cycle, quota_config: tuple) -> RunningIndex:
     it back with release() when the cycle is done."""
     snap, c = cy.snap, cy.cluster
     s = snap.settings
-    key = (id(c.by_gpu), quota_config, s.min_runtime_s)
+    key = (quota_config, s.min_runtime_s)  # and the layout, by identity (below)
     idx = _SLOT.pop("index", None)
     if idx is None or idx.key != key or idx.layout is not c.by_gpu or snap.now < idx.now:
         idx = RunningIndex(key, c.by_gpu, s.min_runtime_s)
