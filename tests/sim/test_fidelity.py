@@ -34,11 +34,22 @@ from scheduler.sim.traces import read_history
 pytestmark = [pytest.mark.slow, pytest.mark.ray]
 
 GPUS = 4
+# The team's quota is above the cluster, so a job that waits is blocked by GPUs, never by quota. A
+# job blocked by quota gets no reservation (Slurm's and Kueue's rule too), so with quota == GPUS a
+# 2-GPU job at the head of the queue lets a 1-GPU job start in a single GPU that frees, and whether
+# two GPUs free within one service cycle then decides the order: the daemon sees the ends of one
+# 0.5 s interval together, the simulator each at its instant (CI once saw a 2-GPU job start 10 s
+# apart that way). Blocked by GPUs, the head job holds a reservation that no longer-running job may
+# backfill, and the order no longer depends on how ends fall into cycles.
+QUOTA = 2 * GPUS
 BLOCKER = (4, 80)  # (gpus, probe steps): fills the cluster while the others are submitted
-# (gpus, probe steps) of the 19 queued jobs; GPU x steps all distinct by >= 10 %, so the policy's
-# shortest-work-first order has no near-ties that the clock could flip
-JOBS = [(1, 40), (2, 30), (1, 25), (2, 45), (1, 60), (1, 20), (2, 55), (1, 35), (1, 80), (2, 20),
-        (1, 50), (2, 70), (1, 30), (1, 70), (2, 38), (1, 45), (2, 25), (1, 100), (1, 90)]
+# (gpus, probe steps) of the 19 queued jobs. The policy ranks by GPUs x expected duration (steps x
+# PROBE_STEP_S + STARTUP_GUESS_S), decayed by aging by under 2 % over this test's minute; these
+# scores are all at least 3 % apart, so no two ranks can cross while the jobs wait and the order
+# has no tie that the clock could break either way. (CI once broke the tie of (1, 60) and (2, 20),
+# both 8.0 GPU-s: real and simulated cycles fell on either side of it.)
+JOBS = [(1, 40), (2, 30), (1, 25), (2, 45), (1, 65), (1, 20), (2, 55), (1, 35), (1, 85), (2, 20),
+        (1, 50), (2, 70), (1, 30), (1, 70), (2, 38), (1, 45), (2, 27), (1, 100), (1, 90)]
 STARTUP_GUESS_S = 2.0  # the estimate a user would give: steps x step time + a little start-up
 
 
@@ -74,10 +85,12 @@ def probe_spec(name: str, gpus: int, steps: int) -> dict:
 def test_simulator_reproduces_a_real_run(tmp_path, tiny_model_dir):
     from benchmarks.chaos import Scheduler, private_ray_tmpdir
 
+    scores = sorted(g * (s * PROBE_STEP_S + STARTUP_GUESS_S) for g, s in JOBS)
+    assert min(b / a for a, b in zip(scores, scores[1:])) >= 1.03, "JOBS: two ranks within 3 % of each other"
     private_ray_tmpdir()  # our own Ray session directory: never join another test's cluster
     config = tmp_path / "cluster.yaml"
     config.write_text(yaml.safe_dump({"local": {"gpus": GPUS, "gpu_model": "H100 80GB", "reader": "fake"},
-                                      "teams": {"default": {"gpus": GPUS}}, "scheduler": {"interval_s": 0.5}}))
+                                      "teams": {"default": {"gpus": QUOTA}}, "scheduler": {"interval_s": 0.5}}))
     home = tmp_path / "home"
     home.mkdir()
     sched = Scheduler(home, None, config)
@@ -111,8 +124,12 @@ def test_simulator_reproduces_a_real_run(tmp_path, tiny_model_dir):
     trace = read_history(url)
     sim_cfg = {"gpu_models": {"H100 80GB": {"memory_gib": 80}},
                "nodes": [{"count": 1, "gpus_per_node": GPUS, "gpu_model": "H100 80GB", "cpus": GPUS}],
-               "teams": {"default": {"gpus": GPUS}},
-               "simulation": {"tick_s": 0.5, "restart_overhead_s": 0, "startup_s": 0, "stop_s": 0}}
+               "teams": {"default": {"gpus": QUOTA}},
+               # the daemon cycles every interval_s whatever happens, and some decisions wait on the
+               # clock alone (a running job passing its expected end moves a reservation, which can
+               # let a job backfill): the simulator cycles at that interval too, without its
+               # default back-off of quiet periodic ticks (without this, runs here missed such a backfill)
+               "simulation": {"tick_s": 0.5, "tick_max_s": 0.5, "restart_overhead_s": 0, "startup_s": 0, "stop_s": 0}}
     sc = parse_sim_cluster(yaml.safe_dump(sim_cfg), "<fidelity>")
     prep = prepare(trace, sc, None)
     r = Simulation(sc, prep.jobs, schedule, "shoal").run()
