@@ -69,7 +69,7 @@ class CostCollector(Collector):
         return cls(usage=service.store.usage, prices={k: m.price_per_hour for k, m in cfg.gpu_models.items()},
                    node_gpus=node_gpus, now=service.clock.now,
                    budgets={k: t.budget_usd for k, t in cfg.teams.items()}, period=cfg.scheduler.budget_period,
-                   spend=lambda: service.team_usage()[1])
+                   spend=lambda: service.views.team_usage()[1])
 
     def describe(self):
         return []

@@ -34,10 +34,10 @@ def register(app: FastAPI, service: Service, Who, visible_job, own_team):
     def admission_context() -> tuple[ClusterConfig, Any, Any]:
         """What admission checks a spec against (teams, nodes, quotas), refreshed once a second:
         they change at human speed, and reading them per submit would cost more than the submit."""
-        snap_nodes = service.inventory.node_views(service.running_views(store.active_jobs()))
+        snap_nodes = service.inventory.node_views(service.views.running_views(store.active_jobs()))
         cfg = service.config.model_copy(update={"teams": teams_now.get(),
                                                 "cohorts": store.cohort_configs(service.config)})
-        return cfg, snap_nodes, service.quotas()
+        return cfg, snap_nodes, service.views.quotas()
 
     admission_now = _Cached(admission_context, 1.0)
 
@@ -72,7 +72,7 @@ def register(app: FastAPI, service: Service, Who, visible_job, own_team):
                 pass
         return await run_in_threadpool(admit, spec)
 
-    batcher = SubmitBatcher(store, on_created=service.note_submitted)
+    batcher = SubmitBatcher(store, on_created=service.views.note_submitted)
 
     @app.post("/v1/jobs", status_code=201, response_model=JobOut,
               responses={200: {"model": JobOut, "description": "an idempotent replay: the job the same key "
@@ -117,7 +117,7 @@ def register(app: FastAPI, service: Service, Who, visible_job, own_team):
             adm = admit(spec)
         except SubmitError as e:
             return DryRunOut(valid=False, problems=e.problems)
-        snap, _ = service.snapshot()
+        snap, _ = service.views.snapshot()
         res = spec.resources
         probe = JobRequest(_PROBE_ID, spec.team, spec.priority, clock.now(), adm.gpus, adm.memory_per_gpu_mib,
                            res.gpu_model, res.cpus_per_gpu, shareable=res.shareable,
@@ -272,7 +272,7 @@ def register(app: FastAPI, service: Service, Who, visible_job, own_team):
     @app.get("/v1/metrics/summary")
     def metrics_summary(p: Who) -> MetricsSummary:
         """Cluster totals (GPUs, memory, utilization) and, per visible team, its quota and use."""
-        nodes = service.inventory.node_views(service.running_views(store.active_jobs()))
+        nodes = service.inventory.node_views(service.views.running_views(store.active_jobs()))
         gpus = [g for n in nodes for g in n.gpus]
         counts: dict[str, int] = {}
         for (state, t), n in store.count_by_state_team().items():

@@ -20,7 +20,7 @@ def register(app: FastAPI, service: Service, Who) -> None:
         team_of = {j.id: j.team for j in active}
         recorded = store.nodes()  # drained (operator or GPU fault) / lost, as the service recorded it
         out = []
-        for n in service.inventory.node_views(service.running_views(active)):
+        for n in service.inventory.node_views(service.views.running_views(active)):
             rec = recorded.get(n.node_id)
             d = rec if rec is not None and rec.drained else None
             gpus = []

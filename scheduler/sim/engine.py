@@ -285,7 +285,7 @@ class Simulation:
         wall0 = time.perf_counter()
         clock, store, ex, svc = self.clock, self.store, self.executor, self.service
         nodes = self.inventory.node_views(())
-        quotas = svc.quotas()
+        quotas = svc.views.quotas()
         cache: dict = {}
         rejected: list[dict] = []
         arrivals = self.jobs

@@ -19,7 +19,7 @@ def test_teams_seeded_from_config_then_edited_in_the_db(world):
     assert root.patch_team("a", gpus=3, budget_usd=100.0).gpus == 3
     configs = world.store.team_configs(world.config)
     assert sorted(configs) == ["a", "b", "c"] and configs["a"].gpus == 3 and configs["a"].budget_usd == 100.0
-    assert {q.team: q.nominal_gpus for q in world.service.quotas()} == {"a": 3, "b": 2, "c": 1}
+    assert {q.team: q.nominal_gpus for q in world.service.views.quotas()} == {"a": 3, "b": 2, "c": 1}
     root.delete_team("c")
     assert [t.name for t in root.teams()] == ["a", "b"]
     # A member reads only their own team; another team's is 403 (team names are not secret).

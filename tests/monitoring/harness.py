@@ -135,7 +135,7 @@ class FakeCluster:
         self.service = Service(self.store, self.executor, inventory, self.config, self.clock, home,
                                listeners=[load, self.metrics.events], on_cycle=self.metrics.cycle.observe,
                                policy=self.policy)
-        self.service.usage_refresh_s = 0.5
+        self.service.views.usage_refresh_s = 0.5
         # node-a's GPU 3 starts with an XID (the health panels need one): an operator has already
         # seen it, so the node is not drained for it (only new faults drain a node); the faulty GPU
         # itself stays unhealthy and gets no job.

@@ -32,7 +32,7 @@ class World:
         self.service = Service(self.store, self.executor, inv, self.config, self.clock, tmp,
                                listeners=[FakeGpuLoad(self.reader), self.metrics.events],
                                on_cycle=self.metrics.cycle.observe)
-        self.service.usage_refresh_s = 0.0
+        self.service.views.usage_refresh_s = 0.0
         self.metrics.attach(self.service)
 
     def submit(self, team="a", gpus=1, duration=10, mem=10000, max_retries=1, shareable=False):

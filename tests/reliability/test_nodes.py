@@ -51,7 +51,7 @@ class Cluster:
         return (self.store.get(job.id).placement or {}).get("node_id")
 
     def gpus_in_snapshot(self) -> int:
-        snap, _ = self.service.snapshot()
+        snap, _ = self.service.views.snapshot()
         return sum(len(n.gpus) for n in snap.nodes if n.schedulable)
 
 

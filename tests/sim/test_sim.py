@@ -200,7 +200,7 @@ def test_unmapped_trace_groups_are_an_error_and_oversize_fold_keeps_gpu_time():
 
 
 def test_requeued_job_reports_remaining_time(tmp_path):
-    """Service.pending_views: after an attempt ran, expected_duration_s is what is left
+    """StoreViews.pending_views: after an attempt ran, expected_duration_s is what is left
     (expected - attained GPU-s / GPUs), not the spec's total; running_views' expected end too."""
     from scheduler.clock import FakeClock
     from scheduler.executor import InMemoryExecutor
@@ -216,19 +216,19 @@ def test_requeued_job_reports_remaining_time(tmp_path):
                   ClusterConfig(teams={"a": TeamConfig(gpus=2)}), clock, tmp_path)
     job = store.submit(spec={"resources": {"expected_duration_s": 100}}, name="j", team="a", user="u", priority=0,
                        gpus=2, memory_per_gpu_mib=1, now=0.0)
-    assert svc.pending_views([store.get(job.id)])[0].expected_duration_s == 100
+    assert svc.views.pending_views([store.get(job.id)])[0].expected_duration_s == 100
     svc.tick()
     clock.advance(30)
-    snap = svc.snapshot()[0]
+    snap = svc.views.snapshot()[0]
     (running,) = snap.running
     assert running.expected_end_at == 100 and running.attained(snap.now) == 60
     svc._preempt(job.id, "test")
     svc.tick()  # ingest: requeued, attained 2 GPUs x 30 s, and started again at once
     rec = store.get(job.id)
     assert rec.attained_gpu_s == 60 and rec.attempt == 2
-    assert svc.running_views([rec])[0].expected_end_at == 30 + 70
+    assert svc.views.running_views([rec])[0].expected_end_at == 30 + 70
     queued = store.transition(job.id, rec.state, S.QUEUED, reason="x", now=30, placement=None)
-    assert svc.pending_views([queued])[0].expected_duration_s == 70  # 100 - 60 GPU-s / 2 GPUs
+    assert svc.views.pending_views([queued])[0].expected_duration_s == 70  # 100 - 60 GPU-s / 2 GPUs
 
 
 def test_shoal_simulate_cli(tmp_path):

@@ -100,7 +100,7 @@ def test_store_ledger_opens_and_closes_with_the_attempt_in_one_transaction(tmp_p
 def test_service_charges_price_times_time_and_feeds_the_policy(tmp_path):
     w = World(tmp_path, quotas={"a": 4, "b": 4})
     w.config.gpu_models["H100 80GB"] = w.config.gpu_models["H100 80GB"].model_copy(update={"price_per_hour": 3.6})
-    w.service.usage_refresh_s = 0.0
+    w.service.views.usage_refresh_s = 0.0
     t0 = w.clock.now()
     w.submit(team="a", gpus=2, duration=10)
     w.run(20)
@@ -109,7 +109,7 @@ def test_service_charges_price_times_time_and_feeds_the_policy(tmp_path):
     held = r.ended_at - r.started_at
     assert 10 <= held <= 12
     assert spend_by_team([r], t0, w.clock.now()) == pytest.approx({"a": 2 * held * 0.001})
-    quotas = {q.team: q for q in w.service.quotas()}
+    quotas = {q.team: q for q in w.service.views.quotas()}
     assert quotas["a"].spent_usd == pytest.approx(2 * held * 0.001)
     assert quotas["a"].usage_gpu_s == pytest.approx(2 * held, rel=1e-3) and quotas["b"].usage_gpu_s == 0.0
 

@@ -57,7 +57,7 @@ class Cluster:
 
         service = Service(self.store, self.executor, Inventory(Nodes(), self.readers), self.config, self.clock,
                           self.tmp, listeners=[FakeGpuLoad(self.readers), self.metrics.events])
-        service.usage_refresh_s = 0.0
+        service.views.usage_refresh_s = 0.0
         return service
 
     def submit(self, gpus: int, duration: float = 20, max_retries: int = 1):
@@ -106,7 +106,7 @@ def test_gang_too_big_for_a_node_spans_the_fewest_nodes_accounted_on_each(cluste
     assert req.all_parts() == tuple(parts) and req.gpus == 4
     assert {k for k, v in c.used().items() if v == MEM} == {(n, i) for n, ix in parts for i in ix}
     # the policy's view: reserved memory, holders and CPUs on every node of the gang
-    snap, _ = c.service.snapshot()
+    snap, _ = c.service.views.snapshot()
     (view,) = snap.running
     assert view.placements() == tuple(parts)
     for node in snap.nodes:

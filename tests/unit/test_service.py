@@ -211,7 +211,7 @@ def test_snapshot_carries_attempt_times_and_attained_service(world):
     t0 = world.clock.now()
     world.service.tick()
     world.clock.advance(5)
-    snap, _ = world.service.snapshot()
+    snap, _ = world.service.views.snapshot()
     (running,) = snap.running
     assert running.started_at == t0 and snap.now == t0 + 5
     assert running.attained(snap.now) == pytest.approx(2 * 5)
@@ -222,12 +222,12 @@ def test_snapshot_carries_attempt_times_and_attained_service(world):
     assert rec.attempt == 2 and rec.attempt_started_at == t0 + 6
     assert rec.attained_gpu_s == pytest.approx(2 * 6)  # the first attempt's GPU-seconds, kept
     world.clock.advance(1)
-    snap, _ = world.service.snapshot()
+    snap, _ = world.service.views.snapshot()
     assert snap.running[0].attained(snap.now) == pytest.approx(2 * 7)
 
 
 def test_records_the_api_hands_over_are_used_only_while_their_row_is_unchanged(tmp_path, db_url):
-    """The API's batcher hands the jobs it committed to the loop (Service.note_submitted) so the
+    """The API's batcher hands the jobs it committed to the loop (StoreViews.note_submitted) so the
     loop need not read them back; a hint whose row changed since is ignored and the row read."""
     from dataclasses import replace
 
@@ -241,21 +241,21 @@ def test_records_the_api_hands_over_are_used_only_while_their_row_is_unchanged(t
     w.store.transition(changed.id, S.HELD, S.QUEUED, reason="release", now=w.clock.now())
     stale_hint = replace(w.store.get(changed.id), priority=99, updated_at=changed.updated_at)
     # A hint is trusted while its version equals the row's: marked here so the test can tell.
-    w.service.note_submitted([replace(late, name="as-handed"), stale_hint])
+    w.service.views.note_submitted([replace(late, name="as-handed"), stale_hint])
     w.service.tick()
-    cache = {i: rec for i, (_, rec) in w.service._queued_cache.items()}
+    cache = {i: rec for i, (_, rec) in w.service.views._queued_cache.items()}
     assert sorted(cache) == [fresh.id, changed.id, late.id]
     assert cache[late.id].name == "as-handed"  # taken as handed over: equal version, not read back
     assert cache[changed.id].priority == 0  # the row, not the stale hint
     assert w.store.get(late.id).pending_reason.startswith("waiting for quota")
-    assert w.service._handed == {}
+    assert w.service.views._handed == {}
 
 
 def test_remaining_time_of_a_job_past_its_estimate_is_not_zero():
     """Expected remaining run time: the estimate minus the work done; once a job has run past its
     estimate, a quarter of what it ran so far (heavy-tailed run times), so it neither looks about
     to end nor shortest of all."""
-    from scheduler.service import remaining_s
+    from scheduler.snapshot import remaining_s
 
     spec = {"resources": {"expected_duration_s": 1000}}
     assert remaining_s(spec, 2, attained_gpu_s=0) == 1000
