@@ -11,6 +11,8 @@ views (estimates, node pages) through `service.views`.
 """
 from __future__ import annotations
 
+import threading
+
 from scheduler import placement as pl
 from scheduler.accounting import TeamUsage
 from scheduler.clock import Clock
@@ -66,8 +68,10 @@ def policy_settings(config: ClusterConfig) -> PolicySettings:
 
 
 class StoreViews:
-    """The policy's view of one store, kept by one control loop (the caches assume one cycle at a
-    time; `note_submitted` is the one method another thread calls)."""
+    """The policy's view of one store, kept by one control loop. API threads read through it too
+    (admission checks, dry runs, node pages, the cost metrics): each view cache is replaced by a
+    new dict in one assignment, so a concurrent call at worst computes a view again, and the usage
+    ledger refreshes under a lock (team_usage)."""
 
     def __init__(self, store: Store, nodes: Nodes, config: ClusterConfig, clock: Clock):
         self.store = store
@@ -77,6 +81,7 @@ class StoreViews:
         self.usage_refresh_s = 10.0
         self._usage_cache: tuple[float, tuple[dict[str, float], dict[str, float]]] | None = None
         self._team_usage: TeamUsage | None = None
+        self._usage_lock = threading.Lock()  # TeamUsage.refresh is not re-entrant (team_usage)
         self._running_cache: dict = {}  # job id -> view fields (running_views)
         self._pending_cache: dict = {}  # job id -> JobRequest (pending_views)
         self._queued_cache: dict = {}  # job id -> (version, JobRecord) of the last cycle's queue
@@ -85,17 +90,21 @@ class StoreViews:
     def team_usage(self) -> tuple[dict[str, float], dict[str, float]]:
         """(decayed GPU-seconds, $ spent this budget period) per team, from the usage ledger
         (kept incrementally by accounting.TeamUsage). Refreshed at most every `usage_refresh_s`
-        of clock time: fair share and budgets move slowly."""
+        of clock time: fair share and budgets move slowly. The loop, API requests and the
+        metrics scrape all ask, from their own threads; one refresh runs at a time (two at once
+        would both add an attempt that just closed, and the ledger's incremental sums would count
+        it twice until their next full recount, a day later)."""
         now = self.clock.now()
         if self._usage_cache is not None and now - self._usage_cache[0] < self.usage_refresh_s:
             return self._usage_cache[1]
-        sched = self.config.scheduler
-        if self._team_usage is None or (self._team_usage.half_life_s, self._team_usage.period) != (
-                sched.fair_share_half_life_s, sched.budget_period):
-            self._team_usage = TeamUsage(lambda since: self.store.usage(since=since),
-                                         sched.fair_share_half_life_s, sched.budget_period)
-        result = self._team_usage.refresh(now)
-        self._usage_cache = (now, result)
+        with self._usage_lock:
+            sched = self.config.scheduler
+            if self._team_usage is None or (self._team_usage.half_life_s, self._team_usage.period) != (
+                    sched.fair_share_half_life_s, sched.budget_period):
+                self._team_usage = TeamUsage(lambda since: self.store.usage(since=since),
+                                             sched.fair_share_half_life_s, sched.budget_period)
+            result = self._team_usage.refresh(now)
+            self._usage_cache = (now, result)
         return result
 
     def quotas(self) -> tuple[TeamQuota, ...]:

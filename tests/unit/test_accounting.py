@@ -114,6 +114,50 @@ def test_service_charges_price_times_time_and_feeds_the_policy(tmp_path):
     assert quotas["a"].usage_gpu_s == pytest.approx(2 * held, rel=1e-3) and quotas["b"].usage_gpu_s == 0.0
 
 
+def test_team_usage_refreshes_one_thread_at_a_time(tmp_path):
+    """The loop, API requests and the cost metrics' scrape call StoreViews.team_usage from their
+    own threads. TeamUsage.refresh adds each attempt that closed since its last refresh to sums it
+    keeps; two refreshes at once could both add it. So refreshes run one at a time (two at once
+    would meet inside the ledger read below), and each returns the ledger's sums."""
+    import threading
+
+    from scheduler.snapshot import StoreViews
+
+    w = World(tmp_path, quotas={"a": 4, "b": 4})
+    w.submit(team="a", gpus=2, duration=10)
+    w.run(20)
+    (r,) = w.store.usage()
+    assert r.ended_at is not None
+    read, inside, most = w.store.usage, [0], [0]
+    meet = threading.Barrier(2, timeout=1.0)
+
+    def usage(since=None):
+        inside[0] += 1
+        most[0] = max(most[0], inside[0])
+        try:
+            meet.wait()  # a second refresh running at the same time arrives here too
+        except threading.BrokenBarrierError:
+            pass  # it did not (one second): refreshes are serialized
+        try:
+            return read(since=since)
+        finally:
+            inside[0] -= 1
+
+    w.store.usage = usage
+    views = StoreViews(w.store, w.service.nodes, w.config, w.clock)  # a fresh ledger: both refreshes read
+    views.usage_refresh_s = 0.0
+    results: list = []
+    threads = [threading.Thread(target=lambda: results.append(views.team_usage())) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(10)
+    assert most[0] == 1
+    w.store.usage = read
+    alone = StoreViews(w.store, w.service.nodes, w.config, w.clock).team_usage()
+    assert alone[0]["a"] > 0 and results == [alone, alone]
+
+
 def test_incremental_team_usage_equals_a_full_recount_of_the_ledger():
     """TeamUsage carries closed attempts forward instead of re-reading the ledger: at every
     refresh it must equal decayed_gpu_seconds + spend_by_team over the whole ledger, including
