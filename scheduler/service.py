@@ -3,8 +3,9 @@
   1. ingest progress the running jobs sent (first progress moves STARTING -> RUNNING);
   2. ingest finished attempts (succeeded / failed -> retry or FAILED / preempted -> QUEUED);
   3. carry out cancel requests;
-  4. snapshot -> policy.schedule -> commit each start (QUEUED -> ADMITTED, placement written)
-     BEFORE asking the executor to launch it (ADMITTED -> STARTING); record pending reasons.
+  4. snapshot (`self.views`, scheduler/snapshot.py) -> policy.schedule -> commit each start
+     (QUEUED -> ADMITTED, placement written) BEFORE asking the executor to launch it
+     (ADMITTED -> STARTING); record pending reasons.
 
 Every state change goes through the store's compare-and-set transition, so the API thread and
 this loop never both move a job. `recover()` runs once at start-up and reconciles the store with
