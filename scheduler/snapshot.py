@@ -26,12 +26,12 @@ from scheduler.store.db import with_fields
 S = JobState
 
 
-def _cpus_per_gpu(spec: dict) -> int:
-    return int(spec.get("resources", {}).get("cpus_per_gpu", 1))
-
-
 def resources(spec: dict) -> dict:
     return spec.get("resources", {}) or {}
+
+
+def _cpus_per_gpu(spec: dict) -> int:
+    return int(resources(spec).get("cpus_per_gpu", 1))
 
 
 def remaining_s(spec: dict, gpus: int, attained_gpu_s: float) -> float | None:
@@ -145,7 +145,7 @@ class StoreViews:
         started = j.attempt_started_at if j.attempt_started_at is not None else now
         res = resources(j.spec)
         remaining = remaining_s(j.spec, total or j.gpus, j.attained_gpu_s)  # at this attempt's start
-        view = RunningJob(
+        return RunningJob(
             j.id, j.team, j.priority, j.placement["node_id"], gpus, j.memory_per_gpu_mib,
             cpus=_cpus_per_gpu(j.spec) * total, submitted_at=j.submitted_at, started_at=started,
             last_checkpoint_at=j.last_checkpoint_at,
@@ -157,7 +157,6 @@ class StoreViews:
             parts=tuple(parts) if len(parts) > 1 else (),
             attained_at=started,
         )
-        return view
 
     def pending_views(self, queued: list[JobRecord]) -> tuple[JobRequest, ...]:
         """One request per queued job, cached by job id while its attempt and attained service
