@@ -120,16 +120,21 @@ def period_start(now: float, period: Period) -> float:
 
 class TeamUsage:
     """Decayed GPU-seconds (fair share) and spend in the current budget period, per team, kept
-    incrementally from the ledger so that a cycle costs O(open attempts + attempts closed since
-    the last refresh), not O(ledger).
+    incrementally from the ledger so that a refresh costs O(open attempts) of dict lookups plus
+    O(attempts opened or closed since the last refresh) of arithmetic, not O(ledger).
 
     Closed attempts never change: their decayed sum is carried forward by one factor
     2^(-elapsed/half-life) (exact: every record's integral decays by the same factor) and their
-    spend within the period is fixed. Open attempts are recomputed at each refresh. The ledger is
-    read with a 1 s overlap (a record closed at the very instant of the last refresh is not
-    missed; the ones already counted are remembered by (job, attempt)); a full recount happens at
-    the start of each budget period and every `full_every_s`, so that another writer's late
-    records (an HA fail-over) are picked up.
+    spend within the period is fixed. Open attempts are kept as per-team sums in closed form:
+    an attempt open since s contributes g·f·(1 - e^(-k(now-s)))/k to the decayed sum, i.e.
+    (Σ g·f - e^(-k(now-ref)) Σ g·f·e^(-k(ref-s)))/k with the second sum carried forward like the
+    closed one, and g·f·p·(now - max(s, period start)) to the spend, i.e. now·Σ g·f·p - Σ g·f·p·
+    max(s, period start); each attempt enters the sums when it is first read open and leaves
+    them when it is read closed (or is no longer in the ledger). The ledger is read with a 1 s
+    overlap (a record closed at the very instant of the last refresh is not missed; the ones
+    already counted are remembered by (job, attempt)); a full recount happens at the start of
+    each budget period and every `full_every_s`, so that another writer's late records (an HA
+    fail-over) are picked up.
     """
 
     OVERLAP_S = 1.0
@@ -145,6 +150,15 @@ class TeamUsage:
         self._decayed: dict[str, float] = {}  # closed records, decayed to self._at
         self._spent: dict[str, float] = {}  # closed records' spend in the period
         self._recent: dict[tuple[int, int], float] = {}  # counted closed records near self._at -> ended_at
+        self._reset_open()
+
+    def _reset_open(self) -> None:
+        # open records: (job, attempt) -> (team, g·f, start, g·f·$/s, g·f·$/s·max(start, period start))
+        self._open: dict[tuple[int, int], tuple[str, float, float, float, float]] = {}
+        self._gf: dict[str, float] = {}  # team -> Σ g·f of its open records
+        self._gf_decayed: dict[str, float] = {}  # team -> Σ g·f·e^(-k(self._at - s)), carried like _decayed
+        self._rate: dict[str, float] = {}  # team -> Σ g·f·price per second
+        self._rate_from: dict[str, float] = {}  # team -> Σ g·f·price per second x max(s, period start)
 
     def _add_closed(self, r: UsageRecord, now: float, start: float) -> None:
         end = min(r.ended_at, now)
@@ -153,31 +167,68 @@ class TeamUsage:
                 math.exp(-self._k * (now - end)) - math.exp(-self._k * (now - r.started_at))) / self._k
         self._spent[r.team] = self._spent.get(r.team, 0.0) + cost_usd(r, start, now)
 
+    def _open_add(self, key: tuple[int, int], r: UsageRecord, now: float, start: float) -> None:
+        gf = r.gpus * r.gpu_fraction
+        rate = gf * r.price_per_gpu_hour / 3600.0
+        entry = self._open[key] = (r.team, gf, r.started_at, rate, rate * max(r.started_at, start))
+        self._sums(entry, 1.0, now)
+
+    def _open_drop(self, key: tuple[int, int], now: float) -> None:
+        self._sums(self._open.pop(key), -1.0, now)
+
+    def _sums(self, entry: tuple[str, float, float, float, float], sign: float, now: float) -> None:
+        team, gf, started, rate, rate_from = entry
+        self._gf[team] = self._gf.get(team, 0.0) + sign * gf
+        self._gf_decayed[team] = self._gf_decayed.get(team, 0.0) + sign * gf * math.exp(-self._k * (now - started))
+        self._rate[team] = self._rate.get(team, 0.0) + sign * rate
+        self._rate_from[team] = self._rate_from.get(team, 0.0) + sign * rate_from
+
     def refresh(self, now: float) -> tuple[dict[str, float], dict[str, float]]:
         start = period_start(now, self.period)
         if start != self._period_start or now - self._full_at >= self.full_every_s or now < self._at:
             records = self.read(min(start, now - 10 * self.half_life_s))  # older usage weighs < 0.1 %
             self._decayed, self._spent, self._recent = {}, {}, {}
+            self._reset_open()
             self._period_start, self._full_at = start, now
         else:
             records = self.read(self._at - self.OVERLAP_S)
             f = math.exp(-self._k * (now - self._at))
             self._decayed = {t: v * f for t, v in self._decayed.items()}
-        decayed, spent = dict(self._decayed), dict(self._spent)
-        for r in records:
-            if r.ended_at is None or r.ended_at > now:  # open: recomputed every time
-                end = now if r.ended_at is None else min(r.ended_at, now)
-                if end > r.started_at:
-                    decayed[r.team] = decayed.get(r.team, 0.0) + r.gpus * r.gpu_fraction * (
-                        math.exp(-self._k * (now - end)) - math.exp(-self._k * (now - r.started_at))) / self._k
-                spent[r.team] = spent.get(r.team, 0.0) + cost_usd(r, start, now)
-            elif (r.job_id, r.attempt) not in self._recent:
-                self._recent[(r.job_id, r.attempt)] = r.ended_at
-                before_d, before_s = self._decayed.get(r.team, 0.0), self._spent.get(r.team, 0.0)
-                self._add_closed(r, now, start)
-                decayed[r.team] = decayed.get(r.team, 0.0) + self._decayed.get(r.team, 0.0) - before_d
-                spent[r.team] = spent.get(r.team, 0.0) + self._spent[r.team] - before_s
-        horizon = now - self.OVERLAP_S
-        self._recent = {k: e for k, e in self._recent.items() if e >= horizon}
+            self._gf_decayed = {t: v * f for t, v in self._gf_decayed.items()}
         self._at = now
+        late: list[UsageRecord] = []  # closed after `now` (a writer's clock ahead of ours): exact, each time
+        was_open, seen = self._open, set()
+        recent = self._recent
+        for r in records:
+            key = (r.job_id, r.attempt)
+            if r.ended_at is None:
+                seen.add(key)
+                if key not in was_open and r.started_at <= now:
+                    self._open_add(key, r, now, start)
+                elif key not in was_open:
+                    late.append(r)
+            elif r.ended_at > now:
+                late.append(r)
+            elif key not in recent:
+                recent[key] = r.ended_at
+                self._add_closed(r, now, start)
+        for key in [k for k in was_open if k not in seen]:  # closed since (or gone from the ledger)
+            self._open_drop(key, now)
+        decayed, spent = dict(self._decayed), dict(self._spent)
+        k = self._k
+        for team, gf in self._gf.items():
+            d = (gf - self._gf_decayed[team]) / k
+            if d > 0.0 or team in decayed:
+                decayed[team] = decayed.get(team, 0.0) + max(0.0, d)
+            s = self._rate[team] * now - self._rate_from[team]
+            if s > 0.0 or team in spent:
+                spent[team] = spent.get(team, 0.0) + max(0.0, s)
+        for r in late:  # open at `now`: recomputed every time
+            end = now if r.ended_at is None else min(r.ended_at, now)
+            if end > r.started_at:
+                decayed[r.team] = decayed.get(r.team, 0.0) + r.gpus * r.gpu_fraction * (
+                    math.exp(-k * (now - end)) - math.exp(-k * (now - r.started_at))) / k
+            spent[r.team] = spent.get(r.team, 0.0) + cost_usd(r, start, now)
+        horizon = now - self.OVERLAP_S
+        self._recent = {key: e for key, e in recent.items() if e >= horizon}
         return decayed, spent

@@ -161,7 +161,8 @@ def test_team_usage_refreshes_one_thread_at_a_time(tmp_path):
 def test_incremental_team_usage_equals_a_full_recount_of_the_ledger():
     """TeamUsage carries closed attempts forward instead of re-reading the ledger: at every
     refresh it must equal decayed_gpu_seconds + spend_by_team over the whole ledger, including
-    attempts that close at the very instant of a refresh, across a budget-period boundary."""
+    attempts that close at the very instant of a refresh or open before it (open attempts are
+    kept as closed-form sums), across a budget-period boundary."""
     import random
 
     from scheduler.accounting import TeamUsage
@@ -187,7 +188,7 @@ def test_incremental_team_usage_equals_a_full_recount_of_the_ledger():
             job = len(ledger) + 1
             open_[job] = len(ledger)
             ledger.append(rec(job=job, team=rng.choice("abc"), gpus=rng.choice([1, 2, 8]),
-                              frac=rng.choice([1.0, 0.25]), start=t))
+                              frac=rng.choice([1.0, 0.25]), start=t - rng.choice([0.0, 0.0, 2.0, 90.0])))
         decayed, spent = usage.refresh(t)
         want_d = decayed_gpu_seconds(ledger, t, h)
         want_s = spend_by_team(ledger, period_start(t, "month"), t)
