@@ -413,17 +413,18 @@ def _one(cy: Cycle, job: Job, fs: _FairShare) -> None:
     req, s, res = job.req, cy.snap.settings, cy.reservation
     d = req.expected_duration_s
     gate = s.preemption and len(cy.preempts) < s.max_preemptions_per_cycle and cy.attempts < s.max_preemptions_per_cycle
-    key = ("waits", cy.gen, cy.attempts if gate else -1, id(job.static),  # team, priority, shape, d is None (interned)
+    key = ("waits", cy.gen, gate, id(job.static),  # team, priority, shape, d is None (interned)
            job.aged if res is None else (d is None or cy.snap.now + d > res.at),
            cy.snap.now - req.submitted_at < s.preempt_grace_s, job.score if s.las_preempt_factor > 0 else None)
-    reason = cy.memo.get(key)
-    if reason is not None:
-        cy.pending[req.job_id] = reason
+    hit = cy.memo.get(key)
+    if hit is not None:
+        cy.pending[req.job_id] = hit[0]
+        cy.attempts += hit[1]  # the preemption attempts that found nothing, as the steps would count them
         return
     gen, attempts = cy.gen, cy.attempts
     _steps(cy, job, fs)
-    if cy.gen == gen and cy.attempts == attempts and cy.reservation is res:
-        cy.memo[key] = cy.pending[req.job_id]
+    if cy.gen == gen and cy.reservation is res:
+        cy.memo[key] = (cy.pending[req.job_id], cy.attempts - attempts)
 
 
 def _steps(cy: Cycle, job: Job, fs: _FairShare) -> None:
