@@ -9,6 +9,9 @@ groups) plus one optional `simulation:` section for what only a simulation needs
       seed: 0                                       # workload draws (model, method, estimates)
       tick_s: 60                                    # periodic service tick while jobs wait (policies
       tick_max_s: 600                               # without next_wakeup), backing off to this
+      interval_s: 0                                 # 0: tick at each event's instant; > 0: at the
+                                                    # next multiple of it, like a daemon cycling
+                                                    # every interval_s (see scheduler/sim/engine.py)
       restart_overhead_s: 30                        # a resumed attempt reloads model + checkpoint
       startup_s: 0                                  # every attempt: time before the first step
       stop_s: 0                                     # checkpoint-and-stop time after a preemption
@@ -39,6 +42,9 @@ class SimSettings(BaseModel):
     seed: int = Field(default=0, ge=0)
     tick_s: float = Field(default=60.0, gt=0, description="service tick period while the queue is not empty")
     tick_max_s: float = Field(default=600.0, gt=0, description="the tick period backs off up to this while nothing changes")
+    interval_s: float = Field(default=0.0, ge=0, le=60, description="0: the service ticks at each event's instant; "
+                              "> 0: at the next multiple of this after it, as a daemon cycling every interval_s "
+                              "does (scheduler.interval_s allows at most 60 s too)")
     restart_overhead_s: float = Field(default=30.0, ge=0)
     startup_s: float = Field(default=0.0, ge=0)
     stop_s: float = Field(default=0.0, ge=0)

@@ -18,6 +18,16 @@ Time jumps from event to event; the service ticks at each of:
 and ticks again at the same instant (at most `MAX_TICKS_PER_INSTANT` times) while the executor
 has outcomes due, so a preemption's freed GPUs are used at once when `stop_s` is 0.
 
+`interval_s` > 0 puts every tick on a grid instead, as a daemon whose loop runs every
+`interval_s` (scheduler.interval_s) does: the service ticks at the first multiple of `interval_s`
+(counted from the first arrival) at or after each of the instants above, once per grid point,
+and sees everything that happened since - arrivals (submitted at their own time: queueing delay
+and JCT count from it), attempt ends, a preempted job's stop (at the next cycle, no same-instant
+re-tick) - when it ticks. Attempts hold their GPUs, and are charged, until the cycle that sees
+them end, as in production. Slurm's main scheduling loop runs every 60 s by default
+(`sched_interval`); a 60 s grid halves the ticks of the full Philly replay and moves mean JCT by
+about 1 % (docs/simulator.md, session 10).
+
 Jobs that can never run on the cluster (production's `never_fits`: wider than any node, more
 than the team's nominal quota, memory larger than any GPU) are refused at submit as the API
 would, and counted in the result.
@@ -292,6 +302,8 @@ class Simulation:
         n, i = len(arrivals), 0
         tick_s = period = self.sc.sim.tick_s
         tick_max_s = max(tick_s, self.sc.sim.tick_max_s)
+        quantum = self.sc.sim.interval_s
+        ticked = False  # the service has ticked at `now`
         last_tick = self.start_s
         span = (arrivals[-1].submit_s - arrivals[0].submit_s) if arrivals else 0.0
         sample_every = max(60.0, span / self.samples) if span else 60.0
@@ -318,6 +330,10 @@ class Simulation:
             periodic = t < t_arr and t < t_ex
             if t == math.inf:
                 break
+            if quantum > 0:  # the daemon's next cycle at or after the event (after this one)
+                t = self.start_s + math.ceil((t - self.start_s) / quantum - 1e-9) * quantum
+                if t <= now and ticked:
+                    t = now + quantum
             # integrate the state that held over [now, t)
             dt = t - now
             if dt > 0:
@@ -342,16 +358,17 @@ class Simulation:
                     continue
                 rec = store.submit(spec=job.spec_for(self.oracle), name=job.spec["name"], team=job.team,
                                    user=job.user, priority=job.priority, gpus=job.gpus,
-                                   memory_per_gpu_mib=job.memory_per_gpu_mib, now=now)
+                                   memory_per_gpu_mib=job.memory_per_gpu_mib, now=job.submit_s)
                 index[rec.id] = job
             changes = store.transitions
-            cause = "periodic" if periodic else ("arrival" if t == t_arr else "executor")
-            for k in range(MAX_TICKS_PER_INSTANT):
+            cause = "periodic" if periodic else ("arrival" if t_arr <= t and t_arr <= t_ex else "executor")
+            for k in range(MAX_TICKS_PER_INSTANT if quantum == 0 else 1):
                 svc.tick()
                 self.ticks_by_cause["same_instant" if k else cause] += 1
                 t_next = ex.next_event_time()
                 if t_next is None or t_next > now + 1e-6:
                     break
+            ticked = True
             last_tick = now
             period = min(2 * period, tick_max_s) if periodic and store.transitions == changes else tick_s
             if now >= next_sample:

@@ -79,3 +79,28 @@ def test_restart_overhead_delays_resumed_work(restart):
     after r: ends 140+2r (JCT 140+2r)."""
     r = run(cluster(restart_overhead_s=restart), ABC, srtf, oracle=True)
     assert jct_by_index(r) == {0: 140 + 2 * restart, 1: 40 + restart, 2: 10}
+
+
+def test_interval_ticks_on_the_daemons_grid():
+    """interval_s 60: the service ticks only at multiples of 60 s after the first arrival, as a
+    daemon cycling every 60 s does; what happened in between is seen at the next one. FIFO on
+    ABC: t=0 A starts. A's end (100) is seen at 120: B starts 120, ends 150, seen at 180: C
+    starts 180, ends 190, seen (and recorded) at 240. JCTs A 120, B 180-10=170, C 240-20=220."""
+    r = run(cluster(interval_s=60), ABC, fifo)
+    assert jct_by_index(r) == {0: 120, 1: 170, 2: 220}
+    assert {j["index"]: j["start_s"] for j in r.jobs} == {0: 0, 1: 120, 2: 180}
+    # ticks: 0 (A arrives), 60 (B and C arrived at 10 and 20), 120, 180, 240 (ends)
+    assert r.ticks == 5
+
+
+def test_interval_sees_a_preempted_jobs_stop_at_the_next_cycle():
+    """SRTF with interval_s 60. At 60 B and C (arrived at 10 and 20) are seen; C (10 s) is the
+    shortest and A (40 s of work left) is preempted. The daemon sees A's stop at its next cycle,
+    120 (no same-instant re-tick on a grid): C runs 120-130, seen at 180. A held its GPU until
+    the cycle that saw it stop, so the service counts 120 GPU-s attained and reports 0 s left
+    (production's ledger does the same): SRTF runs A first, 180-220 (its real 40 s), seen at
+    240; B 240-270, seen at 300. JCTs: A 240, B 290, C 160."""
+    r = run(cluster(interval_s=60), ABC, srtf, oracle=True)
+    assert jct_by_index(r) == {0: 240, 1: 290, 2: 160}
+    assert {j["index"]: j["preemptions"] for j in r.jobs} == {0: 1, 1: 0, 2: 0}
+    assert r.ticks_by_cause["same_instant"] == 0
