@@ -130,18 +130,21 @@ class TeamUsage:
     (Σ g·f - e^(-k(now-ref)) Σ g·f·e^(-k(ref-s)))/k with the second sum carried forward like the
     closed one, and g·f·p·(now - max(s, period start)) to the spend, i.e. now·Σ g·f·p - Σ g·f·p·
     max(s, period start); each attempt enters the sums when it is first read open and leaves
-    them when it is read closed (or is no longer in the ledger). The ledger is read with a 1 s
-    overlap (a record closed at the very instant of the last refresh is not missed; the ones
-    already counted are remembered by (job, attempt)); a full recount happens at the start of
-    each budget period and every `full_every_s`, so that another writer's late records (an HA
-    fail-over) are picked up.
+    them when it is read closed. Between full recounts the ledger is read for what changed since
+    the last refresh only (`read(since, opened_since)`: records closed since, records opened
+    since), with a 1 s overlap (a record closed or opened at the very instant of the last refresh
+    is not missed; the ones already counted are remembered by (job, attempt)); a full recount
+    happens at the start of each budget period and every `full_every_s`, so that another
+    writer's late records (an HA fail-over) are picked up.
     """
 
     OVERLAP_S = 1.0
 
-    def __init__(self, read: Callable[[float | None], list[UsageRecord]], half_life_s: float, period: Period,
-                 full_every_s: float = 86_400.0):
-        self.read = read  # since -> ledger records ending after `since` or still open
+    def __init__(self, read: Callable[[float | None, float | None], list[UsageRecord]], half_life_s: float,
+                 period: Period, full_every_s: float = 86_400.0):
+        # (since, opened_since) -> ledger records ending after `since`, or still open (and, with
+        # opened_since, started at or after it)
+        self.read = read
         self.half_life_s, self.period, self.full_every_s = half_life_s, period, full_every_s
         self._k = math.log(2) / half_life_s
         self._period_start: float | None = None
@@ -186,34 +189,34 @@ class TeamUsage:
     def refresh(self, now: float) -> tuple[dict[str, float], dict[str, float]]:
         start = period_start(now, self.period)
         if start != self._period_start or now - self._full_at >= self.full_every_s or now < self._at:
-            records = self.read(min(start, now - 10 * self.half_life_s))  # older usage weighs < 0.1 %
+            records = self.read(min(start, now - 10 * self.half_life_s), None)  # older usage weighs < 0.1 %
             self._decayed, self._spent, self._recent = {}, {}, {}
             self._reset_open()
             self._period_start, self._full_at = start, now
         else:
-            records = self.read(self._at - self.OVERLAP_S)
+            records = self.read(self._at - self.OVERLAP_S, self._at - self.OVERLAP_S)
             f = math.exp(-self._k * (now - self._at))
             self._decayed = {t: v * f for t, v in self._decayed.items()}
             self._gf_decayed = {t: v * f for t, v in self._gf_decayed.items()}
         self._at = now
         late: list[UsageRecord] = []  # closed after `now` (a writer's clock ahead of ours): exact, each time
-        was_open, seen = self._open, set()
-        recent = self._recent
+        opened, recent = self._open, self._recent
         for r in records:
             key = (r.job_id, r.attempt)
             if r.ended_at is None:
-                seen.add(key)
-                if key not in was_open and r.started_at <= now:
-                    self._open_add(key, r, now, start)
-                elif key not in was_open:
-                    late.append(r)
-            elif r.ended_at > now:
+                if key not in opened:
+                    if r.started_at <= now:
+                        self._open_add(key, r, now, start)
+                    else:
+                        late.append(r)
+                continue
+            if key in opened:  # closed since it was counted open
+                self._open_drop(key, now)
+            if r.ended_at > now:
                 late.append(r)
             elif key not in recent:
                 recent[key] = r.ended_at
                 self._add_closed(r, now, start)
-        for key in [k for k in was_open if k not in seen]:  # closed since (or gone from the ledger)
-            self._open_drop(key, now)
         decayed, spent = dict(self._decayed), dict(self._spent)
         k = self._k
         for team, gf in self._gf.items():

@@ -101,7 +101,7 @@ class StoreViews:
             sched = self.config.scheduler
             if self._team_usage is None or (self._team_usage.half_life_s, self._team_usage.period) != (
                     sched.fair_share_half_life_s, sched.budget_period):
-                self._team_usage = TeamUsage(lambda since: self.store.usage(since=since),
+                self._team_usage = TeamUsage(lambda since, opened: self.store.usage(since=since, opened_since=opened),
                                              sched.fair_share_half_life_s, sched.budget_period)
             result = self._team_usage.refresh(now)
             self._usage_cache = (now, result)

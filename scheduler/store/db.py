@@ -10,7 +10,7 @@ from dataclasses import dataclass, fields
 from typing import Any, Iterable
 
 import orjson
-from sqlalchemy import create_engine, event, func, or_, select, update
+from sqlalchemy import and_, create_engine, event, func, or_, select, update
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import sessionmaker
 from sqlalchemy.pool import StaticPool
@@ -414,11 +414,18 @@ class Store(TenancyStore):  # teams, users, tokens, idempotency: store/tenancy.p
             return [EventRecord(r.job_id, r.ts, r.from_state, r.to_state, r.attempt, r.reason) for r in rows]
 
     def usage(self, since: float | None = None, until: float | None = None, team: str | None = None,
-              user: str | None = None) -> list[UsageRecord]:
-        """Ledger records (one per attempt) overlapping [since, until], oldest first."""
+              user: str | None = None, opened_since: float | None = None) -> list[UsageRecord]:
+        """Ledger records (one per attempt) overlapping [since, until], oldest first; with
+        `opened_since`, open records only when they started at or after it (what changed since a
+        reader's last look, with `since` the same time)."""
         q = select(UsageRow).order_by(UsageRow.id)
+        is_open = UsageRow.ended_at.is_(None)
+        if opened_since is not None:
+            is_open = and_(is_open, UsageRow.started_at >= opened_since)
+            if since is None:
+                q = q.where(or_(UsageRow.ended_at.is_not(None), is_open))
         if since is not None:
-            q = q.where(or_(UsageRow.ended_at.is_(None), UsageRow.ended_at > since))
+            q = q.where(or_(is_open, UsageRow.ended_at > since))
         if until is not None:
             q = q.where(UsageRow.started_at < until)
         if team is not None:

