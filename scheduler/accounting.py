@@ -120,8 +120,8 @@ def period_start(now: float, period: Period) -> float:
 
 class TeamUsage:
     """Decayed GPU-seconds (fair share) and spend in the current budget period, per team, kept
-    incrementally from the ledger so that a refresh costs O(open attempts) of dict lookups plus
-    O(attempts opened or closed since the last refresh) of arithmetic, not O(ledger).
+    incrementally from the ledger so that a refresh costs O(attempts opened or closed since the
+    last refresh), not O(ledger) nor O(open attempts).
 
     Closed attempts never change: their decayed sum is carried forward by one factor
     2^(-elapsed/half-life) (exact: every record's integral decays by the same factor) and their
