@@ -303,7 +303,6 @@ class Simulation:
         tick_s = period = self.sc.sim.tick_s
         tick_max_s = max(tick_s, self.sc.sim.tick_max_s)
         quantum = self.sc.sim.interval_s
-        ticked = False  # the service has ticked at `now`
         last_tick = self.start_s
         span = (arrivals[-1].submit_s - arrivals[0].submit_s) if arrivals else 0.0
         sample_every = max(60.0, span / self.samples) if span else 60.0
@@ -332,7 +331,7 @@ class Simulation:
                 break
             if quantum > 0:  # the daemon's next cycle at or after the event (after this one)
                 t = self.start_s + math.ceil((t - self.start_s) / quantum - 1e-9) * quantum
-                if t <= now and ticked:
+                if t <= now and self.ticks:  # the service already ticked at `now`
                     t = now + quantum
             # integrate the state that held over [now, t)
             dt = t - now
@@ -368,7 +367,6 @@ class Simulation:
                 t_next = ex.next_event_time()
                 if t_next is None or t_next > now + 1e-6:
                     break
-            ticked = True
             last_tick = now
             period = min(2 * period, tick_max_s) if periodic and store.transitions == changes else tick_s
             if now >= next_sample:

@@ -9,9 +9,9 @@ from scheduler.accounting import (
     UsageRecord, charge_fraction, cost_usd, decayed_gpu_seconds, gpu_seconds, period_start, spend_by_team, summarize,
 )
 from scheduler.lifecycle import JobState as S
-from scheduler.store import Store
 
-from tests.reliability.db import pg_database, reset_pg, sqlalchemy_url  # noqa: F401 - fixture
+from tests.reliability.db import pg_database  # noqa: F401 - fixture (test_store's store uses it)
+from tests.unit.test_store import store  # noqa: F401 - fixture
 from tests.unit.test_service import World
 
 
@@ -65,16 +65,8 @@ def test_period_start_is_utc_calendar_boundary():
     assert period_start(now, "month") == calendar.timegm(datetime(2026, 11, 1).timetuple())
 
 
-@pytest.mark.parametrize("kind", ["sqlite", "postgresql", "memory"])
-def test_store_ledger_opens_and_closes_with_the_attempt_in_one_transaction(tmp_path, kind, request):
-    from scheduler.store.memory import MemoryStore
-
-    if kind == "postgresql":
-        name = request.getfixturevalue("pg_database")
-        reset_pg(name)
-        store = Store(sqlalchemy_url(name))
-    else:
-        store = Store(f"sqlite:///{tmp_path / 's.db'}") if kind == "sqlite" else MemoryStore()
+def test_store_ledger_opens_and_closes_with_the_attempt_in_one_transaction(store):
+    """`store`: SQLite, PostgreSQL and the memory store (tests/unit/test_store.py's fixture)."""
     job = store.submit(spec={}, name="j", team="a", user="ann", priority=0, gpus=2, memory_per_gpu_mib=1, now=0.0)
     store.transition(job.id, S.QUEUED, S.ADMITTED, reason="r", now=10.0, attempt=1,
                      usage={"gpu_model": "L4", "node": "n", "gpus": 2, "gpu_fraction": 1.0, "price_per_gpu_hour": 1.0})
@@ -104,7 +96,6 @@ def test_store_ledger_opens_and_closes_with_the_attempt_in_one_transaction(tmp_p
     store.transition(ids[0], S.ADMITTED, S.QUEUED, reason="r", now=65.0)  # a clock that went back
     assert [u.job_id for u in store.usage(since=64.0)] == ids
     assert [u.job_id for u in store.usage(since=66.0)] == ids[1:]
-    store.close()
 
 
 def test_service_charges_price_times_time_and_feeds_the_policy(tmp_path):
