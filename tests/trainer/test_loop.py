@@ -226,8 +226,11 @@ def test_ray_train_worker_runs_and_resumes(make_cfg, tmp_path, monkeypatch):
             ).fit()
 
         preempted = fit()
-        assert preempted.metrics["status"] == "preempted" and preempted.metrics["step"] == 1
+        # The stop is asked for while the model loads and each step waits at most STOP_WAIT_S for
+        # the answer (ProgressChannel: a slow actor costs a step, never a stall), so on a loaded
+        # machine the answer can land after step 1: stopped early, at a step, and resumed from it.
         stopped_at = preempted.metrics["step"]
+        assert preempted.metrics["status"] == "preempted" and 1 <= stopped_at < 8
 
         ray.get(actor.set_stop.remote(False))
         result = fit()  # same name + storage_path: Ray resumes from the latest checkpoint
