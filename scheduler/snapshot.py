@@ -62,6 +62,7 @@ def policy_settings(config: ClusterConfig) -> PolicySettings:
                           fair_share_history_weight=s.fair_share_history_weight,
                           max_preemptions_per_cycle=s.max_preemptions_per_cycle, aging_ratio=s.aging_ratio,
                           las_preempt_factor=s.las_preempt_factor, makespan_guard=s.makespan_guard,
+                          defrag_factor=s.defrag_factor,
                           preempt_grace_s=s.preempt_grace_s, share_max_duration_s=s.share_max_duration_s,
                           share_max_jobs=s.share_max_jobs,
                           multi_node=s.multi_node)

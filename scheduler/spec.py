@@ -234,6 +234,9 @@ class SchedulerSettings(_Strict):
     aging_ratio: float = Field(default=2.0, ge=0, description="a job's wait bound is aging_s + this x its "
                                "expected (or attained) run time")
     max_preemptions_per_cycle: int = Field(default=16, ge=0)
+    defrag_factor: float = Field(default=0.0, ge=0, description="> 0: running jobs on one node move to free "
+                                 "GPUs on other nodes so that a gang waiting for a whole node starts now, when "
+                                 "its wait (GPUs x time) is at least this many times their restart cost; 0 = off")
     las_preempt_factor: float = Field(default=0.0, ge=0, description="> 0: a waiting job may preempt a running "
                                       "one that attained this many times more GPU-seconds; 0 = off")
     share_max_duration_s: float = Field(default=7200.0, ge=0, description="a shareable job expected to run "

@@ -7,6 +7,7 @@ from typing import Any
 from scheduler.policy import explain
 from scheduler.policy.preempt import choose, lost_work, usable
 from scheduler.policy.quota import NOMINAL
+from scheduler.policy.reserve import reserve
 from scheduler.policy.state import Cycle, Job, amount, packs, reserve_for
 from scheduler.policy.types import JobRequest, Preempt, RunningJob
 
@@ -123,6 +124,83 @@ def preempt_for(cy: Cycle, job: Job, allowed: list[tuple[str, str]], avoid: dict
     ids = [r.job_id for r in pick.victims]
     return (f"preempting {explain.jobs(ids)} on {c.units[pick.unit].name} for it "
             f"({reasons[ids[0]]}); starts when they checkpoint")
+
+
+def defrag_for(cy: Cycle, job: Job, allowed: list[tuple[str, str]], avoid: dict) -> str:
+    """Defragmenting preemption (migration, as Gandiva does it): the gang about to take the
+    reservation would wait until GPUs held by running jobs free up on one node while as many GPUs
+    sit free in fragments elsewhere. If a few running jobs on one node can move to those free GPUs
+    - each fits on free GPUs of another node at once - and the gang's wait in GPU-seconds
+    (gpus x time until the reservation) is at least `defrag_factor` x the movers' cost (their GPUs
+    x (work lost since their last checkpoint + min_runtime_s, which stands for a restart)), they
+    checkpoint and stop, restart elsewhere, and the gang gets the node. Quota-neutral (every team
+    keeps the GPUs it holds), so any team's job may move; the exemptions of reclaim (a job that
+    sets the makespan, a job in its preemption backoff) and a higher priority protect it. At most
+    one gang per cycle: only the job the reservation would go to."""
+    req, s, c, now = job.req, cy.snap.settings, cy.cluster, cy.snap.now
+    g = req.gpus
+    if g < 2 or len(cy.preempts) >= s.max_preemptions_per_cycle:
+        return ""
+    flavors = [f for f, _ in allowed]
+    if sum(c.free_count(f) for f in flavors) < g:  # the gang and the movers need g free GPUs in all
+        return ""
+    exempt = _exempt(cy)
+    cands: dict[int, list[RunningJob]] = {}
+    for f in flavors:
+        for o, rs in cy.victims_ok.get(f, {}).items():
+            mine = [r for r in rs.values()
+                    if r.gpu_count < g and r.priority <= req.priority and not exempt[r.job_id] and not r.parts
+                    and not r.shareable]
+            if mine:
+                cands[o] = mine
+    if not cands:
+        return ""
+    pick = choose(c, flavors, g, req.memory_per_gpu_mib, req.cpus_per_gpu, now, cands, cy.stopping, cy.held, avoid)
+    if (pick is None or len(cy.preempts) + len(pick.victims) > s.max_preemptions_per_cycle
+            or not _movable(cy, pick.unit, pick.victims, avoid)):
+        return ""
+    # when the gang would start without moving anyone: as the reservation computes it, but a job
+    # already past its expected end is expected to overrun by as much again (not to end now)
+    ends = {k: (e if e > now else now + (now - e)) for k, e in cy.ends.items()}
+    res = reserve(c, req.job_id, flavors, g, req.memory_per_gpu_mib, now, ends, s.multi_node, req.cpus, cy.cpu_ends)
+    cost = sum(r.gpu_count * (lost_work(r, now) + s.min_runtime_s) for r in pick.victims)
+    if res is None or res.at <= now or g * (res.at - now) < s.defrag_factor * cost:
+        return ""
+    u = c.units[pick.unit]
+    why = (f"moved to free GPUs on another node: job {req.job_id} needs {g} GPUs on one node and "
+           f"{u.name} is the cheapest to clear")
+    cy.attempts += 1
+    cy.gen += 1
+    for r in pick.victims:
+        cy.preempts.append(Preempt(r.job_id, why))
+        cy.not_a_victim(r.job_id)
+    when = explain.clock(res.at, now)
+    return (f"preempting {explain.jobs([r.job_id for r in pick.victims])} on {u.name} for it (defragmentation: "
+            f"they restart on free GPUs elsewhere; otherwise it would wait until {when}); starts when they checkpoint")
+
+
+def _movable(cy: Cycle, unit: int, movers: tuple[RunningJob, ...], avoid: dict) -> bool:
+    """Whether every mover fits at once on free GPUs of other units of its flavor (largest first,
+    each on the fullest unit that holds it, as Cluster.fit places a gang)."""
+    c = cy.cluster
+    taken: dict[int, int] = {}
+    cpus: dict[str, float] = {}
+    for r in sorted(movers, key=lambda r: (-r.gpu_count, r.job_id)):
+        best, best_n = None, 0
+        for o in c.flavors[cy.flavor_of[r.job_id]].units:
+            u = c.units[o]
+            if o == unit or not u.schedulable or not u.free:
+                continue
+            n = len(c._fitting(u, r.memory_per_gpu_mib, avoid.get(o))) - taken.get(o, 0)
+            have = cpus.get(u.node_id, c.cpus_free[u.node_id])
+            if n >= r.gpu_count and (best is None or n < best_n) and have >= r.cpus:
+                best, best_n = o, n
+        if best is None:
+            return False
+        taken[best] = taken.get(best, 0) + r.gpu_count
+        node = c.units[best].node_id
+        cpus[node] = cpus.get(node, c.cpus_free[node]) - r.cpus
+    return True
 
 
 def _exempt(cy: Cycle) -> dict[int, bool]:

@@ -57,7 +57,7 @@ from scheduler.policy import explain
 from scheduler.policy.cluster import Cluster, Part
 from scheduler.policy.quota import ANY, BORROW, NOMINAL, Check, QuotaBook
 from scheduler.policy.reserve import INF, reserve
-from scheduler.policy.rules import claim_stopping, preempt_for, quota_preempt
+from scheduler.policy.rules import claim_stopping, defrag_for, preempt_for, quota_preempt
 from scheduler.policy.running import release, running_index
 from scheduler.policy.state import Cycle, Job, amount, packs, reserve_for
 from scheduler.policy.types import (
@@ -499,6 +499,8 @@ def _blocked(cy: Cycle, job: Job, allowed: list[tuple[str, str]], avoid: dict, f
     # (b) preemption.
     if s.preemption and len(cy.preempts) < s.max_preemptions_per_cycle and cy.attempts < s.max_preemptions_per_cycle:
         why = preempt_for(cy, job, allowed, avoid, fs)
+        if not why and s.defrag_factor > 0 and s.backfill and cy.reservation is None:
+            why = defrag_for(cy, job, allowed, avoid)
         if why:
             cy.pending[req.job_id] = why
             return

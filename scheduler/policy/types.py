@@ -141,6 +141,9 @@ class PolicySettings:
     preempt_grace_s: float = 900.0  # a job that waited less than this, whose GPUs are expected to free up
     #                                  within it, waits for them instead of preempting
     makespan_guard: bool = True  # a waiting job longer than the backlog's drain time goes first (shoal.py)
+    defrag_factor: float = 0.0  # > 0: running jobs on one node move to free GPUs elsewhere for a gang
+    #                             waiting for that node, when its wait in GPU-s >= this x their
+    #                             restart cost (rules.defrag_for); 0 = off
     las_preempt_factor: float = 0.0  # > 0: a waiting job may preempt a same-priority running job of its
     #                                  own band that attained this many times more GPU-s (Tiresias-like);
     #                                  0 = off

@@ -366,6 +366,54 @@ def test_las_preemption_when_enabled():
     assert [p.job_id for p in d.to_preempt] == [10]
 
 
+# defragmentation: n1 has 3 free GPUs and job 10 (1 GPU); n2 has 1 free GPU and job 11 (3 GPUs); both
+# run 10 h more. A 4-GPU gang would wait 10 h for a whole node although 4 GPUs are free. (Job 12 keeps
+# n3 busy for 40 h: the backlog's drain time then exceeds 10 h, so the makespan guard exempts neither.)
+FRAG_NODES = [node("n1", gpus=4), node("n2", gpus=4), node("n3", gpus=8)]
+BUSY = run(12, "n3", tuple(range(8)), team="b", end=NOW + 40 * 3600)
+
+
+def frag_running(end10: float = NOW + 36000, prio10: int = 0, restarts10: int = 0) -> list:
+    return [run(10, "n1", (0,), team="b", ckpt=NOW - 60, end=end10, prio=prio10, restarts=restarts10),
+            run(11, "n2", (0, 1, 2), team="b", end=NOW + 36000), BUSY]
+
+
+def test_defragmentation_moves_a_small_job_to_free_gpus_for_a_gang():
+    pend = [job(1, gpus=4, dur=3600)]
+    d = schedule(snap(FRAG_NODES, pend, frag_running()))
+    assert d.to_preempt == () and d.pending[1].startswith("reserved")  # off by default: it drains n1
+    d = schedule(snap(FRAG_NODES, pend, frag_running(), defrag_factor=2))
+    assert [p.job_id for p in d.to_preempt] == [10] and d.to_start == ()
+    assert "moved to free GPUs on another node" in d.to_preempt[0].reason
+    assert "defragmentation" in d.pending[1] and "preempting job 10 on n1" in d.pending[1]
+    # once job 10 has moved to n2's free GPU, the gang starts on n1
+    moved = [run(10, "n2", (3,), team="b", started=NOW), *frag_running()[1:]]
+    d = schedule(snap(FRAG_NODES, pend, moved, defrag_factor=2))
+    assert started(d) == {1: ("n1", (0, 1, 2, 3))} and d.to_preempt == ()
+
+
+def test_defragmentation_only_when_it_pays_and_the_movers_fit_elsewhere():
+    pend = [job(1, gpus=4, dur=3600)]
+    # the gang's wait (4 GPUs x 10 h) is below the factor x the mover's cost (1 GPU x (60 s lost + 300 s))
+    assert schedule(snap(FRAG_NODES, pend, frag_running(), defrag_factor=500)).to_preempt == ()
+    # n1 frees up in a minute: waiting costs less than a restart
+    assert schedule(snap(FRAG_NODES, pend, frag_running(end10=NOW + 60), defrag_factor=2)).to_preempt == ()
+    # a job past its expected end is expected to overrun by as much again (2 h here), not to end now
+    d = schedule(snap(FRAG_NODES, pend, frag_running(end10=NOW - 7200), defrag_factor=2))
+    assert [p.job_id for p in d.to_preempt] == [10]
+    # higher priority than the gang, or in its preemption backoff (4 restarts: 300 s x 2^4 > its
+    # 1 h run): job 10 stays, and the gang clears n2 instead (job 11 moves to n1's 3 free GPUs:
+    # 3 GPUs x (1 h lost + 300 s), still worth it)
+    for running in (frag_running(prio10=1), frag_running(restarts10=4)):
+        assert [p.job_id for p in schedule(snap(FRAG_NODES, pend, running, defrag_factor=2)).to_preempt] == [11]
+    # a 2-GPU mover finds no 2 free GPUs on one other node: nobody moves (it would only wait instead)
+    nodes = [*FRAG_NODES, node("n4", gpus=4)]
+    running = [run(10, "n1", (0, 1), team="b", end=NOW + 36000), run(11, "n2", (0, 1, 2), team="b", end=NOW + 36000),
+               BUSY, run(13, "n4", (0, 1, 2), team="b", end=NOW + 36000)]
+    d = schedule(snap(nodes, pend, running, defrag_factor=2))
+    assert d.to_preempt == () and d.pending[1].startswith("reserved")
+
+
 # -- backfill and explain ----------------------------------------------------------------------
 
 def test_reservation_and_backfill():

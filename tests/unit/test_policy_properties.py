@@ -60,7 +60,8 @@ def snapshots(draw) -> Snapshot:
                    attained_gpu_s=draw(st.sampled_from([0.0, 5000.0])))
         for i in range(1, draw(st.integers(0, 25)) + 1))
     s = PolicySettings(multi_node=draw(st.booleans()), las_preempt_factor=draw(st.sampled_from([0.0, 2.0])),
-                       over_budget=draw(st.sampled_from(["no-borrowing", "none"])))
+                       over_budget=draw(st.sampled_from(["no-borrowing", "none"])),
+                       defrag_factor=draw(st.sampled_from([0.0, 2.0])))
     return Snapshot(overlay(nodes, running), tuple(running), pending, tuple(teams), 1024, now=NOW,
                     cohorts=tuple(cohorts), settings=s)
 
