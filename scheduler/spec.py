@@ -231,10 +231,10 @@ class SchedulerSettings(_Strict):
                                    "rank as equals (then shortest work first); 0 = strict fair share")
     fair_share_history_weight: float = Field(default=0.5, ge=0, le=1, description="weight of decayed usage in "
                                              "the fair share (the rest: GPUs held now)")
-    aging_ratio: float = Field(default=2.0, ge=0, description="a job's wait bound is aging_s + this x its "
+    aging_ratio: float = Field(default=16.0, ge=0, description="a job's wait bound is aging_s + this x its "
                                "expected (or attained) run time")
     max_preemptions_per_cycle: int = Field(default=16, ge=0)
-    defrag_factor: float = Field(default=0.0, ge=0, description="> 0: running jobs on one node move to free "
+    defrag_factor: float = Field(default=2.0, ge=0, description="> 0: running jobs on one node move to free "
                                  "GPUs on other nodes so that a gang waiting for a whole node starts now, when "
                                  "its wait (GPUs x time) is at least this many times their restart cost; 0 = off")
     las_preempt_factor: float = Field(default=0.0, ge=0, description="> 0: a waiting job may preempt a running "
@@ -244,7 +244,7 @@ class SchedulerSettings(_Strict):
     share_max_jobs: int = Field(default=2, ge=0, description="at most this many shareable jobs share one GPU "
                                 "(co-tenants slow each other: each runs at a fraction of its speed alone); "
                                 "0 = no limit but memory and share_max_utilization")
-    preempt_grace_s: float = Field(default=900.0, ge=0, description="a job whose GPUs are expected to free up "
+    preempt_grace_s: float = Field(default=3600.0, ge=0, description="a job whose GPUs are expected to free up "
                                    "within this many seconds waits for them instead of preempting (0 = always preempt)")
     makespan_guard: bool = Field(default=True, description="a waiting job longer than the backlog's drain time "
                                  "(it would set the makespan) goes first in its priority level")

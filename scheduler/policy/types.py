@@ -137,11 +137,11 @@ class PolicySettings:
     multi_node: bool = False  # a gang bigger than every node of its flavor spans the fewest nodes (the
     #                           cluster config's scheduler.multi_node, default true, sets it in the service)
     max_preemptions_per_cycle: int = 16  # victims chosen per cycle, at most
-    aging_ratio: float = 2.0  # a job's aging horizon = aging_s + this x its duration (or attained time)
-    preempt_grace_s: float = 900.0  # a job that waited less than this, whose GPUs are expected to free up
+    aging_ratio: float = 16.0  # a job's aging horizon = aging_s + this x its duration (or attained time)
+    preempt_grace_s: float = 3600.0  # a job that waited less than this, whose GPUs are expected to free up
     #                                  within it, waits for them instead of preempting
     makespan_guard: bool = True  # a waiting job longer than the backlog's drain time goes first (shoal.py)
-    defrag_factor: float = 0.0  # > 0: running jobs on one node move to free GPUs elsewhere for a gang
+    defrag_factor: float = 2.0  # > 0: running jobs on one node move to free GPUs elsewhere for a gang
     #                             waiting for that node, when its wait in GPU-s >= this x their
     #                             restart cost (rules.defrag_for); 0 = off
     las_preempt_factor: float = 0.0  # > 0: a waiting job may preempt a same-priority running job of its

@@ -65,7 +65,7 @@ def test_defragmentation_moves_a_job_so_a_gang_starts_now():
     t=0: P (2 GPUs, 3000 s), Q and S (2 GPUs, 200 s), R (2 GPUs, 30000 s). R sets the makespan and
     goes first (node A), Q joins it (best fit), S and P take node B. At 200 Q and S end: each node
     has 2 GPUs free. At 400 G (4 GPUs, 100 s) arrives. Without defragmentation G waits for P's end
-    (3000) and runs 3000-3100 (JCT 2700). With it (defrag_factor 2), P (the cheapest to move; R is
+    (3000) and runs 3000-3100 (JCT 2700). With it (the default), P (the cheapest to move; R is
     exempt: it sets the makespan) checkpoints and restarts at once on A's 2 free GPUs, and G runs
     400-500 (JCT 100) on B. P loses no work (a stop checkpoints), so it still ends at 3000."""
     import dataclasses
@@ -73,12 +73,12 @@ def test_defragmentation_moves_a_job_so_a_gang_starts_now():
     sc = cluster(nodes=2, gpus=4, workload={"estimate_sigma": 0, "classes": [
         {"name": "w", "weight": 1, "model": "qwen2.5-0.5b", "method": "lora", "shareable": False}]})
     rows = trace((0, 3000, 2, "x"), (0, 200, 2, "x"), (0, 30000, 2, "x"), (0, 200, 2, "x"), (400, 100, 4, "x"))
-    on_settings = sc.cluster.scheduler.model_copy(update={"defrag_factor": 2.0})
-    on = run(dataclasses.replace(sc, cluster=sc.cluster.model_copy(update={"scheduler": on_settings})),
-             rows, schedule, "shoal")
+    on = run(sc, rows, schedule, "shoal")
     assert jct_by_index(on) == {0: 3000, 1: 200, 2: 30000, 3: 200, 4: 100}
     assert {j["index"]: j["preemptions"] for j in on.jobs} == {0: 1, 1: 0, 2: 0, 3: 0, 4: 0}
-    off = run(sc, rows, schedule, "shoal")
+    off_settings = sc.cluster.scheduler.model_copy(update={"defrag_factor": 0.0})
+    off = run(dataclasses.replace(sc, cluster=sc.cluster.model_copy(update={"scheduler": off_settings})),
+              rows, schedule, "shoal")
     assert jct_by_index(off) == {0: 3000, 1: 200, 2: 30000, 3: 200, 4: 2700}
     assert sum(j["preemptions"] for j in off.jobs) == 0
 

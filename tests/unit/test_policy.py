@@ -101,15 +101,20 @@ def test_least_attained_service_when_duration_unknown():
 
 
 def test_aging_bounds_the_wait_of_a_long_job():
-    # horizon = aging_s (1 h) + aging_ratio (2) x 10 h = 21 h
+    # horizon = aging_s (1 h) + aging_ratio (2 here; 16 by default) x 10 h = 21 h
     old = job(1, dur=10 * 3600, t=NOW - 20 * 3600)
-    d = schedule(snap([node("n1", gpus=1)], [old, job(2, dur=60, t=NOW - 5)]))
+    d = schedule(snap([node("n1", gpus=1)], [old, job(2, dur=60, t=NOW - 5)], aging_ratio=2))
     assert list(started(d)) == [2]  # not yet past its horizon: the short job goes first
     old = job(1, dur=10 * 3600, t=NOW - 21 * 3600)
-    d = schedule(snap([node("n1", gpus=1)], [old, job(2, dur=60, t=NOW - 5)]))
+    d = schedule(snap([node("n1", gpus=1)], [old, job(2, dur=60, t=NOW - 5)], aging_ratio=2))
     assert list(started(d)) == [1]
+    # the default 16: 1 h + 160 h
+    assert list(started(schedule(snap([node("n1", gpus=1)], [old, job(2, dur=60, t=NOW - 5)])))) == [2]
+    old = job(1, dur=10 * 3600, t=NOW - 161 * 3600)
+    assert list(started(schedule(snap([node("n1", gpus=1)], [old, job(2, dur=60, t=NOW - 5)])))) == [1]
     # without durations: attained GPU-s per GPU sets the horizon; a fresh job (0 attained) ages in aging_s
-    d = schedule(snap([node("n1", gpus=1)], [job(1, attained=3600, t=NOW - 3 * 3600 - 1), job(2, t=NOW - 5)]))
+    d = schedule(snap([node("n1", gpus=1)], [job(1, attained=3600, t=NOW - 3 * 3600 - 1), job(2, t=NOW - 5)],
+                      aging_ratio=2))
     assert list(started(d)) == [1]
 
 
@@ -261,17 +266,17 @@ def test_quota_reclaim_preempts_borrowers_with_least_lost_work():
 
 def test_no_preemption_when_gpus_free_up_within_the_grace():
     """Borrowers expected to end in 10 min: team a waits for them (reserved, with an estimated
-    start) instead of preempting; ending in 1 h (beyond the 15 min grace) they are preempted."""
+    start) instead of preempting; ending in 2 h (beyond the 1 h grace) they are preempted."""
     teams = [team("a", 4, cohort="c"), team("b", 4, cohort="c")]
     soon = [run(10 + i, "n1", (i,), team="b", end=NOW + 600) for i in range(8)]
     d = schedule(snap([node("n1")], [job(1, team="a", gpus=2)], soon, teams=teams, cohorts=["c"]))
     assert d.to_preempt == () and d.estimated_start[1] == NOW + 600 and d.pending[1].startswith("reserved")
-    late = [run(10 + i, "n1", (i,), team="b", end=NOW + 3600) for i in range(8)]
+    late = [run(10 + i, "n1", (i,), team="b", end=NOW + 7200) for i in range(8)]
     d = schedule(snap([node("n1")], [job(1, team="a", gpus=2)], late, teams=teams, cohorts=["c"]))
     assert len(d.to_preempt) == 2
     d = schedule(snap([node("n1")], [job(1, team="a", gpus=2)], soon, teams=teams, cohorts=["c"], preempt_grace_s=0))
     assert len(d.to_preempt) == 2  # grace off: reclaim at once
-    waited = job(1, team="a", gpus=2, t=NOW - 901)  # waited the grace already: no more waiting
+    waited = job(1, team="a", gpus=2, t=NOW - 3601)  # waited the grace already: no more waiting
     assert len(schedule(snap([node("n1")], [waited], soon, teams=teams, cohorts=["c"])).to_preempt) == 2
 
 
@@ -280,7 +285,7 @@ def test_the_job_that_sets_the_makespan_is_not_reclaimed():
     but preempting it would push the end of everything back: reclaim takes others."""
     teams = [team("a", 4, cohort="c"), team("b", 4, cohort="c")]
     running = [run(10, "n1", (0,), team="b", ckpt=NOW - 1, end=NOW + 360000)]
-    running += [run(11 + i, "n1", (1 + i,), team="b", ckpt=NOW - 60 * (i + 1), end=NOW + 3600) for i in range(7)]
+    running += [run(11 + i, "n1", (1 + i,), team="b", ckpt=NOW - 60 * (i + 1), end=NOW + 7200) for i in range(7)]
     d = schedule(snap([node("n1")], [job(1, team="a", gpus=2)], running, teams=teams, cohorts=["c"]))
     assert {p.job_id for p in d.to_preempt} == {11, 12}
     d = schedule(snap([node("n1")], [job(1, team="a", gpus=2)], running, teams=teams, cohorts=["c"],
@@ -380,9 +385,9 @@ def frag_running(end10: float = NOW + 36000, prio10: int = 0, restarts10: int = 
 
 def test_defragmentation_moves_a_small_job_to_free_gpus_for_a_gang():
     pend = [job(1, gpus=4, dur=3600)]
-    d = schedule(snap(FRAG_NODES, pend, frag_running()))
-    assert d.to_preempt == () and d.pending[1].startswith("reserved")  # off by default: it drains n1
-    d = schedule(snap(FRAG_NODES, pend, frag_running(), defrag_factor=2))
+    d = schedule(snap(FRAG_NODES, pend, frag_running(), defrag_factor=0))
+    assert d.to_preempt == () and d.pending[1].startswith("reserved")  # off: it drains n1
+    d = schedule(snap(FRAG_NODES, pend, frag_running()))  # on by default (defrag_factor 2)
     assert [p.job_id for p in d.to_preempt] == [10] and d.to_start == ()
     assert "moved to free GPUs on another node" in d.to_preempt[0].reason
     assert "defragmentation" in d.pending[1] and "preempting job 10 on n1" in d.pending[1]
@@ -412,7 +417,6 @@ def test_defragmentation_only_when_it_pays_and_the_movers_fit_elsewhere():
                BUSY, run(13, "n4", (0, 1, 2), team="b", end=NOW + 36000)]
     d = schedule(snap(nodes, pend, running, defrag_factor=2))
     assert d.to_preempt == () and d.pending[1].startswith("reserved")
-
 
 # -- backfill and explain ----------------------------------------------------------------------
 
