@@ -167,8 +167,8 @@ def defrag_for(cy: Cycle, job: Job, allowed: list[tuple[str, str]], avoid: dict)
     if res is None or res.at <= now or g * (res.at - now) < s.defrag_factor * cost:
         return ""
     u = c.units[pick.unit]
-    why = (f"moved to free GPUs on another node: job {req.job_id} needs {g} GPUs on one node and "
-           f"{u.name} is the cheapest to clear")
+    why = (f"defragmentation: job {req.job_id} needs {g} GPUs on one node and {u.name} is the cheapest to "
+           f"clear; free GPUs on another node can take this job at once")
     cy.attempts += 1
     cy.gen += 1
     for r in pick.victims:

@@ -41,8 +41,11 @@ One cycle, in numbered steps:
     lenders' bursts would churn), preemption (rules.py decides who may be a victim, preempt.py picks) - reclaim nominal quota from borrowers of the cohort tree,
     lower priority of the same team, or (las_preempt_factor > 0) a same-priority job of a team
     in the same or a worse band that has attained factor times more GPU-seconds; victims must have
-    run `min_runtime_s`; at most `max_preemptions_per_cycle`; (c) otherwise the first such job
-    gets the reservation (reserve.py) and later jobs backfill only where they do not delay it.
+    run `min_runtime_s`; at most `max_preemptions_per_cycle`; or, for the job the reservation
+    would go to, defragmentation (defrag_factor > 0, rules.defrag_for): narrower jobs on one node
+    move to free GPUs on other nodes when the gang's wait outweighs their restart cost;
+    (c) otherwise the first such job gets the reservation (reserve.py) and later jobs backfill
+    only where they do not delay it.
     A job blocked by its OWN team's quota may preempt lower-priority jobs of its team (rules.py).
  8. Explain: every job not started gets a reason; reserved jobs get an estimated start.
 """

@@ -389,7 +389,7 @@ def test_defragmentation_moves_a_small_job_to_free_gpus_for_a_gang():
     assert d.to_preempt == () and d.pending[1].startswith("reserved")  # off: it drains n1
     d = schedule(snap(FRAG_NODES, pend, frag_running()))  # on by default (defrag_factor 2)
     assert [p.job_id for p in d.to_preempt] == [10] and d.to_start == ()
-    assert "moved to free GPUs on another node" in d.to_preempt[0].reason
+    assert "free GPUs on another node can take this job at once" in d.to_preempt[0].reason
     assert "defragmentation" in d.pending[1] and "preempting job 10 on n1" in d.pending[1]
     # once job 10 has moved to n2's free GPU, the gang starts on n1
     moved = [run(10, "n2", (3,), team="b", started=NOW), *frag_running()[1:]]
