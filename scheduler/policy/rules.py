@@ -155,10 +155,14 @@ def defrag_for(cy: Cycle, job: Job, allowed: list[tuple[str, str]], avoid: dict)
                 cands[o] = mine
     if not cands:
         return ""
-    pick = choose(c, flavors, g, req.memory_per_gpu_mib, req.cpus_per_gpu, now, cands, cy.stopping, cy.held, avoid)
-    if (pick is None or len(cy.preempts) + len(pick.victims) > s.max_preemptions_per_cycle
-            or not _movable(cy, pick.unit, pick.victims, avoid)):
-        return ""
+    while True:  # the cheapest node whose movers all fit elsewhere
+        pick = choose(c, flavors, g, req.memory_per_gpu_mib, req.cpus_per_gpu, now, cands, cy.stopping, cy.held,
+                      avoid)
+        if pick is None or len(cy.preempts) + len(pick.victims) > s.max_preemptions_per_cycle:
+            return ""
+        if _movable(cy, pick.unit, pick.victims, avoid):
+            break
+        del cands[pick.unit]
     # when the gang would start without moving anyone: as the reservation computes it, but a job
     # already past its expected end is expected to overrun by as much again (not to end now)
     ends = {k: (e if e > now else now + (now - e)) for k, e in cy.ends.items()}

@@ -418,6 +418,19 @@ def test_defragmentation_only_when_it_pays_and_the_movers_fit_elsewhere():
     d = schedule(snap(nodes, pend, running, defrag_factor=2))
     assert d.to_preempt == () and d.pending[1].startswith("reserved")
 
+
+def test_defragmentation_clears_the_cheapest_node_whose_movers_fit_elsewhere():
+    """n1: job 10 (2 GPUs x 70 GB, checkpointed 10 s ago) and 2 free GPUs; n2: job 11 (1 GPU,
+    checkpointed 10 min ago) and 3 free GPUs that foreign processes leave 50 GB on. Clearing n1
+    loses the least work, but job 10 fits on no other free GPU (too little memory on n2's): n2 is
+    cleared instead, job 11 moving to n1's free GPUs."""
+    nodes = [node("n1", gpus=4), node("n2", gpus=4, foreign={1: 30000, 2: 30000, 3: 30000}), FRAG_NODES[2]]
+    running = [run(10, "n1", (0, 1), team="b", mem=70000, ckpt=NOW - 10, end=NOW + 36000),
+               run(11, "n2", (0,), team="b", ckpt=NOW - 600, end=NOW + 36000), BUSY]
+    d = schedule(snap(nodes, [job(1, gpus=4, dur=3600)], running))
+    assert [p.job_id for p in d.to_preempt] == [11] and "preempting job 11 on n2" in d.pending[1]
+
+
 # -- backfill and explain ----------------------------------------------------------------------
 
 def test_reservation_and_backfill():
