@@ -315,6 +315,14 @@ class Cluster:
                         return most
         return most
 
+    def fitting_count(self, o: int, m: int, avoid: set[int] | None) -> int:
+        """How many of unit o's free GPUs have >= m MiB, minus `avoid`."""
+        u = self.units[o]
+        pos = bisect_left(u.free, (m, -1))
+        if not avoid:
+            return len(u.free) - pos
+        return sum(1 for _, i in u.free[pos:] if i not in avoid)
+
     @staticmethod
     def _fitting(u: Unit, m: int, avoid: set[int] | None) -> list[int]:
         """Indices of u's free GPUs with >= m MiB, least free first, minus `avoid`."""

@@ -138,8 +138,8 @@ def defrag_for(cy: Cycle, job: Job, allowed: list[tuple[str, str]], avoid: dict)
     sets the makespan, a job in its preemption backoff) and a higher priority protect it. At most
     one gang per cycle: only the job the reservation would go to."""
     req, s, c, now = job.req, cy.snap.settings, cy.cluster, cy.snap.now
-    g = req.gpus
-    if g < 2 or len(cy.preempts) >= s.max_preemptions_per_cycle:
+    g = req.gpus  # (the caller's preemption gate keeps len(cy.preempts) under the cycle's maximum)
+    if g < 2:
         return ""
     flavors = [f for f, _ in allowed]
     if sum(c.free_count(f) for f in flavors) < g:  # the gang and the movers need g free GPUs in all
@@ -195,7 +195,7 @@ def _movable(cy: Cycle, unit: int, movers: tuple[RunningJob, ...], avoid: dict) 
             u = c.units[o]
             if o == unit or not u.schedulable or not u.free:
                 continue
-            n = len(c._fitting(u, r.memory_per_gpu_mib, avoid.get(o))) - taken.get(o, 0)
+            n = c.fitting_count(o, r.memory_per_gpu_mib, avoid.get(o)) - taken.get(o, 0)
             have = cpus.get(u.node_id, c.cpus_free[u.node_id])
             if n >= r.gpu_count and (best is None or n < best_n) and have >= r.cpus:
                 best, best_n = o, n
