@@ -27,6 +27,29 @@ def test_fake_reader_faults():
     assert [g.index for g in r.read()] == [1]
 
 
+def test_fake_reading_copy_equals_dataclasses_replace():
+    """read() copies each GPU's reading with a __dict__ copy instead of dataclasses.replace (the
+    simulator reads changed nodes every cycle): the same frozen, hashable value, every field kept,
+    the stored reading untouched."""
+    from dataclasses import fields, replace
+
+    from monitoring.gpu import _with
+
+    r = FakeGpuReader(2)
+    r.attach_job(3, (1,), 5000, utilization_pct=40)
+    r.inject_ecc(1, corrected=2)
+    base = r._gpus[1].reading
+    got = r.read()[1]
+    want = replace(base, memory_used_mib=5000, utilization_pct=40.0, processes=tuple(r._gpus[1].processes.values()),
+                   power_w=got.power_w, energy_mj=got.energy_mj, temperature_c=46.0)
+    assert got == want and hash(got) == hash(want) and type(got) is type(want)
+    assert {f.name for f in fields(got)} == set(vars(got)) and got.ecc_sbe_volatile == 2
+    assert base.memory_used_mib == 0 and base.processes == ()  # the stored reading is not changed
+    assert _with(base, memory_used_mib=7) == replace(base, memory_used_mib=7)
+    with pytest.raises(AttributeError):
+        got.memory_used_mib = 1  # still frozen
+
+
 def test_nvml_reader_without_driver_is_a_typed_error():
     try:
         reader = NvmlReader()
