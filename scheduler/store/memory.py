@@ -51,6 +51,11 @@ class MemoryStore:
         # never goes back, so "closed after t" is a bisect (the simulator asks every refresh)
         self._closed: list[tuple[float, int]] = []
         self._closed_sorted = True
+        # open records' start times rise in _open_usage's (insertion) order, so the ones opened
+        # since a time are a suffix of it (usage(opened_since=...)); False once a writer's clock
+        # went back
+        self._opened_in_order = True
+        self._last_opened_at = -math.inf
         self._nodes: dict[str, NodeRecord] = {}
         # queued_versions kept as records change (the service reads it every cycle): id -> version
         # of each QUEUED job not being cancelled, in id order once `_qver_sorted` (a requeued job
@@ -119,6 +124,10 @@ class MemoryStore:
                     self._closed_sorted = False
                 self._closed.append((now, i))
             if usage is not None:
+                if now < self._last_opened_at:
+                    self._opened_in_order = False
+                self._last_opened_at = now
+                self._open_usage.pop(job_id, None)  # re-inserted last: the dict's order is the ledger's
                 self._open_usage[job_id] = len(self._usage)
                 self._usage.append(UsageRecord(job_id, changes.get("attempt", rec.attempt), rec.team, rec.user,
                                                usage.get("gpu_model"), usage.get("node"), usage["gpus"],
@@ -254,8 +263,16 @@ class MemoryStore:
             if since is not None and until is None and team is None and user is None and self._closed_sorted:
                 pos = bisect.bisect_right(self._closed, (since, math.inf))
                 ledger = self._usage
-                opened = list(self._open_usage.values()) if opened_since is None else [
-                    i for i in self._open_usage.values() if ledger[i].started_at >= opened_since]
+                if opened_since is None:
+                    opened = list(self._open_usage.values())
+                elif self._opened_in_order:  # the newest first, up to the first opened before
+                    opened = []
+                    for i in reversed(self._open_usage.values()):
+                        if ledger[i].started_at < opened_since:
+                            break
+                        opened.append(i)
+                else:
+                    opened = [i for i in self._open_usage.values() if ledger[i].started_at >= opened_since]
                 idx = sorted([i for _, i in self._closed[pos:]] + opened)
                 return [ledger[i] for i in idx]
             return [u for u in self._usage

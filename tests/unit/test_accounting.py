@@ -96,6 +96,17 @@ def test_store_ledger_opens_and_closes_with_the_attempt_in_one_transaction(store
     store.transition(ids[0], S.ADMITTED, S.QUEUED, reason="r", now=65.0)  # a clock that went back
     assert [u.job_id for u in store.usage(since=64.0)] == ids
     assert [u.job_id for u in store.usage(since=66.0)] == ids[1:]
+    # opened_since while records open in time order (the memory store reads the newest opened
+    # only), then after one opened back in time (a writer's clock behind: it scans them all)
+    late = [store.submit(spec={}, name=f"k{i}", team="a", user="ann", priority=0, gpus=1, memory_per_gpu_mib=1,
+                         now=80.0).id for i in range(3)]
+    store.transition(late[0], S.QUEUED, S.ADMITTED, reason="r", now=90.0, attempt=1, usage=usage)
+    assert [u.job_id for u in store.usage(since=100.0, opened_since=90.0)] == [late[0]]
+    assert [u.job_id for u in store.usage(since=100.0, opened_since=60.0)] == [ids[2], late[0]]
+    store.transition(late[1], S.QUEUED, S.ADMITTED, reason="r", now=85.0, attempt=1, usage=usage)
+    store.transition(late[2], S.QUEUED, S.ADMITTED, reason="r", now=95.0, attempt=1, usage=usage)
+    assert [u.job_id for u in store.usage(since=100.0, opened_since=88.0)] == [late[0], late[2]]
+    assert [u.job_id for u in store.usage(since=100.0, opened_since=85.0)] == late
 
 
 def test_service_charges_price_times_time_and_feeds_the_policy(tmp_path):
