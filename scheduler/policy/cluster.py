@@ -152,6 +152,7 @@ class _Base:
         # per cycle, against the cycle's running jobs)
         self.candidates: dict[str, list[tuple[int, int, int]]] = {}
         self.tenants: dict[tuple[int, int], tuple[int, ...]] = {}
+        self.cand_of: dict[int, list[tuple[int, int, int]]] = {}  # unit -> its entries in candidates
         self.healthy: list[int] = []  # per unit: healthy GPUs on a schedulable node
         for node in snap.nodes:
             entries, shape_id = _node_index(node, headroom, share_max_util)
@@ -206,7 +207,9 @@ class _Base:
             else:
                 self.units[u.order] = u
                 self.healthy[u.order] = healthy
+            mine = self.cand_of[u.order] = []
             for free_mib, i, held in shared:
+                mine.append((free_mib, u.order, i))
                 if replace_at is None:
                     self.candidates.setdefault(model, []).append((free_mib, u.order, i))
                 else:
@@ -234,7 +237,8 @@ class _Base:
                 u = self.units[first + k]
                 fl = self.flavors[u.flavor]
                 lst = self.candidates[u.flavor]
-                lst[:] = [e for e in lst if e[1] != u.order]
+                for e in self.cand_of.pop(u.order, ()):  # sorted and unique: each found by bisection
+                    del lst[bisect_left(lst, e)]
                 for i in u.gpus:
                     self.tenants.pop((u.order, i), None)
                 b = self.buckets[u.flavor]

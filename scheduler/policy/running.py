@@ -55,16 +55,24 @@ def _seqsum(values) -> float:
 class _ById(dict):
     """job id -> value, iterated in job-id order (the snapshot's order) once `ordered()` is asked."""
 
-    __slots__ = ("sorted",)
+    __slots__ = ("sorted", "total")
 
     def __init__(self) -> None:
         super().__init__()
         self.sorted = True
+        self.total: float | None = None  # sum() of the values, kept by the caller (None: recompute)
 
     def put(self, job_id: int, value: Any) -> None:
         if job_id not in self and self and self.sorted and job_id < next(reversed(self)):
             self.sorted = False
         self[job_id] = value
+        self.total = None
+
+    def sum(self) -> float:
+        """The values added one by one in job-id order, kept until the group changes (put/_drop)."""
+        if self.total is None:
+            self.total = _seqsum(self.ordered().values())
+        return self.total
 
     def ordered(self) -> "_ById":
         if not self.sorted:
@@ -230,6 +238,7 @@ class RunningIndex:
     def _drop(groups: dict, key: tuple, job_id: int) -> None:
         g = groups[key]
         del g[job_id]
+        g.total = None
         if not g:
             del groups[key]
 
@@ -240,10 +249,10 @@ class RunningIndex:
         book = cy.book
         # quota and fair-share usage, each summed in job-id order as the reference scan does
         for key, g in self.used.items():
-            book.used[key] = _seqsum(g.ordered().values())
+            book.used[key] = g.sum()
         use = cy.use
         for (team, flavor), g in self.use.items():
-            use[team][flavor] = _seqsum(g.ordered().values())
+            use[team][flavor] = g.sum()
         cy.flavor_of.update(self.flavor_of)
         cy.ends.update(self.ends)
         cy.cpu_ends.update(self.cpu_lists)  # shared: a cycle replaces a node's list, never appends to it
