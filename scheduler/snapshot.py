@@ -80,6 +80,9 @@ class StoreViews:
         self.config = config
         self.clock = clock
         self.usage_refresh_s = 10.0
+        # the ledger's full recount, for other writers' late records (accounting.TeamUsage); a
+        # simulation, the store's only writer on one clock, turns it off (math.inf)
+        self.usage_full_every_s = 86_400.0
         self._usage_cache: tuple[float, tuple[dict[str, float], dict[str, float]]] | None = None
         self._team_usage: TeamUsage | None = None
         self._usage_lock = threading.Lock()  # TeamUsage.refresh is not re-entrant (team_usage)
@@ -100,10 +103,12 @@ class StoreViews:
             return self._usage_cache[1]
         with self._usage_lock:
             sched = self.config.scheduler
-            if self._team_usage is None or (self._team_usage.half_life_s, self._team_usage.period) != (
-                    sched.fair_share_half_life_s, sched.budget_period):
+            if self._team_usage is None or (self._team_usage.half_life_s, self._team_usage.period,
+                                            self._team_usage.full_every_s) != (
+                    sched.fair_share_half_life_s, sched.budget_period, self.usage_full_every_s):
                 self._team_usage = TeamUsage(lambda since, opened: self.store.usage(since=since, opened_since=opened),
-                                             sched.fair_share_half_life_s, sched.budget_period)
+                                             sched.fair_share_half_life_s, sched.budget_period,
+                                             self.usage_full_every_s)
             result = self._team_usage.refresh(now)
             self._usage_cache = (now, result)
         return result
