@@ -60,7 +60,9 @@ class _ById(dict):
     def __init__(self) -> None:
         super().__init__()
         self.sorted = True
-        self.total: float | None = None  # sum() of the values, kept by the caller (None: recompute)
+        # sum() of the values, None when stale: put() and RunningIndex._drop reset it (the quota and
+        # use groups, the only ones summed, change through nothing else)
+        self.total: float | None = None
 
     def put(self, job_id: int, value: Any) -> None:
         if job_id not in self and self and self.sorted and job_id < next(reversed(self)):
