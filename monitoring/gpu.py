@@ -13,6 +13,8 @@ import uuid as uuidlib
 from dataclasses import dataclass, field, replace
 from typing import Callable, Protocol
 
+from scheduler.copying import with_fields
+
 
 @dataclass(frozen=True)
 class GpuProcess:
@@ -256,18 +258,6 @@ class _FakeGpu:
     last_t: float | None = None
 
 
-def _with(reading: GpuReading, **changes) -> GpuReading:
-    """`dataclasses.replace(reading, **changes)` without re-running the frozen dataclass's
-    __init__ (GpuReading has no __post_init__ and no slots, so copying its __dict__ gives the
-    same object); about twice as fast per read, and the simulator reads every changed node's GPUs
-    each cycle."""
-    new = object.__new__(GpuReading)
-    d = new.__dict__
-    d.update(reading.__dict__)
-    d.update(changes)
-    return new
-
-
 class FakeGpuReader:
     """N GPUs (of one model, or mixed via `add_gpu`). Memory used = sum of the processes placed
     on a GPU; utilization is the highest set for it (by the scenario, or by `attach_job` while a
@@ -406,7 +396,7 @@ class FakeGpuReader:
                     continue
                 self._accrue(gpu)
                 used = sum(p.used_memory_mib or 0 for p in gpu.processes.values())
-                out.append(_with(
+                out.append(with_fields(  # the simulator reads every changed node each cycle
                     gpu.reading,
                     memory_used_mib=min(used, gpu.reading.memory_total_mib),
                     utilization_pct=gpu.base_util,

@@ -16,12 +16,12 @@ import threading
 from scheduler import placement as pl
 from scheduler.accounting import TeamUsage
 from scheduler.clock import Clock
+from scheduler.copying import with_fields
 from scheduler.lifecycle import JobState
 from scheduler.nodes import Nodes
 from scheduler.policy import Cohort, JobRequest, PolicySettings, RunningJob, Snapshot, TeamQuota
 from scheduler.spec import ClusterConfig
 from scheduler.store import JobRecord, Store
-from scheduler.store.db import with_fields
 
 S = JobState
 

@@ -20,9 +20,9 @@ import threading
 from typing import Any, Iterable
 
 from scheduler.accounting import UsageRecord
+from scheduler.copying import with_fields as _with
 from scheduler.lifecycle import ACTIVE, JobState, check_transition
 from scheduler.store.db import _MUTABLE, Conflict, EventRecord, JobRecord, NodeRecord, UnknownJob
-from scheduler.store.db import with_fields as _with
 
 _DICT_FIELDS = ("placement", "progress", "result")
 

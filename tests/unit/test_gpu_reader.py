@@ -33,7 +33,7 @@ def test_fake_reading_copy_equals_dataclasses_replace():
     the stored reading untouched."""
     from dataclasses import fields, replace
 
-    from monitoring.gpu import _with
+    from scheduler.copying import with_fields
 
     r = FakeGpuReader(2)
     r.attach_job(3, (1,), 5000, utilization_pct=40)
@@ -45,7 +45,7 @@ def test_fake_reading_copy_equals_dataclasses_replace():
     assert got == want and hash(got) == hash(want) and type(got) is type(want)
     assert {f.name for f in fields(got)} == set(vars(got)) and got.ecc_sbe_volatile == 2
     assert base.memory_used_mib == 0 and base.processes == ()  # the stored reading is not changed
-    assert _with(base, memory_used_mib=7) == replace(base, memory_used_mib=7)
+    assert with_fields(base, memory_used_mib=7) == replace(base, memory_used_mib=7)
     with pytest.raises(AttributeError):
         got.memory_used_mib = 1  # still frozen
 
