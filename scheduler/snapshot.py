@@ -138,7 +138,16 @@ class StoreViews:
             hit = old.get(j.id)
             if hit is None or hit[2] is not j:  # the same (immutable) record: the same view
                 key = (j.attempt, j.state, j.attempt_started_at, j.last_checkpoint_at, j.attained_gpu_s)
-                hit = (key, self._running_view(j, now), j) if hit is None or hit[0] != key else (hit[0], hit[1], j)
+                if hit is None:
+                    hit = (key, self._running_view(j, now), j)
+                elif hit[0] == key:
+                    hit = (key, hit[1], j)
+                elif (j.attempt_started_at is not None and key[:3] == hit[0][:3] and key[4] == hit[0][4]):
+                    # a checkpoint (a running job's most frequent change): the view with it, the one
+                    # field that moved (a started attempt's view does not read the clock)
+                    hit = (key, with_fields(hit[1], last_checkpoint_at=j.last_checkpoint_at), j)
+                else:
+                    hit = (key, self._running_view(j, now), j)
             cache[j.id] = hit
             views.append(hit[1])
         self._running_cache = cache

@@ -122,9 +122,15 @@ class RunningIndex:
             ids = {r.job_id for r in running}
             for job_id in [j for j in views if j not in ids]:
                 self._remove(job_id)
+        eligible = self.eligible
         for r in changed:
-            if r.job_id in views:
-                self._remove(r.job_id)
+            job_id = r.job_id
+            if job_id in views:
+                if job_id in eligible and {**views[job_id].__dict__, "last_checkpoint_at": r.last_checkpoint_at} \
+                        == r.__dict__:
+                    self._swap(r)  # only its last checkpoint moved: nothing the index sums or orders
+                    continue
+                self._remove(job_id)
             self._insert(r, c, book, now)
         self.now = now
         heap, later = self._not_yet, []
@@ -170,6 +176,17 @@ class RunningIndex:
                 self._enter(r)
             else:
                 heapq.heappush(self._not_yet, (r.started_at + self.min_runtime_s, job_id, id(r)))
+
+    def _swap(self, r: RunningJob) -> None:
+        """Put the new view of an eligible job in its old view's places. Only for a view equal to the
+        old one but for `last_checkpoint_at`, which no fact, sum or order of the index reads (the
+        cycle's victim choice reads it from the view): the same index as _remove + _insert, without
+        recomputing them (a running job checkpoints far more often than it changes otherwise)."""
+        job_id = r.job_id
+        self.views[job_id] = self.eligible[job_id] = r
+        units = self.victims[self.facts[job_id][0]]
+        for o, _ in self.facts[job_id][4]:
+            units[o][job_id] = r  # an existing key: its place in the unit's order stays
 
     def _remove(self, job_id: int) -> None:
         r = self.views.pop(job_id)

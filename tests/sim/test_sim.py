@@ -359,7 +359,8 @@ def test_memoized_cycles_decide_what_cold_ones_decide(monkeypatch):
 
 def test_kept_index_equals_a_fresh_one(monkeypatch):
     """Two parts of the cycle's index are kept across cycles and patched with what changed: the
-    running jobs' part (policy/running.py: by the views that changed) and the cluster's free GPUs
+    running jobs' part (policy/running.py: by the views that changed; a view that changed only by
+    a checkpoint is swapped in place) and the cluster's free GPUs
     (policy/cluster.py's _Base: by the nodes whose view changed). On every cycle of a replay with
     preemptions (stopping jobs, jobs crossing min_runtime_s, requeued jobs restarting under their
     old ids), sharing and borrowing, what they put into the cycle equals what a scan of every
@@ -380,7 +381,7 @@ def test_kept_index_equals_a_fresh_one(monkeypatch):
                 dict(cy.min_prio), {f: sorted(t) for f, t in cy.victim_teams.items()}, dict(cy.flavor_of), guard)
 
     index = shoal._index
-    seen = {"cycles": 0, "stopping": 0, "victims": 0, "shared": 0}
+    seen = {"cycles": 0, "stopping": 0, "victims": 0, "shared": 0, "checkpointed": 0}
 
     def layout(c):
         return ([vars(u) for u in c.units], {f: vars(fl) for f, fl in c.flavors.items()}, c.cpus_free, c.node_cpus,
@@ -399,6 +400,9 @@ def test_kept_index_equals_a_fresh_one(monkeypatch):
         seen["stopping"] += bool(ref.stopping)
         seen["victims"] += bool(ref.victims_ok)
         seen["shared"] += any(r.shareable for r in snap.running)
+        # victims whose view changed only by a checkpoint (RunningIndex._swap)
+        seen["checkpointed"] += any(r.last_checkpoint_at is not None for units in ref.victims_ok.values()
+                                    for rs in units.values() for r in rs.values())
         return cy
 
     monkeypatch.setattr(shoal, "_index", checked)
@@ -412,6 +416,7 @@ def test_kept_index_equals_a_fresh_one(monkeypatch):
     rows = trace(*[(t.submit_s * 10, t.duration_s * 40, t.gpus, t.group) for t in random_trace(300, seed=5)])
     r = Simulation(sc, make_jobs(rows, sc.sim.workload, sc.team_of, sc.sim.seed), schedule, "shoal").run()
     assert seen["cycles"] > 100 and seen["stopping"] > 5 and seen["victims"] > 50 and seen["shared"] > 20, seen
+    assert seen["checkpointed"] > 20, seen
     assert sum(j["preemptions"] for j in r.jobs) > 0 and all(j["state"] == "SUCCEEDED" for j in r.jobs)
 
 
