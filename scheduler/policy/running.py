@@ -21,6 +21,7 @@ from __future__ import annotations
 import heapq
 import math
 import operator
+from bisect import bisect_left, insort
 from functools import reduce
 from typing import Any
 
@@ -96,7 +97,8 @@ class RunningIndex:
         self.flavor_of: dict[int, str] = {}
         self.used: dict[tuple[str, str], _ById] = {}  # (team, quota key) -> id -> amount (teams with a quota)
         self.use: dict[tuple[str, str], _ById] = {}  # (team, flavor) -> id -> amount
-        self.timed = _ById()  # id -> (expected end, GPUs) of jobs with an expected end
+        self.timed: dict[int, tuple[float, int]] = {}  # id -> (expected end, GPUs) of jobs with an expected end
+        self._timed_ids: list[int] = []  # timed's ids in order (the sum of work left adds in id order)
         self.gpu_ends: dict[tuple[int, int], dict[int, float]] = {}
         self.ends: dict[tuple[int, int], float] = {}
         self.cpu: dict[str, dict[int, tuple[float, float]]] = {}
@@ -160,7 +162,8 @@ class RunningIndex:
             self._qkey[job_id] = None
         self.use.setdefault((team, flavor), _ById()).put(job_id, amt)
         if r.expected_end_at is not None:
-            self.timed.put(job_id, (end, gpus))
+            self.timed[job_id] = (end, gpus)
+            insort(self._timed_ids, job_id)
         for node_id, cpus in cpu_parts:
             on = self.cpu.setdefault(node_id, {})
             on[job_id] = (end, cpus)
@@ -196,7 +199,9 @@ class RunningIndex:
         if k is not None:
             self._drop(self.used, (r.team, k), job_id)
         self._drop(self.use, (r.team, flavor), job_id)
-        self.timed.pop(job_id, None)
+        if self.timed.pop(job_id, None) is not None:
+            ids = self._timed_ids
+            del ids[bisect_left(ids, job_id)]
         for node_id, _ in cpu_parts:
             on = self.cpu[node_id]
             del on[job_id]
@@ -307,11 +312,12 @@ class RunningIndex:
         # shallow copies: the per-unit dicts are shared, and a cycle replaces rather than mutates them
         for flavor in sorted(self._orders, key=lambda f: self._orders[f][0]):
             cy.victims_ok[flavor] = dict(self._orders[flavor][1])
-        timed = self.timed.ordered()
+        timed = self.timed
         if not timed:
             return 0.0, 0.0
         latest = max(0.0, max(e for e, _ in timed.values()) - now)
-        work = _seqsum((e - now) * g if e > now else 0.0 for e, g in timed.values())
+        # in id order (a sorted list kept by insertion, not a re-sort of the dict per cycle)
+        work = _seqsum((e - now) * g if e > now else 0.0 for e, g in map(timed.__getitem__, self._timed_ids))
         return latest, work
 
 

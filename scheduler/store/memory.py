@@ -27,12 +27,16 @@ from scheduler.store.db import _MUTABLE, Conflict, EventRecord, JobRecord, NodeR
 _DICT_FIELDS = ("placement", "progress", "result")
 
 
+_SCALARS = frozenset({str, int, float, bool, type(None)})
+
+
 def _copy(v: Any) -> Any:
-    """Copy of a JSON-like value (dicts and lists copied, scalars shared); faster than deepcopy."""
+    """Copy of a JSON-like value (dicts and lists copied, scalars shared); faster than deepcopy.
+    A scalar inside is taken as it is without a call (most values of a record's dicts are)."""
     if type(v) is dict:
-        return {k: _copy(x) for k, x in v.items()}
+        return {k: x if type(x) in _SCALARS else _copy(x) for k, x in v.items()}
     if type(v) is list or type(v) is tuple:
-        return [_copy(x) for x in v]  # as JSON would store it
+        return [x if type(x) in _SCALARS else _copy(x) for x in v]  # as JSON would store it
     return v
 
 
