@@ -24,6 +24,7 @@ from scheduler.spec import ClusterConfig
 from scheduler.store import JobRecord, Store
 
 S = JobState
+_PREEMPTIBLE = (S.STARTING, S.RUNNING)  # a running view's `preemptible`
 
 
 def resources(spec: dict) -> dict:
@@ -137,12 +138,14 @@ class StoreViews:
                 continue
             hit = old.get(j.id)
             if hit is None or hit[2] is not j:  # the same (immutable) record: the same view
-                key = (j.attempt, j.state, j.attempt_started_at, j.last_checkpoint_at, j.attained_gpu_s)
+                # the state only as the view reads it: STARTING -> RUNNING keeps the view object
+                key = (j.attempt, j.state in _PREEMPTIBLE, j.state is S.PREEMPTING, j.attempt_started_at,
+                       j.last_checkpoint_at, j.attained_gpu_s)
                 if hit is None:
                     hit = (key, self._running_view(j, now), j)
                 elif hit[0] == key:
                     hit = (key, hit[1], j)
-                elif (j.attempt_started_at is not None and key[:3] == hit[0][:3] and key[4] == hit[0][4]):
+                elif j.attempt_started_at is not None and key[:4] == hit[0][:4] and key[5] == hit[0][5]:
                     # a checkpoint (a running job's most frequent change): the view with it, the one
                     # field that moved (a started attempt's view does not read the clock)
                     hit = (key, with_fields(hit[1], last_checkpoint_at=j.last_checkpoint_at), j)
@@ -167,7 +170,7 @@ class StoreViews:
             expected_end_at=(started + remaining) if remaining is not None else None,
             attained_gpu_s=j.attained_gpu_s,
             shareable=bool(res.get("shareable", False)), gpu_model=j.placement.get("gpu_model"),
-            preemptible=j.state in (S.STARTING, S.RUNNING), stopping=j.state is S.PREEMPTING,
+            preemptible=j.state in _PREEMPTIBLE, stopping=j.state is S.PREEMPTING,
             restarts=max(0, j.attempt - 1 - j.retries),
             parts=tuple(parts) if len(parts) > 1 else (),
             attained_at=started,
