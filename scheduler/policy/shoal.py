@@ -208,7 +208,9 @@ def _critical_length(snap: Snapshot, c: Cluster, latest: float, work: float) -> 
 class _FairShare:
     def __init__(self, cy: Cycle, teams: set[str]):
         s = cy.snap.settings
-        self.cy, self.width = cy, s.fair_share_band
+        # the cycle's use, not the cycle: the cycle holds this object (cy.fair), and a reference
+        # back would make every cycle garbage only the cyclic collector frees (docs/simulator.md)
+        self.use, self.width = cy.use, s.fair_share_band
         q = {t.team: t for t in cy.snap.quotas}
         self.weight = {t: (q[t].weight if t in q else 1.0) for t in teams}
         total_w = sum(self.weight.values()) or 1.0
@@ -226,7 +228,7 @@ class _FairShare:
 
     def _get(self, team: str) -> tuple[float, float]:
         if team not in self._cache:
-            use = self.cy.use.get(team, {})
+            use = self.use.get(team, {})
             dom = max((v / self.cap.get(f, 1) for f, v in use.items()), default=0.0)
             r = ((1 - self.w) * dom + self.w * self.hist.get(team, 0.0)) / max(self.entitled[team], 1e-12)
             self._cache[team] = (r, r if self.width <= 0 else float(math.floor(r / self.width)))

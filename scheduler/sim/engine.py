@@ -34,9 +34,11 @@ would, and counted in the result.
 """
 from __future__ import annotations
 
+import gc
 import math
 import tempfile
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -55,6 +57,24 @@ from scheduler.store.memory import MemoryStore
 
 S = JobState
 MAX_TICKS_PER_INSTANT = 5
+# A replay allocates far more than it frees (the store keeps every record, event and ledger row)
+# and leaves no reference cycles behind per tick, so CPython's default first-generation threshold
+# (700 net allocations) ran a collection every few ticks that traversed a growing heap and found
+# nothing: about a tenth of a Philly replay's time (docs/simulator.md, session 14). run() raises it.
+GC_GEN0_THRESHOLD = 50_000
+
+
+@contextmanager
+def _fewer_collections(gen0: int = GC_GEN0_THRESHOLD):
+    """CPython's cyclic collector runs less often inside (its first-generation threshold at least
+    `gen0`); the process's thresholds are restored on the way out. Garbage cycles are still
+    collected, later: memory, never correctness, is what the threshold trades."""
+    old = gc.get_threshold()
+    gc.set_threshold(max(old[0], gen0), *old[1:])
+    try:
+        yield
+    finally:
+        gc.set_threshold(*old)
 SHARED_UTIL_PCT = 40.0  # what NVML shows for a shareable (small) job's GPU
 EXCLUSIVE_UTIL_PCT = 90.0
 
@@ -297,6 +317,10 @@ class Simulation:
         return cache[key]
 
     def run(self) -> RunResult:
+        with _fewer_collections():
+            return self._run()
+
+    def _run(self) -> RunResult:
         wall0 = time.perf_counter()
         clock, store, ex, svc = self.clock, self.store, self.executor, self.service
         nodes = self.inventory.node_views(())
