@@ -93,7 +93,7 @@ def preempt_for(cy: Cycle, job: Job, allowed: list[tuple[str, str]], avoid: dict
                 teams = {t for t in cy.victim_teams.get(f, ()) if reclaimable(t, f)} if reclaim and f in nominal else ()
                 for o, rs in cy.victims_ok.get(f, {}).items():
                     mine = [r for r in rs.values() if (r.team == req.team and r.priority < req.priority)
-                            or (r.team in teams and not exempt[r.job_id])]
+                            or (r.team in teams and r.job_id not in exempt)]
                     if mine:
                         cands[o] = mine
         cy.memo[key] = (reclaim, cands)
@@ -149,7 +149,7 @@ def defrag_for(cy: Cycle, job: Job, allowed: list[tuple[str, str]], avoid: dict)
     for f in flavors:
         for o, rs in cy.victims_ok.get(f, {}).items():
             mine = [r for r in rs.values()
-                    if r.gpu_count < g and r.priority <= req.priority and not exempt[r.job_id] and not r.parts
+                    if r.gpu_count < g and r.priority <= req.priority and r.job_id not in exempt and not r.parts
                     and not r.shareable]
             if mine:
                 cands[o] = mine
@@ -207,15 +207,20 @@ def _movable(cy: Cycle, unit: int, movers: tuple[RunningJob, ...], avoid: dict) 
     return True
 
 
-def _exempt(cy: Cycle) -> dict[int, bool]:
-    """Per preemptible running job: kept from reclaim and LAS this cycle (why() in preempt_for)
-    - it sets the makespan (more than the drain time left) or it is in its preemption backoff."""
+def _exempt(cy: Cycle) -> set[int]:
+    """The preemptible running jobs kept from reclaim and LAS this cycle (why() in preempt_for):
+    each sets the makespan (more than the drain time left) or is in its preemption backoff. From
+    the kept running index (a suffix of its jobs by expected end, and its restarted jobs), else
+    from a pass over the victims."""
     hit = cy.memo.get(("exempt",))
     if hit is None:
         s, now = cy.snap.settings, cy.snap.now
-        hit = {r.job_id: (r.expected_end_at is not None and r.expected_end_at - now > cy.drain) or bool(
-                   r.restarts and now - r.started_at < s.min_runtime_s * s.preempt_backoff ** min(r.restarts, 24))
-               for units in cy.victims_ok.values() for rs in units.values() for r in rs.values()}
+        if cy.kept is not None:
+            hit = cy.kept.exempt(now, cy.drain, s.min_runtime_s, s.preempt_backoff)
+        else:
+            hit = {r.job_id for units in cy.victims_ok.values() for rs in units.values() for r in rs.values()
+                   if (r.expected_end_at is not None and r.expected_end_at - now > cy.drain) or (
+                       r.restarts and now - r.started_at < s.min_runtime_s * s.preempt_backoff ** min(r.restarts, 24))}
         cy.memo[("exempt",)] = hit
     return hit
 

@@ -21,7 +21,7 @@ from __future__ import annotations
 import heapq
 import math
 import operator
-from bisect import bisect_left, insort
+from bisect import bisect_left, bisect_right, insort
 from functools import reduce
 from typing import Any
 
@@ -105,6 +105,10 @@ class RunningIndex:
         self.cpu_lists: dict[str, list[tuple[float, float]]] = {}  # node -> its (end, CPUs), for cycles to share
         self.stopping: set[int] = set()
         self.eligible: dict[int, RunningJob] = {}  # preemptible, past min_runtime_s: id -> view
+        # the eligible by expected end, (end, id) sorted, and the eligible ever restarted: what
+        # exempt() needs to find the few that a cycle keeps from reclaim without a pass over all
+        self._by_end: list[tuple[float, int]] = []
+        self._restarted: set[int] = set()
         self.victims: dict[str, dict[int, _ById]] = {}  # the eligible by flavor and unit: id -> view
         self.prios: dict[str, dict[int, int]] = {}  # team -> priority -> eligible jobs
         self.victim_teams: dict[tuple[str, str], int] = {}  # (flavor, team) -> eligible jobs
@@ -224,6 +228,10 @@ class RunningIndex:
         if job_id in self.eligible:
             return
         self.eligible[job_id] = r
+        if r.expected_end_at is not None:
+            insort(self._by_end, (r.expected_end_at, job_id))
+        if r.restarts:
+            self._restarted.add(job_id)
         flavor, gpu_keys = self.facts[job_id][0], self.facts[job_id][4]
         units = self.victims.setdefault(flavor, {})
         stale = self._stale.setdefault(flavor, set())
@@ -238,6 +246,10 @@ class RunningIndex:
     def _leave(self, job_id: int, r: RunningJob, flavor: str, gpu_keys: tuple) -> None:
         if self.eligible.pop(job_id, None) is None:
             return
+        if r.expected_end_at is not None:
+            by_end = self._by_end
+            del by_end[bisect_left(by_end, (r.expected_end_at, job_id))]
+        self._restarted.discard(job_id)
         units = self.victims[flavor]
         stale = self._stale.setdefault(flavor, set())
         for o, _ in gpu_keys:
@@ -265,6 +277,19 @@ class RunningIndex:
         g.total = None
         if not g:
             del groups[key]
+
+    def exempt(self, now: float, drain: float, min_runtime_s: float, backoff: float) -> set[int]:
+        """The eligible jobs kept from reclaim and LAS at `now` (rules._exempt): those with more
+        than `drain` seconds left (a suffix of the eligible by expected end: `end - now` grows
+        with `end`) and those still in their preemption backoff."""
+        by_end = self._by_end
+        out = {job_id for _, job_id in by_end[bisect_right(by_end, drain, key=lambda e: e[0] - now):]}
+        views = self.views
+        for job_id in self._restarted:
+            r = views[job_id]
+            if now - r.started_at < min_runtime_s * backoff ** min(r.restarts, 24):
+                out.add(job_id)
+        return out
 
     # -- the cycle's copy -----------------------------------------------------------------
     def fill(self, cy: Cycle, now: float) -> tuple[float, float]:
