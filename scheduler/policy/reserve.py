@@ -17,6 +17,7 @@ it then holds its GPUs idle as they free up, which is what bounds a large gang's
 from __future__ import annotations
 
 import math
+from bisect import bisect_left
 from dataclasses import dataclass
 
 from scheduler.policy.cluster import Cluster, Part
@@ -49,6 +50,29 @@ def _unit_times(cluster: Cluster, o: int, m: int, now: float, ends: dict[tuple[i
     return times
 
 
+def _gth_time(cluster: Cluster, o: int, g: int, m: int, now: float, ends: dict[tuple[int, int], float]) -> float | None:
+    """`_unit_times(...)[g - 1][0]` (None when the unit has fewer than g such GPUs), without
+    listing and sorting them all: the free GPUs with m MiB all come at `now`, before any held one,
+    so only the held ones' ends are sorted when the free ones are too few."""
+    u = cluster.units[o]
+    if not u.schedulable:
+        return None
+    free = u.free
+    pos = bisect_left(free, (m, -1))
+    n_free = len(free) - pos
+    if n_free >= g:
+        return now
+    fit = {i for _, i in free[pos:]} if n_free else ()
+    foreign = u.foreign
+    held = sorted([end for i in u.healthy if (end := ends.get((o, i))) is not None and foreign[i] >= m
+                   and i not in fit])
+    k = g - n_free
+    if len(held) < k:
+        return None
+    end = held[k - 1]
+    return end if end > now else now
+
+
 def _cpu_time(cluster: Cluster, node_id: str, need: float, now: float,
               cpu_ends: dict[str, list[tuple[float, float]]]) -> float:
     """Earliest time the node has `need` CPUs free, as its jobs end."""
@@ -68,21 +92,24 @@ def reserve(cluster: Cluster, job_id: int, flavors: list[str], g: int, m: int, n
     """The earliest start of a gang of g GPUs x m MiB on one unit of `flavors` (or, with
     `multi_node` and a gang no one node of the flavor could hold, on the fewest GPUs' earliest
     times across a flavor: Cluster.fit's rule); None if it never fits."""
-    best: tuple[float, int, Part] | None = None
+    best: tuple[float, int, int] | None = None  # (at, free GPUs, unit)
     spread: tuple[float, tuple[Part, ...]] | None = None
     for flavor in flavors:
         per_unit = []
         # a gang one node could hold never spreads (Cluster.fit's rule): no per-GPU list for it
         spread_ok = multi_node and not cluster.one_node_holds(flavor, g, cpus)
         for o in cluster.flavors[flavor].units:
-            times = _unit_times(cluster, o, m, now, ends)
-            if len(times) >= g:
-                at = max(times[g - 1][0], _cpu_time(cluster, cluster.units[o].node_id, cpus, now, cpu_ends or {}))
+            if spread_ok:
+                times = _unit_times(cluster, o, m, now, ends)
+                per_unit.extend((t, o, i) for t, i in times)
+                t_g = times[g - 1][0] if len(times) >= g else None
+            else:
+                t_g = _gth_time(cluster, o, g, m, now, ends)
+            if t_g is not None:
+                at = max(t_g, _cpu_time(cluster, cluster.units[o].node_id, cpus, now, cpu_ends or {}))
                 key = (at, len(cluster.units[o].free))
                 if best is None or key < best[:2]:
-                    best = (key[0], key[1], (o, tuple(sorted(i for _, i in times[:g]))))
-            if spread_ok:
-                per_unit.extend((t, o, i) for t, i in times)
+                    best = (key[0], key[1], o)
         if spread_ok and best is None and len(per_unit) >= g:
             per_unit.sort()
             at = per_unit[g - 1][0]
@@ -91,8 +118,11 @@ def reserve(cluster: Cluster, job_id: int, flavors: list[str], g: int, m: int, n
                 for _, o, i in per_unit[:g]:
                     chosen.setdefault(o, []).append(i)
                 spread = (at, tuple((o, tuple(sorted(ix))) for o, ix in chosen.items()))
+    if best is not None:  # the chosen unit's g earliest GPUs (only its times are listed in full)
+        o = best[2]
+        part = (o, tuple(sorted(i for _, i in _unit_times(cluster, o, m, now, ends)[:g])))
     if best is not None and best[0] < INF:
-        return Reservation(job_id, best[0], (best[2],))
+        return Reservation(job_id, best[0], (part,))
     if spread is not None and (best is None or spread[0] < INF):
         return Reservation(job_id, spread[0], spread[1])
-    return Reservation(job_id, INF, (best[2],)) if best is not None else None
+    return Reservation(job_id, INF, (part,)) if best is not None else None

@@ -493,3 +493,36 @@ def test_policy_cycles_leave_no_reference_cycles():
         gc.enable()
     assert sum(len(d.to_start) for d in decisions) > 0 and any(d.to_preempt for d in decisions)
     assert unreachable == 0
+
+
+def test_a_units_gth_time_is_its_sorted_times_gth(monkeypatch):
+    """reserve() ranks units by the time their g-th GPU frees up (_gth_time) and lists only the
+    chosen unit's times in full (_unit_times). At every reservation of a replay with sharing,
+    foreign-free GPUs and gangs, for every unit, gang size and the asked memory, the two agree."""
+    import scheduler.policy.reserve as rsv
+    import scheduler.policy.state as state
+    from scheduler.sim.engine import Simulation
+
+    seen = {"calls": 0, "held": 0}
+    real = rsv.reserve
+
+    def checked(cluster, job_id, flavors, g, m, now, ends, *args, **kw):
+        for f in flavors:
+            for o in cluster.flavors[f].units:
+                times = rsv._unit_times(cluster, o, m, now, ends)
+                for k in range(1, 10):
+                    want = times[k - 1][0] if len(times) >= k else None
+                    assert rsv._gth_time(cluster, o, k, m, now, ends) == want, (o, k, m, times)
+                    seen["held"] += want is not None and want > now
+        seen["calls"] += 1
+        return real(cluster, job_id, flavors, g, m, now, ends, *args, **kw)
+
+    monkeypatch.setattr(state, "reserve", checked)
+    doc = {"gpu_models": {"H100 80GB": {"memory_gib": 80}},
+           "nodes": [{"count": 3, "gpus_per_node": 8, "gpu_model": "H100 80GB"}],
+           "teams": {"x": {"gpus": 12, "cohort": "all"}, "y": {"gpus": 12, "cohort": "all"}}, "cohorts": {"all": {}},
+           "simulation": {"tick_s": 60, "restart_overhead_s": 30, "workload": {"estimate_sigma": 0.5}}}
+    sc = parse_sim_cluster(yaml.safe_dump(doc), "<test>")
+    rows = trace(*[(t.submit_s * 10, t.duration_s * 40, t.gpus, t.group) for t in random_trace(200, seed=7)])
+    Simulation(sc, make_jobs(rows, sc.sim.workload, sc.team_of, sc.sim.seed), schedule, "shoal").run()
+    assert seen["calls"] > 50 and seen["held"] > 500, seen
