@@ -34,6 +34,23 @@ def random_trace(n=120, seed=3):
     return trace(*rows)
 
 
+def _replay(policy, *, nodes: int, teams: dict[str, int], jobs: int, seed: int, scheduler: dict | None = None,
+            **simulation):
+    """Replay `jobs` jobs of random_trace(seed) (submits x 10, durations x 40) through `policy` on
+    `nodes` 8-GPU H100 nodes shared by `teams` (name -> nominal GPUs, one cohort)."""
+    from scheduler.sim.engine import Simulation
+
+    doc = {"gpu_models": {"H100 80GB": {"memory_gib": 80}},
+           "nodes": [{"count": nodes, "gpus_per_node": 8, "gpu_model": "H100 80GB"}],
+           "teams": {t: {"gpus": g, "cohort": "all"} for t, g in teams.items()}, "cohorts": {"all": {}},
+           "simulation": {"tick_s": 60, "restart_overhead_s": 30, "workload": {"estimate_sigma": 0.5}, **simulation}}
+    if scheduler:
+        doc["scheduler"] = scheduler
+    sc = parse_sim_cluster(yaml.safe_dump(doc), "<test>")
+    rows = trace(*[(t.submit_s * 10, t.duration_s * 40, t.gpus, t.group) for t in random_trace(jobs, seed=seed)])
+    return Simulation(sc, make_jobs(rows, sc.sim.workload, sc.team_of, sc.sim.seed), policy, "shoal").run()
+
+
 def test_same_seed_same_output_different_seed_different_workload():
     sc = cluster(nodes=2, gpus=8, teams={"x": 16, "y": 16}, tick_s=60, restart_overhead_s=30,
                  workload={"estimate_sigma": 0.5})
@@ -310,7 +327,6 @@ def test_memoized_cycles_decide_what_cold_ones_decide(monkeypatch):
     import scheduler.policy.cluster as cluster_mod
     import scheduler.policy.running as running_mod
     import scheduler.policy.shoal as shoal
-    from scheduler.sim.engine import Simulation
 
     class Forgetful(dict):
         def __setitem__(self, key, value):  # every lookup misses: each memoized value is recomputed
@@ -344,15 +360,9 @@ def test_memoized_cycles_decide_what_cold_ones_decide(monkeypatch):
         cycles.append(len(warm[0]) + len(warm[1]))
         return shoal.schedule(snap)
 
-    doc = {"gpu_models": {"H100 80GB": {"memory_gib": 80}},
-           "nodes": [{"count": 2, "gpus_per_node": 8, "gpu_model": "H100 80GB"}],
-           "teams": {"x": {"gpus": 8, "cohort": "all"}, "y": {"gpus": 8, "cohort": "all"}}, "cohorts": {"all": {}},
-           "simulation": {"tick_s": 60, "restart_overhead_s": 30, "workload": {"estimate_sigma": 0.5}}}
-    sc = parse_sim_cluster(yaml.safe_dump(doc), "<test>")
     # (a trace where a memo of waiting reasons that ignored the reservation - jobs that end before
     # it may use its GPUs, the others may not - decides differently in 9 cycles)
-    rows = trace(*[(t.submit_s * 10, t.duration_s * 40, t.gpus, t.group) for t in random_trace(300, seed=3)])
-    r = Simulation(sc, make_jobs(rows, sc.sim.workload, sc.team_of, sc.sim.seed), both, "shoal").run()
+    r = _replay(both, nodes=2, teams={"x": 8, "y": 8}, jobs=300, seed=3)
     assert len(cycles) > 100 and sum(1 for c in cycles if c) > 20  # many cycles decided something
     assert sum(j["preemptions"] for j in r.jobs) > 0
 
@@ -373,7 +383,6 @@ def test_kept_index_equals_a_fresh_one(monkeypatch):
     from scheduler.policy.rules import _exempt
     from scheduler.policy.running import scan
     from scheduler.policy.state import Cycle
-    from scheduler.sim.engine import Simulation
 
     def fields(cy, guard):
         return (dict(cy.book.used), {t: dict(v) for t, v in cy.use.items()}, dict(cy.ends),
@@ -410,15 +419,7 @@ def test_kept_index_equals_a_fresh_one(monkeypatch):
         return cy
 
     monkeypatch.setattr(shoal, "_index", checked)
-    doc = {"gpu_models": {"H100 80GB": {"memory_gib": 80}},
-           "nodes": [{"count": 3, "gpus_per_node": 8, "gpu_model": "H100 80GB"}],
-           "teams": {"x": {"gpus": 8, "cohort": "all"}, "y": {"gpus": 8, "cohort": "all"},
-                     "z": {"gpus": 8, "cohort": "all"}},
-           "cohorts": {"all": {}},
-           "simulation": {"tick_s": 60, "restart_overhead_s": 30, "stop_s": 600, "workload": {"estimate_sigma": 0.5}}}
-    sc = parse_sim_cluster(yaml.safe_dump(doc), "<test>")
-    rows = trace(*[(t.submit_s * 10, t.duration_s * 40, t.gpus, t.group) for t in random_trace(300, seed=5)])
-    r = Simulation(sc, make_jobs(rows, sc.sim.workload, sc.team_of, sc.sim.seed), schedule, "shoal").run()
+    r = _replay(schedule, nodes=3, teams={"x": 8, "y": 8, "z": 8}, jobs=300, seed=5, stop_s=600)
     assert seen["cycles"] > 100 and seen["stopping"] > 5 and seen["victims"] > 50 and seen["shared"] > 20, seen
     assert seen["checkpointed"] > 20 and seen["exempt"] > 20, seen
     assert sum(j["preemptions"] for j in r.jobs) > 0 and all(j["state"] == "SUCCEEDED" for j in r.jobs)
@@ -430,7 +431,6 @@ def test_the_inlined_victim_scan_decides_what_why_decides():
     decided both ways, and the decisions are equal."""
     import scheduler.policy.rules as rules
     import scheduler.policy.shoal as shoal
-    from scheduler.sim.engine import Simulation
 
     seen = {"cycles": 0, "preempting": 0}
 
@@ -446,14 +446,8 @@ def test_the_inlined_victim_scan_decides_what_why_decides():
         seen["preempting"] += bool(fast[0].to_preempt)
         return fast[0]
 
-    doc = {"gpu_models": {"H100 80GB": {"memory_gib": 80}},
-           "nodes": [{"count": 2, "gpus_per_node": 8, "gpu_model": "H100 80GB"}],
-           "teams": {"x": {"gpus": 8, "cohort": "all"}, "y": {"gpus": 8, "cohort": "all"}}, "cohorts": {"all": {}},
-           "scheduler": {"min_runtime_s": 60, "preempt_grace_s": 0},
-           "simulation": {"tick_s": 60, "restart_overhead_s": 30, "workload": {"estimate_sigma": 0.5}}}
-    sc = parse_sim_cluster(yaml.safe_dump(doc), "<test>")
-    rows = trace(*[(t.submit_s * 10, t.duration_s * 40, t.gpus, t.group) for t in random_trace(300, seed=3)])
-    Simulation(sc, make_jobs(rows, sc.sim.workload, sc.team_of, sc.sim.seed), both, "shoal").run()
+    _replay(both, nodes=2, teams={"x": 8, "y": 8}, jobs=300, seed=3,
+            scheduler={"min_runtime_s": 60, "preempt_grace_s": 0})
     assert seen["cycles"] > 100 and seen["preempting"] > 10, seen
 
 
@@ -467,7 +461,6 @@ def test_policy_cycles_leave_no_reference_cycles():
     import gc
 
     from scheduler.policy.shoal import plan
-    from scheduler.sim.engine import Simulation
 
     snaps = []
 
@@ -476,13 +469,7 @@ def test_policy_cycles_leave_no_reference_cycles():
             snaps.append(snap)
         return schedule(snap)
 
-    doc = {"gpu_models": {"H100 80GB": {"memory_gib": 80}},
-           "nodes": [{"count": 2, "gpus_per_node": 8, "gpu_model": "H100 80GB"}],
-           "teams": {"x": {"gpus": 8, "cohort": "all"}, "y": {"gpus": 8, "cohort": "all"}}, "cohorts": {"all": {}},
-           "simulation": {"tick_s": 60, "restart_overhead_s": 30, "workload": {"estimate_sigma": 0.5}}}
-    sc = parse_sim_cluster(yaml.safe_dump(doc), "<test>")
-    rows = trace(*[(t.submit_s * 10, t.duration_s * 40, t.gpus, t.group) for t in random_trace(200, seed=3)])
-    Simulation(sc, make_jobs(rows, sc.sim.workload, sc.team_of, sc.sim.seed), keep, "shoal").run()
+    _replay(keep, nodes=2, teams={"x": 8, "y": 8}, jobs=200, seed=3)
     assert len(snaps) > 100
     gc.collect()
     gc.disable()
@@ -501,7 +488,6 @@ def test_a_units_gth_time_is_its_sorted_times_gth(monkeypatch):
     foreign-free GPUs and gangs, for every unit, gang size and the asked memory, the two agree."""
     import scheduler.policy.reserve as rsv
     import scheduler.policy.state as state
-    from scheduler.sim.engine import Simulation
 
     seen = {"calls": 0, "held": 0}
     real = rsv.reserve
@@ -518,11 +504,5 @@ def test_a_units_gth_time_is_its_sorted_times_gth(monkeypatch):
         return real(cluster, job_id, flavors, g, m, now, ends, *args, **kw)
 
     monkeypatch.setattr(state, "reserve", checked)
-    doc = {"gpu_models": {"H100 80GB": {"memory_gib": 80}},
-           "nodes": [{"count": 3, "gpus_per_node": 8, "gpu_model": "H100 80GB"}],
-           "teams": {"x": {"gpus": 12, "cohort": "all"}, "y": {"gpus": 12, "cohort": "all"}}, "cohorts": {"all": {}},
-           "simulation": {"tick_s": 60, "restart_overhead_s": 30, "workload": {"estimate_sigma": 0.5}}}
-    sc = parse_sim_cluster(yaml.safe_dump(doc), "<test>")
-    rows = trace(*[(t.submit_s * 10, t.duration_s * 40, t.gpus, t.group) for t in random_trace(200, seed=7)])
-    Simulation(sc, make_jobs(rows, sc.sim.workload, sc.team_of, sc.sim.seed), schedule, "shoal").run()
+    _replay(schedule, nodes=3, teams={"x": 12, "y": 12}, jobs=200, seed=7)
     assert seen["calls"] > 50 and seen["held"] > 500, seen
