@@ -12,6 +12,10 @@ Prints each policy's figures and ends with
   RESULT sim_jct_vs_srtf <Shoal avg JCT / SRTF avg JCT>          (10k setting)
   RESULT sim_makespan_vs_bound <Shoal makespan / lower bound>    (10k setting)
 
+Before the runs it times a fixed pure-Python round that uses no Shoal code (`machine reference`),
+and after the full replay prints the replay's seconds over it: that ratio compares across
+machines (VMs here differ by half in speed and drift within a session), the seconds only on one.
+
 Options: --jobs N (quality setting size), --skip-full, --out DIR (writes the usual outputs).
 """
 from __future__ import annotations
@@ -48,6 +52,36 @@ def fmt(s: dict, cpu_s: float | None = None, ticks: int | None = None) -> str:
                if s.get("sim_ticks_by_cause") else ""))
 
 
+def machine_reference(rounds: int = 5) -> float:
+    """CPU seconds of one round of a fixed pure-Python workload (dicts keyed by tuples, sorting,
+    small objects, calls: what a cycle does), the least of `rounds`. It does not use Shoal's code, so
+    it measures the machine only: the full replay's seconds over it compare across VMs, whose
+    speed differs by half and drifts within a session (docs/simulator.md, sessions 13 and 14)."""
+    import random
+
+    class Item:
+        __slots__ = ("key", "value")
+
+        def __init__(self, key, value):
+            self.key, self.value = key, value
+
+    def bump(d: dict, k: tuple, i: int) -> None:
+        d[k] = d.get(k, 0) + i
+
+    best = float("inf")
+    for _ in range(rounds):
+        c0 = time.process_time()
+        rng = random.Random(0)
+        d: dict = {}
+        for i in range(150_000):
+            bump(d, (rng.randrange(4000), i % 97), i)
+        items = sorted((Item(k, v) for k, v in d.items()), key=lambda it: (it.value % 1009, it.key))
+        total = sum(it.value for it in items[::3])
+        best = min(best, time.process_time() - c0)
+        assert total > 0
+    return best
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--jobs", type=int, default=10_000)
@@ -56,6 +90,8 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
 
+    ref = machine_reference()
+    print(f"machine reference: {ref:.3f} CPU s (a fixed pure-Python round, the least of 5; no Shoal code)")
     t0 = time.perf_counter()
     trace = read_philly(TRACE)
     print(f"read {len(trace.jobs)} jobs from {TRACE} in {time.perf_counter() - t0:.1f} s")
@@ -89,6 +125,8 @@ def main() -> None:
         print(f"full replay: {full_s:.1f} s wall, {full_cpu:.1f} s CPU (workload model + simulation), {full.ticks} service ticks, "
               f"{full.events} events, {full.events / full.wall_s:.0f} simulated events/s, "
               f"load average {' '.join(f'{x:.1f}' for x in os.getloadavg())}")
+        print(f"full replay / machine reference: {full_s / ref:.0f} (compare this across machines; the seconds "
+              "compare only on one)")
         if args.out:
             write_all(args.out / "full", [full], prep60, sc60, {"trace": str(TRACE)}, plots=False)
 
