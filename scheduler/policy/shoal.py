@@ -254,13 +254,16 @@ def _ordered(cy: Cycle, jobs: list[Job]):
         pos[team] = 0
         heap.append(_entry(fs, team, q[0]))
     heapq.heapify(heap)
-    while heap:
-        *_, team = heapq.heappop(heap)
+    entry = heapq.heappop(heap) if heap else None
+    while entry is not None:
+        team = entry[-1]
         q = queues[team]
         yield q[pos[team]], fs
         pos[team] += 1
-        if pos[team] < len(q):
-            heapq.heappush(heap, _entry(fs, team, q[pos[team]]))
+        if pos[team] < len(q):  # push the team's next job and pop the least in one step
+            entry = heapq.heappushpop(heap, _entry(fs, team, q[pos[team]]))
+        else:
+            entry = heapq.heappop(heap) if heap else None
 
 
 _KEY = operator.attrgetter("key")
