@@ -138,14 +138,13 @@ class StoreViews:
                 continue
             hit = old.get(j.id)
             if hit is None or hit[2] is not j:  # the same (immutable) record: the same view
-                # the state only as the view reads it: STARTING -> RUNNING keeps the view object
-                key = (j.attempt, j.state in _PREEMPTIBLE, j.state is S.PREEMPTING, j.attempt_started_at,
-                       j.last_checkpoint_at, j.attained_gpu_s)
-                if hit is None:
-                    hit = (key, self._running_view(j, now), j)
-                elif hit[0] == key:
+                # (what the view reads of the record but the checkpoint - the state only as the view
+                # reads it, so STARTING -> RUNNING keeps the view object -, the last checkpoint)
+                key = ((j.attempt, j.state in _PREEMPTIBLE, j.state is S.PREEMPTING, j.attempt_started_at,
+                        j.attained_gpu_s), j.last_checkpoint_at)
+                if hit is not None and hit[0] == key:
                     hit = (key, hit[1], j)
-                elif j.attempt_started_at is not None and key[:4] == hit[0][:4] and key[5] == hit[0][5]:
+                elif hit is not None and hit[0][0] == key[0] and j.attempt_started_at is not None:
                     # a checkpoint (a running job's most frequent change): the view with it, the one
                     # field that moved (a started attempt's view does not read the clock)
                     hit = (key, with_fields(hit[1], last_checkpoint_at=j.last_checkpoint_at), j)

@@ -8,7 +8,7 @@ from scheduler.policy import explain
 from scheduler.policy.preempt import choose, lost_work, usable
 from scheduler.policy.quota import NOMINAL
 from scheduler.policy.reserve import reserve
-from scheduler.policy.state import Cycle, Job, amount, packs, reserve_for
+from scheduler.policy.state import Cycle, Job, amount, in_backoff, packs, reserve_for, sets_makespan
 from scheduler.policy.types import JobRequest, Preempt, RunningJob
 
 
@@ -66,9 +66,9 @@ def preempt_for(cy: Cycle, job: Job, allowed: list[tuple[str, str]], avoid: dict
         rf = cy.flavor_of[r.job_id]
         if r.team == req.team and r.priority < req.priority:
             return f"priority {req.priority} job {req.job_id} of team {req.team} needs the GPUs"
-        if r.expected_end_at is not None and r.expected_end_at - now > cy.drain:
+        if sets_makespan(r, now, cy.drain):
             return None  # it sets the makespan (makespan guard): not for reclaim or LAS, only for priority
-        if r.restarts and now - r.started_at < s.min_runtime_s * s.preempt_backoff ** min(r.restarts, 24):
+        if in_backoff(r, now, s.min_runtime_s, s.preempt_backoff):
             return None  # preemption backoff: restarted k times, it runs min_runtime_s x backoff^k first
         if reclaim and rf in nominal and reclaimable(r.team, rf):
             return f"team {r.team} borrows beyond its nominal quota; team {req.team} reclaims its own"
@@ -219,8 +219,7 @@ def _exempt(cy: Cycle) -> set[int]:
             hit = cy.kept.exempt(now, cy.drain, s.min_runtime_s, s.preempt_backoff)
         else:
             hit = {r.job_id for units in cy.victims_ok.values() for rs in units.values() for r in rs.values()
-                   if (r.expected_end_at is not None and r.expected_end_at - now > cy.drain) or (
-                       r.restarts and now - r.started_at < s.min_runtime_s * s.preempt_backoff ** min(r.restarts, 24))}
+                   if sets_makespan(r, now, cy.drain) or in_backoff(r, now, s.min_runtime_s, s.preempt_backoff)}
         cy.memo[("exempt",)] = hit
     return hit
 

@@ -27,7 +27,7 @@ from typing import Any
 
 from scheduler.policy.cluster import Cluster
 from scheduler.policy.reserve import INF
-from scheduler.policy.state import Cycle, amount, flavor_of
+from scheduler.policy.state import Cycle, amount, flavor_of, in_backoff
 from scheduler.policy.types import RunningJob
 
 _add = operator.add
@@ -285,10 +285,7 @@ class RunningIndex:
         by_end = self._by_end
         out = {job_id for _, job_id in by_end[bisect_right(by_end, drain, key=lambda e: e[0] - now):]}
         views = self.views
-        for job_id in self._restarted:
-            r = views[job_id]
-            if now - r.started_at < min_runtime_s * backoff ** min(r.restarts, 24):
-                out.add(job_id)
+        out.update(job_id for job_id in self._restarted if in_backoff(views[job_id], now, min_runtime_s, backoff))
         return out
 
     # -- the cycle's copy -----------------------------------------------------------------

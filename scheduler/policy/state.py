@@ -94,6 +94,16 @@ def packs(req: JobRequest, s: PolicySettings) -> bool:
     return req.shareable and (req.expected_duration_s is None or req.expected_duration_s <= s.share_max_duration_s)
 
 
+def in_backoff(r: RunningJob, now: float, min_runtime_s: float, backoff: float) -> bool:
+    """Preemption backoff: a job restarted k times runs min_runtime_s x backoff^k first."""
+    return bool(r.restarts) and now - r.started_at < min_runtime_s * backoff ** min(r.restarts, 24)
+
+
+def sets_makespan(r: RunningJob, now: float, drain: float) -> bool:
+    """Makespan guard: more than the backlog's drain time left (not for reclaim or LAS)."""
+    return r.expected_end_at is not None and r.expected_end_at - now > drain
+
+
 def reserve_for(cy: Cycle, req: JobRequest, flavors: list[str]) -> Reservation | None:
     """reserve() for `req` in this cycle's state, memoized: the grace check and the reservation
     step ask the same question for one job, and jobs of one shape ask it in turn while nothing

@@ -57,6 +57,8 @@ from scheduler.store.memory import MemoryStore
 
 S = JobState
 MAX_TICKS_PER_INSTANT = 5
+SHARED_UTIL_PCT = 40.0  # what NVML shows for a shareable (small) job's GPU
+EXCLUSIVE_UTIL_PCT = 90.0
 # A replay allocates far more than it frees (the store keeps every record, event and ledger row)
 # and leaves no reference cycles behind per tick, so CPython's default first-generation threshold
 # (700 net allocations) ran a collection every few ticks that traversed a growing heap and found
@@ -75,8 +77,6 @@ def _fewer_collections(gen0: int = GC_GEN0_THRESHOLD):
         yield
     finally:
         gc.set_threshold(*old)
-SHARED_UTIL_PCT = 40.0  # what NVML shows for a shareable (small) job's GPU
-EXCLUSIVE_UTIL_PCT = 90.0
 
 
 class SimStore(MemoryStore):
