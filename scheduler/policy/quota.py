@@ -79,9 +79,10 @@ class QuotaBook:
         self._pool: dict[tuple[str, str], float] = defaultdict(float)  # (tree, key) -> pool_used
         self._keys_of_tree: dict[str, set[str]] = defaultdict(set)
         for q in quotas:
-            if self.tree[q.team] is not None:
+            tree = self.tree[q.team]
+            if tree is not None:
                 for key in self._nominal_keys(q):
-                    self._keys_of_tree[self.tree[q.team]].add(key)
+                    self._keys_of_tree[tree].add(key)
         self._built = False
         self._lendable: dict[tuple[str, str], float] = {}
 

@@ -44,8 +44,14 @@ def _unit_times(cluster: Cluster, o: int, m: int, now: float, ends: dict[tuple[i
         return []
     free_now = {i for free, i in u.free if free >= m} if u.free else ()
     foreign = u.foreign  # MiB free per GPU once its Shoal jobs left
-    times = [(now, i) if i in free_now else (end if end > now else now, i) for i in u.healthy
-             if i in free_now or ((end := ends.get((o, i))) is not None and foreign[i] >= m)]
+    times: list[tuple[float, int]] = []
+    for i in u.healthy:
+        if i in free_now:
+            times.append((now, i))
+        else:
+            end = ends.get((o, i))
+            if end is not None and foreign[i] >= m:
+                times.append((end if end > now else now, i))
     times.sort()
     return times
 
@@ -95,7 +101,7 @@ def reserve(cluster: Cluster, job_id: int, flavors: list[str], g: int, m: int, n
     best: tuple[float, int, int] | None = None  # (at, free GPUs, unit)
     spread: tuple[float, tuple[Part, ...]] | None = None
     for flavor in flavors:
-        per_unit = []
+        per_unit: list[tuple[float, int, int]] = []
         # a gang one node could hold never spreads (Cluster.fit's rule): no per-GPU list for it
         spread_ok = multi_node and not cluster.one_node_holds(flavor, g, cpus)
         for o in cluster.flavors[flavor].units:

@@ -2,7 +2,7 @@
 among the allowed victims), and waiting for victims that are already stopping."""
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, cast
 
 from scheduler.policy import explain
 from scheduler.policy.preempt import choose, lost_work, usable
@@ -116,7 +116,7 @@ def preempt_for(cy: Cycle, job: Job, allowed: list[tuple[str, str]], avoid: dict
     reasons = {r.job_id: why(r) for r in pick.victims}  # before the state below changes
     cy.gen += 1
     for r in pick.victims:
-        cy.preempts.append(Preempt(r.job_id, reasons[r.job_id]))
+        cy.preempts.append(Preempt(r.job_id, cast(str, reasons[r.job_id])))  # candidates all had a reason
         rf = cy.flavor_of[r.job_id]
         cy.not_a_victim(r.job_id)
         k = book.key(r.team, rf)

@@ -47,6 +47,12 @@ def facts(c: Cluster, r: RunningJob) -> tuple:
     return flavor, amt, end, cpu_parts, gpu_keys, gpus
 
 
+def _latest(ends: dict[int, float]) -> float:
+    """When the last of a GPU's jobs is expected to end (never before time 0)."""
+    m = max(ends.values())
+    return m if m > 0.0 else 0.0
+
+
 def _seqsum(values) -> float:
     """0.0 + v1 + v2 + ... in order, plain float additions (sum() may compensate on newer
     Pythons; the reference scan adds one by one)."""
@@ -142,11 +148,11 @@ class RunningIndex:
         heap, later = self._not_yet, []
         while heap and heap[0][0] <= now:
             entry = heapq.heappop(heap)
-            r = views.get(entry[1])
-            if r is None or id(r) != entry[2]:
+            v = views.get(entry[1])
+            if v is None or id(v) != entry[2]:
                 continue  # that view left (its job ended, stopped or changed state)
-            if now - r.started_at >= self.min_runtime_s:  # the reference's exact test
-                self._enter(r)
+            if now - v.started_at >= self.min_runtime_s:  # the reference's exact test
+                self._enter(v)
             else:  # the sum rounded the other way: not yet, try again next cycle
                 later.append((math.nextafter(now, INF), entry[1], entry[2]))
         for entry in later:
@@ -173,9 +179,9 @@ class RunningIndex:
             on[job_id] = (end, cpus)
             self.cpu_lists[node_id] = list(on.values())
         for k in gpu_keys:
-            on = self.gpu_ends.setdefault(k, {})
-            on[job_id] = end
-            self.ends[k] = max(0.0, *on.values())
+            ends = self.gpu_ends.setdefault(k, {})
+            ends[job_id] = end
+            self.ends[k] = _latest(ends)
         if r.stopping:
             self.stopping.add(job_id)
         elif gpu_keys and r.preemptible:
@@ -214,10 +220,10 @@ class RunningIndex:
             else:
                 del self.cpu[node_id], self.cpu_lists[node_id]
         for key in gpu_keys:
-            on = self.gpu_ends[key]
-            on.pop(job_id, None)
-            if on:
-                self.ends[key] = max(0.0, *on.values())
+            ends = self.gpu_ends[key]
+            ends.pop(job_id, None)
+            if ends:
+                self.ends[key] = _latest(ends)
             else:
                 del self.gpu_ends[key], self.ends[key]
         self.stopping.discard(job_id)
@@ -305,8 +311,9 @@ class RunningIndex:
         views, fcts, qkey = self.views, self.facts, self._qkey
         for job_id in sorted(self.stopping):
             r, (flavor, amt, _, _, gpu_keys, _) = views[job_id], fcts[job_id]
-            if qkey[job_id] is not None:
-                cy.stopping_amt[(r.team, qkey[job_id])] += amt
+            qk = qkey[job_id]
+            if qk is not None:
+                cy.stopping_amt[(r.team, qk)] += amt
             for o, _ in gpu_keys:
                 cy.stopping.setdefault(o, set()).add(job_id)
         # the reference inserts units and flavors as it meets their first eligible job (id order;

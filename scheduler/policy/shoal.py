@@ -55,6 +55,7 @@ import heapq
 import math
 import operator
 from collections import defaultdict
+from typing import Any
 
 from scheduler.policy import explain
 from scheduler.policy.cluster import Cluster, Part
@@ -84,7 +85,7 @@ def _index(snap: Snapshot) -> Cycle:
     return cy
 
 
-_FEASIBLE: dict[tuple, tuple[list[str], str | None]] = {}
+_FEASIBLE: dict[tuple, tuple[Any, tuple[list[str], str | None]]] = {}
 
 
 def _infeasible(cy: Cycle, req: JobRequest) -> tuple[list[str], str | None]:
