@@ -124,11 +124,9 @@ def reserve(cluster: Cluster, job_id: int, flavors: list[str], g: int, m: int, n
                 for _, o, i in per_unit[:g]:
                     chosen.setdefault(o, []).append(i)
                 spread = (at, tuple((o, tuple(sorted(ix))) for o, ix in chosen.items()))
-    if best is not None:  # the chosen unit's g earliest GPUs (only its times are listed in full)
-        o = best[2]
-        part = (o, tuple(sorted(i for _, i in _unit_times(cluster, o, m, now, ends)[:g])))
-    if best is not None and best[0] < INF:
-        return Reservation(job_id, best[0], (part,))
-    if spread is not None and (best is None or spread[0] < INF):
+    if spread is not None and (best is None or (best[0] == INF and spread[0] < INF)):
         return Reservation(job_id, spread[0], spread[1])
-    return Reservation(job_id, INF, (part,)) if best is not None else None
+    if best is None:
+        return None
+    o = best[2]  # the chosen unit's g earliest GPUs (only its times are listed in full)
+    return Reservation(job_id, best[0], ((o, tuple(sorted(i for _, i in _unit_times(cluster, o, m, now, ends)[:g]))),))
