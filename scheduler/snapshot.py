@@ -11,13 +11,15 @@ views (estimates, node pages) through `service.views`.
 """
 from __future__ import annotations
 
+import operator
 import threading
+from bisect import bisect_left, insort
 
 from scheduler import placement as pl
 from scheduler.accounting import TeamUsage
 from scheduler.clock import Clock
 from scheduler.copying import with_fields
-from scheduler.lifecycle import JobState
+from scheduler.lifecycle import ACTIVE, JobState
 from scheduler.nodes import Nodes
 from scheduler.policy import Cohort, JobRequest, PolicySettings, RunningJob, Snapshot, TeamQuota
 from scheduler.spec import ClusterConfig
@@ -25,6 +27,7 @@ from scheduler.store import JobRecord, Store
 
 S = JobState
 _PREEMPTIBLE = (S.STARTING, S.RUNNING)  # a running view's `preemptible`
+_ID, _SECOND, _THIRD = operator.attrgetter("id"), operator.itemgetter(1), operator.itemgetter(2)
 
 
 def resources(spec: dict) -> dict:
@@ -88,6 +91,18 @@ class StoreViews:
         self._team_usage: TeamUsage | None = None
         self._usage_lock = threading.Lock()  # TeamUsage.refresh is not re-entrant (team_usage)
         self._running_cache: dict = {}  # job id -> view fields (running_views)
+        # _advance: the store's change log read up to here; job id -> (key, view, record) of each
+        # placed active job and job id -> (key, request, record) of each queued one, their ids in
+        # order, and what the loop reads of them in that order
+        self._live_lock = threading.Lock()
+        self._live_pos = 0
+        self._live_run: dict[int, tuple[tuple, RunningJob, JobRecord]] = {}
+        self._live_run_ids: list[int] = []
+        self._live_views: tuple[RunningJob, ...] = ()
+        self._live_queue: dict[int, tuple[tuple, JobRequest, JobRecord]] = {}
+        self._live_queue_ids: list[int] = []
+        self._live_records: list[JobRecord] = []
+        self._live_requests: tuple[JobRequest, ...] = ()
         self._pending_cache: dict = {}  # job id -> JobRequest (pending_views)
         self._queued_cache: dict = {}  # job id -> (version, JobRecord) of the last cycle's queue
         self._handed: dict[int, JobRecord] = {}  # jobs this process just created (note_submitted)
@@ -138,22 +153,80 @@ class StoreViews:
                 continue
             hit = old.get(j.id)
             if hit is None or hit[2] is not j:  # the same (immutable) record: the same view
-                # (what the view reads of the record but the checkpoint - the state only as the view
-                # reads it, so STARTING -> RUNNING keeps the view object -, the last checkpoint)
-                key = ((j.attempt, j.state in _PREEMPTIBLE, j.state is S.PREEMPTING, j.attempt_started_at,
-                        j.attained_gpu_s), j.last_checkpoint_at)
-                if hit is not None and hit[0] == key:
-                    hit = (key, hit[1], j)
-                elif hit is not None and hit[0][0] == key[0] and j.attempt_started_at is not None:
-                    # a checkpoint (a running job's most frequent change): the view with it, the one
-                    # field that moved (a started attempt's view does not read the clock)
-                    hit = (key, with_fields(hit[1], last_checkpoint_at=j.last_checkpoint_at), j)
-                else:
-                    hit = (key, self._running_view(j, now), j)
+                hit = self._view_hit(j, hit, now)
             cache[j.id] = hit
             views.append(hit[1])
         self._running_cache = cache
         return views
+
+    def _view_hit(self, j: JobRecord, hit: tuple | None, now: float) -> tuple[tuple, RunningJob, JobRecord]:
+        """(key, view, record) for a placed job's record, reusing `hit` (its job's last entry) as
+        far as the record allows."""
+        # (what the view reads of the record but the checkpoint - the state only as the view reads
+        # it, so STARTING -> RUNNING keeps the view object -, the last checkpoint)
+        key = ((j.attempt, j.state in _PREEMPTIBLE, j.state is S.PREEMPTING, j.attempt_started_at,
+                j.attained_gpu_s), j.last_checkpoint_at)
+        if hit is not None and hit[0] == key:
+            return key, hit[1], j
+        if hit is not None and hit[0][0] == key[0] and j.attempt_started_at is not None:
+            # a checkpoint (a running job's most frequent change): the view with it, the one field
+            # that moved (a started attempt's view does not read the clock)
+            return key, with_fields(hit[1], last_checkpoint_at=j.last_checkpoint_at), j
+        return key, self._running_view(j, now), j
+
+    # -- the control loop's views, kept by the store's change log ---------------------------
+    def _advance(self) -> bool:
+        """Where the store keeps a change log (Store.changes_since): read the records written since
+        the last call into the loop's live caches - the placed active jobs' views, the queue and
+        its requests - so a cycle costs O(changes), not O(running + waiting jobs). False where the
+        store keeps no log (the callers read everything, as before). Call under `_live_lock`."""
+        got = self.store.changes_since(self._live_pos)
+        if got is None:
+            return False
+        self._live_pos, ids = got
+        if not ids:
+            return True
+        now = self.clock.now()
+        run, run_ids, queue, queue_ids = self._live_run, self._live_run_ids, self._live_queue, self._live_queue_ids
+        ran = waited = False
+        for j in self.store.jobs_by_id(ids):
+            i = j.id
+            hit = run.get(i)
+            if j.state in ACTIVE and j.placement:
+                if hit is None:
+                    insort(run_ids, i)
+                if hit is None or hit[2] is not j:
+                    run[i], ran = self._view_hit(j, hit, now), True
+            elif hit is not None:
+                del run[i], run_ids[bisect_left(run_ids, i)]
+                ran = True
+            req = queue.get(i)
+            if j.state is S.QUEUED and not j.cancel_requested:
+                if req is None:
+                    insort(queue_ids, i)
+                if req is None or req[2] is not j:  # pending_views' rule: the request while these two stay
+                    queue[i] = req[:2] + (j,) if req is not None and req[0] == (j.attempt, j.attained_gpu_s) \
+                        else self._pending_view(j)
+                    waited = True
+            elif req is not None:
+                del queue[i], queue_ids[bisect_left(queue_ids, i)]
+                waited = True
+        if ran:  # (maps of C functions: no Python frame per job)
+            self._live_views = tuple(map(_SECOND, map(run.__getitem__, run_ids)))
+        if waited:
+            entries = list(map(queue.__getitem__, queue_ids))
+            self._live_records = list(map(_THIRD, entries))
+            self._live_requests = tuple(map(_SECOND, entries))
+        return True
+
+    def live_running_views(self) -> tuple[RunningJob, ...]:
+        """`running_views(store.active_jobs())` for the control loop: the same views in the same
+        (id) order, kept by the change log where the store has one. Its own cache: the API's calls
+        of running_views replace theirs and never touch this one."""
+        with self._live_lock:
+            if self._advance():
+                return self._live_views
+        return tuple(self.running_views(self.store.active_jobs()))
 
     def _running_view(self, j: JobRecord, now: float) -> RunningJob:
         parts = pl.parts(j.placement)  # a multi-node gang: every node; RunningJob.parts lists them
@@ -198,17 +271,18 @@ class StoreViews:
         ), j
 
     def snapshot(self, queued: list[JobRecord] | None = None) -> tuple[Snapshot, dict[int, JobRecord]]:
-        running = self.running_views(self.store.active_jobs())
+        running = self.live_running_views()
         if queued is None:
             queued = self.store.jobs(states=[S.QUEUED], cancel_requested=False)
         snap = Snapshot(
-            self.nodes.overlay(self.nodes.inventory.node_views(running)), tuple(running), self.pending_views(queued),
+            self.nodes.overlay(self.nodes.inventory.node_views(running)), running,
+            self._live_requests if queued is self._live_records else self.pending_views(queued),
             self.quotas(),
             self.config.scheduler.memory_headroom_mib, now=self.clock.now(),
             cohorts=tuple(Cohort(n, c.parent) for n, c in sorted(self.store.cohort_configs(self.config).items())),
             settings=policy_settings(self.config),
         )
-        return snap, {j.id: j for j in queued}
+        return snap, dict(zip(map(_ID, queued), queued))
 
     def note_submitted(self, jobs: list[JobRecord]) -> None:
         """The API's batcher hands over the records it just committed, so the next cycle need not
@@ -219,10 +293,16 @@ class StoreViews:
             self._handed[j.id] = j
 
     def queued_jobs(self) -> list[JobRecord]:
-        """QUEUED jobs not being cancelled, in id order. A row is read in full (JSON parsed) only
-        when it is new or one of the columns that change while a job waits differs from the last
-        cycle's (Store.queued_versions); a long queue is no longer re-read every cycle, and a job
-        this process's API just created is taken as the API handed it over (note_submitted)."""
+        """QUEUED jobs not being cancelled, in id order. Where the store keeps a change log, the
+        live queue (_advance; snapshot() then takes its requests as they are). Otherwise a row is
+        read in full (JSON parsed) only when it is new or one of the columns that change while a
+        job waits differs from the last cycle's (Store.queued_versions); a long queue is no longer
+        re-read every cycle, and a job this process's API just created is taken as the API handed
+        it over (note_submitted)."""
+        with self._live_lock:
+            if self._advance():
+                self._handed.clear()  # the log has them
+                return self._live_records
         versions = self.store.queued_versions()
         cache = self._queued_cache
         if self._handed:

@@ -308,6 +308,12 @@ class Store(TenancyStore):  # teams, users, tokens, idempotency: store/tenancy.p
         with self.engine.connect() as c:
             return {row[0]: tuple(row[1:]) for row in c.execute(q)}
 
+    def changes_since(self, pos: int) -> tuple[int, list[int]] | None:
+        """(the log's end, ids of the jobs whose records were written after position `pos`) where
+        the store keeps a change log; None here: several processes write these tables, so a reader
+        reads the rows it needs (queued_versions, active_jobs). MemoryStore keeps one."""
+        return None
+
     def jobs_by_id(self, ids: Iterable[int]) -> list[JobRecord]:
         """The jobs with these ids (missing ones skipped), in id order."""
         ids = list(ids)

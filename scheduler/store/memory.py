@@ -67,6 +67,7 @@ class MemoryStore:
         self._qver: dict[int, tuple] = {}
         self._qver_last = 0
         self._qver_sorted = True
+        self._log: list[int] = []  # job ids in the order their records were written (changes_since)
 
     def close(self) -> None:
         pass
@@ -86,6 +87,7 @@ class MemoryStore:
                 last_checkpoint_step=None, last_checkpoint_at=None, attempt_started_at=None, attained_gpu_s=0.0,
             )
             self._jobs[job_id] = rec
+            self._log.append(job_id)
             self._by_state[JobState.QUEUED][job_id] = None
             self._index_queued(rec)
             self._events[job_id] = [EventRecord(job_id, now, None, JobState.QUEUED.value, 0, reason)]
@@ -114,6 +116,7 @@ class MemoryStore:
             check_transition(job_id, cur, dst)
             new = _with(rec, state=dst, updated_at=now, **changes)
             self._jobs[job_id] = new
+            self._log.append(job_id)
             del self._by_state[cur][job_id]
             self._by_state[dst][job_id] = None
             self._index_cancel(new)
@@ -166,6 +169,7 @@ class MemoryStore:
                 raise UnknownJob(job_id)
             new = _with(rec, **changes)
             self._jobs[job_id] = new
+            self._log.append(job_id)
             self._index_cancel(new)
             self._index_queued(new)
 
@@ -178,6 +182,7 @@ class MemoryStore:
                 if rec is not None:
                     new = _with(rec, **ch)
                     self._jobs[job_id] = new
+                    self._log.append(job_id)
                     self._index_cancel(new)
                     self._index_queued(new)
 
@@ -190,6 +195,12 @@ class MemoryStore:
                 self._qver_last = next(reversed(self._qver), 0)
             return dict(self._qver)
 
+    def changes_since(self, pos: int) -> tuple[int, list[int]]:
+        """As Store.changes_since: every write of a job record appends the job's id to a log (an id
+        appears once per write), so a reader that keeps its position reads only what changed."""
+        with self._lock:
+            return len(self._log), self._log[pos:]
+
     def jobs_by_id(self, ids: Iterable[int]) -> list[JobRecord]:
         return [self._jobs[i] for i in sorted(set(ids)) if i in self._jobs]
 
@@ -200,6 +211,7 @@ class MemoryStore:
                 raise UnknownJob(job_id)
             new = _with(rec, cancel_requested=True)
             self._jobs[job_id] = new
+            self._log.append(job_id)
             self._index_cancel(new)
             self._index_queued(new)
             return new

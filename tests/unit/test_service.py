@@ -263,3 +263,45 @@ def test_remaining_time_of_a_job_past_its_estimate_is_not_zero():
     assert remaining_s(spec, 2, attained_gpu_s=2 * 1000) == 250  # at the estimate: 0.25 x 1000
     assert remaining_s(spec, 2, attained_gpu_s=2 * 4000) == 1000
     assert remaining_s({"resources": {}}, 2, attained_gpu_s=50) is None
+
+
+def test_the_loops_views_kept_by_a_change_log_equal_a_full_read(tmp_path):
+    """On a MemoryStore the loop's running views, queue and requests are kept by the store's change
+    log (StoreViews._advance, Store.changes_since) instead of read in full every cycle. Through
+    starts, ends, a failure, checkpoints, a preemption, a hold, a cancel and late arrivals they
+    equal, after every tick and in the same order, what the full reads give."""
+    from scheduler.store import MemoryStore
+
+    w = World(tmp_path, quotas={"a": 2, "b": 2})
+    w.store.close()
+    w.store = MemoryStore()
+    w.config = ClusterConfig(teams=w.config.teams, scheduler={"min_runtime_s": 0})  # preemptible at once
+    w.service = w.new_service()
+    views = w.service.views
+    low = [w.submit(team="a", duration=30) for _ in range(2)] + [w.submit(team="b", duration=5)]
+    w.submit(team="b", gpus=2, duration=8)
+    seen_states: set[S] = set()
+    for t in range(40):
+        if t == 3:
+            w.submit(team="a", prio=5, duration=4)  # preempts one of team a's long jobs
+        if t == 4:
+            w.store.update_fields(low[0].id, last_checkpoint_at=w.clock.now(), last_checkpoint_step=10)
+        if t == 6:
+            held = w.submit(team="b")
+            w.store.transition(held.id, S.QUEUED, S.HELD, reason="hold", now=w.clock.now())
+        if t == 9:
+            w.store.transition(held.id, S.HELD, S.QUEUED, reason="release", now=w.clock.now())
+            w.store.request_cancel(w.submit(team="a").id)
+        if t == 12 and w.state(low[1]) is S.RUNNING:
+            w.executor.fail(low[1].id, w.store.get(low[1].id).attempt, "boom")
+        w.service.tick()
+        queued = views.queued_jobs()
+        full_queue = w.store.jobs(states=[S.QUEUED], cancel_requested=False)
+        assert queued == full_queue  # the current records (reasons written last cycle included)
+        assert views.live_running_views() == tuple(views.running_views(w.store.active_jobs()))
+        snap, _ = views.snapshot(queued)
+        assert snap.pending == views.pending_views(full_queue)
+        seen_states |= {j.state for j in w.store.jobs()}
+        w.clock.advance(1)
+    assert {S.RUNNING, S.PREEMPTING, S.QUEUED, S.SUCCEEDED, S.CANCELLED} <= seen_states
+    assert w.store.events(low[0].id)[-1].to_state == "SUCCEEDED" and w.store.get(low[0].id).attempt == 2
