@@ -72,7 +72,7 @@ from scheduler.policy.types import (
 # -- 1/2: index and feasibility ---------------------------------------------------------------
 
 def _index(snap: Snapshot) -> Cycle:
-    running = {r.job_id: r for r in snap.running}
+    running = dict(zip(map(_JOB_ID, snap.running), snap.running))  # id -> view (no Python frame per job)
     cluster = Cluster(snap, running)
     cy = Cycle(snap, cluster, QuotaBook(snap.quotas, snap.cohorts), running)
     cy.held.update({u.order: u.held for u in cluster.units if u.held})  # read-only: _commit replaces them
@@ -268,6 +268,7 @@ def _ordered(cy: Cycle, jobs: list[Job]):
 
 
 _KEY = operator.attrgetter("key")
+_JOB_ID = operator.attrgetter("job_id")
 
 
 def _entry(fs: _FairShare, team: str, j: Job) -> tuple:

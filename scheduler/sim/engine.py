@@ -154,10 +154,14 @@ class CachingInventory(Inventory):
         if self.dirty:
             self.read()
             by_node: dict[str, list] = {}
+            dirty = self.dirty
             for job in running:
-                for node_id, _ in job.placements():  # a multi-node gang: each of its nodes
-                    if node_id in self.dirty:
-                        by_node.setdefault(node_id, []).append(job)
+                if job.parts:  # a multi-node gang: each of its nodes (RunningJob.placements)
+                    for node_id, _ in job.parts:
+                        if node_id in dirty:
+                            by_node.setdefault(node_id, []).append(job)
+                elif job.node_id in dirty:
+                    by_node.setdefault(job.node_id, []).append(job)
             for node in self._node_list:
                 if node.node_id in self.dirty:
                     one = Inventory(lambda: [node], {node.node_id: _Readings(self._readings[node.node_id])})
