@@ -56,10 +56,12 @@ def _unit_times(cluster: Cluster, o: int, m: int, now: float, ends: dict[tuple[i
     return times
 
 
-def _gth_time(cluster: Cluster, o: int, g: int, m: int, now: float, ends: dict[tuple[int, int], float]) -> float | None:
+def _gth_time(cluster: Cluster, o: int, g: int, m: int, now: float, ends: dict[tuple[int, int], float],
+              unit_ends: dict[int, list[tuple[float, int]]] | None = None) -> float | None:
     """`_unit_times(...)[g - 1][0]` (None when the unit has fewer than g such GPUs), without
     listing and sorting them all: the free GPUs with m MiB all come at `now`, before any held one,
-    so only the held ones' ends are sorted when the free ones are too few."""
+    so only the held ones' ends are sorted when the free ones are too few - or, given `unit_ends`
+    (`ends` by unit, sorted), walked in order until enough are found."""
     u = cluster.units[o]
     if not u.schedulable:
         return None
@@ -70,9 +72,17 @@ def _gth_time(cluster: Cluster, o: int, g: int, m: int, now: float, ends: dict[t
         return now
     fit = {i for _, i in free[pos:]} if n_free else ()
     foreign = u.foreign
+    k = g - n_free
+    if unit_ends is not None:
+        healthy = u.healthy
+        for t, i in unit_ends.get(o, ()):
+            if foreign[i] >= m and i not in fit and i in healthy:
+                k -= 1
+                if not k:
+                    return t if t > now else now
+        return None
     held = sorted([end for i in u.healthy if (end := ends.get((o, i))) is not None and foreign[i] >= m
                    and i not in fit])
-    k = g - n_free
     if len(held) < k:
         return None
     end = held[k - 1]
@@ -94,7 +104,8 @@ def _cpu_time(cluster: Cluster, node_id: str, need: float, now: float,
 
 def reserve(cluster: Cluster, job_id: int, flavors: list[str], g: int, m: int, now: float,
             ends: dict[tuple[int, int], float], multi_node: bool, cpus: float = 0.0,
-            cpu_ends: dict[str, list[tuple[float, float]]] | None = None) -> Reservation | None:
+            cpu_ends: dict[str, list[tuple[float, float]]] | None = None,
+            unit_ends: dict[int, list[tuple[float, int]]] | None = None) -> Reservation | None:
     """The earliest start of a gang of g GPUs x m MiB on one unit of `flavors` (or, with
     `multi_node` and a gang no one node of the flavor could hold, on the fewest GPUs' earliest
     times across a flavor: Cluster.fit's rule); None if it never fits."""
@@ -110,7 +121,7 @@ def reserve(cluster: Cluster, job_id: int, flavors: list[str], g: int, m: int, n
                 per_unit.extend((t, o, i) for t, i in times)
                 t_g = times[g - 1][0] if len(times) >= g else None
             else:
-                t_g = _gth_time(cluster, o, g, m, now, ends)
+                t_g = _gth_time(cluster, o, g, m, now, ends, unit_ends)
             if t_g is not None:
                 at = max(t_g, _cpu_time(cluster, cluster.units[o].node_id, cpus, now, cpu_ends or {}))
                 key = (at, len(cluster.units[o].free))

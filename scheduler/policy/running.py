@@ -107,6 +107,10 @@ class RunningIndex:
         self._timed_ids: list[int] = []  # timed's ids in order (the sum of work left adds in id order)
         self.gpu_ends: dict[tuple[int, int], dict[int, float]] = {}
         self.ends: dict[tuple[int, int], float] = {}
+        # ends by unit: unit -> (end, GPU) of its GPUs in `ends`, sorted; each list is replaced,
+        # never mutated, when one of its GPUs' end changes (cycles share them: Cycle.unit_ends)
+        self.unit_ends: dict[int, list[tuple[float, int]]] = {}
+        self._held_gpus: dict[int, set[int]] = {}  # unit -> its GPUs in `ends`
         self.cpu: dict[str, dict[int, tuple[float, float]]] = {}
         self.cpu_lists: dict[str, list[tuple[float, float]]] = {}  # node -> its (end, CPUs), for cycles to share
         self.stopping: set[int] = set()
@@ -182,6 +186,8 @@ class RunningIndex:
             ends = self.gpu_ends.setdefault(k, {})
             ends[job_id] = end
             self.ends[k] = _latest(ends)
+            self._held_gpus.setdefault(k[0], set()).add(k[1])
+        self._resort(gpu_keys)
         if r.stopping:
             self.stopping.add(job_id)
         elif gpu_keys and r.preemptible:
@@ -189,6 +195,16 @@ class RunningIndex:
                 self._enter(r)
             else:
                 heapq.heappush(self._not_yet, (r.started_at + self.min_runtime_s, job_id, id(r)))
+
+    def _resort(self, gpu_keys: tuple) -> None:
+        """unit_ends again for the units of these (unit, GPU) keys, from `ends`."""
+        ends, unit_ends = self.ends, self.unit_ends
+        for o in {o for o, _ in gpu_keys}:
+            held = sorted((ends[(o, i)], i) for i in self._held_gpus.get(o, ()))
+            if held:
+                unit_ends[o] = held
+            else:
+                unit_ends.pop(o, None)
 
     def _swap(self, r: RunningJob) -> None:
         """Put the new view of an eligible job in its old view's places. Only for a view equal to the
@@ -226,6 +242,8 @@ class RunningIndex:
                 self.ends[key] = _latest(ends)
             else:
                 del self.gpu_ends[key], self.ends[key]
+                self._held_gpus[key[0]].discard(key[1])
+        self._resort(gpu_keys)
         self.stopping.discard(job_id)
         self._leave(job_id, r, flavor, gpu_keys)  # a heap entry, if any, no longer matches the view
 
@@ -307,6 +325,7 @@ class RunningIndex:
             use[team][flavor] = g.sum()
         cy.flavor_of.update(self.flavor_of)
         cy.ends.update(self.ends)
+        cy.unit_ends = dict(self.unit_ends)  # shared lists: _commit replaces a unit's, never mutates it
         cy.cpu_ends.update(self.cpu_lists)  # shared: a cycle replaces a node's list, never appends to it
         views, fcts, qkey = self.views, self.facts, self._qkey
         for job_id in sorted(self.stopping):

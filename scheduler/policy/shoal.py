@@ -488,6 +488,10 @@ def _commit(cy: Cycle, job: Job, f: str, parts: list[Part], end: float | None) -
             cy.ends[(o, i)] = max(cy.ends.get((o, i), 0.0), end if end is not None else INF)
             h[i] = h.get(i, ()) + (req.job_id,)
         cy.held[o] = h
+        if cy.unit_ends is not None:  # the unit's sorted ends with these GPUs' new ones (a new list)
+            new = set(ix)
+            cy.unit_ends[o] = sorted([*(e for e in cy.unit_ends.get(o, ()) if e[1] not in new),
+                                      *((cy.ends[(o, i)], i) for i in new)])
     for o, ix in parts:
         node_id = c.units[o].node_id
         cy.cpu_ends[node_id] = [*cy.cpu_ends.get(node_id, ()), (end if end is not None else INF,

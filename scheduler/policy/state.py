@@ -58,6 +58,8 @@ class Cycle:
     critical: float = float("inf")  # makespan guard: expected run time from which a job sets the makespan
     drain: float = float("inf")  # makespan guard: time to run all known work on the healthy GPUs
     kept: Any = None  # the kept running index (running.py) this cycle holds until it is released
+    # `ends` by unit: unit -> (end, GPU) sorted, for reserve (kept index only; None: reserve reads `ends`)
+    unit_ends: dict[int, list[tuple[float, int]]] | None = None
 
     def not_a_victim(self, job_id: int) -> None:
         """Take a job out of the victim candidates (it is being preempted). The per-unit dicts may
@@ -110,5 +112,5 @@ def reserve_for(cy: Cycle, req: JobRequest, flavors: list[str]) -> Reservation |
     started or was preempted (cy.gen)."""
     res = cy.memoized(("reserve", cy.gen, tuple(flavors), req.gpus, req.memory_per_gpu_mib, req.cpus),
                       lambda: reserve(cy.cluster, req.job_id, flavors, req.gpus, req.memory_per_gpu_mib, cy.snap.now,
-                                      cy.ends, cy.snap.settings.multi_node, req.cpus, cy.cpu_ends))
+                                      cy.ends, cy.snap.settings.multi_node, req.cpus, cy.cpu_ends, cy.unit_ends))
     return res if res is None or res.job_id == req.job_id else Reservation(req.job_id, res.at, res.parts)

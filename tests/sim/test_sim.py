@@ -513,23 +513,30 @@ def test_policy_cycles_leave_no_reference_cycles():
 def test_a_units_gth_time_is_its_sorted_times_gth(monkeypatch):
     """reserve() ranks units by the time their g-th GPU frees up (_gth_time) and lists only the
     chosen unit's times in full (_unit_times). At every reservation of a replay with sharing,
-    foreign-free GPUs and gangs, for every unit, gang size and the asked memory, the two agree."""
+    foreign-free GPUs and gangs, for every unit, gang size and the asked memory, the two agree,
+    both from the expected ends and from the cycle's ends by unit (Cycle.unit_ends, kept by the
+    running index and the cycle's starts), which hold the same ends, sorted."""
     import scheduler.policy.reserve as rsv
     import scheduler.policy.state as state
 
     seen = {"calls": 0, "held": 0}
     real = rsv.reserve
 
-    def checked(cluster, job_id, flavors, g, m, now, ends, *args, **kw):
+    def checked(cluster, job_id, flavors, g, m, now, ends, multi_node, cpus, cpu_ends, unit_ends):
+        by_unit: dict = {}
+        for (o, i), e in ends.items():
+            by_unit.setdefault(o, []).append((e, i))
+        assert unit_ends == {o: sorted(v) for o, v in by_unit.items()}
         for f in flavors:
             for o in cluster.flavors[f].units:
                 times = rsv._unit_times(cluster, o, m, now, ends)
                 for k in range(1, 10):
                     want = times[k - 1][0] if len(times) >= k else None
                     assert rsv._gth_time(cluster, o, k, m, now, ends) == want, (o, k, m, times)
+                    assert rsv._gth_time(cluster, o, k, m, now, ends, unit_ends) == want, (o, k, m, times)
                     seen["held"] += want is not None and want > now
         seen["calls"] += 1
-        return real(cluster, job_id, flavors, g, m, now, ends, *args, **kw)
+        return real(cluster, job_id, flavors, g, m, now, ends, multi_node, cpus, cpu_ends, unit_ends)
 
     monkeypatch.setattr(state, "reserve", checked)
     _replay(schedule, nodes=3, teams={"x": 12, "y": 12}, jobs=200, seed=7)
