@@ -101,8 +101,8 @@ class StoreViews:
         self._live_views: tuple[RunningJob, ...] = ()
         self._live_queue: dict[int, tuple[tuple, JobRequest, JobRecord]] = {}
         self._live_queue_ids: list[int] = []
-        self._live_records: list[JobRecord] = []
-        self._live_requests: tuple[JobRequest, ...] = ()
+        # (records, requests): one pair, replaced in one assignment (snapshot() reads it unlocked)
+        self._live_queued: tuple[list[JobRecord], tuple[JobRequest, ...]] = ([], ())
         self._pending_cache: dict = {}  # job id -> JobRequest (pending_views)
         self._queued_cache: dict = {}  # job id -> (version, JobRecord) of the last cycle's queue
         self._handed: dict[int, JobRecord] = {}  # jobs this process just created (note_submitted)
@@ -215,8 +215,7 @@ class StoreViews:
             self._live_views = tuple(map(_SECOND, map(run.__getitem__, run_ids)))
         if waited:
             entries = list(map(queue.__getitem__, queue_ids))
-            self._live_records = list(map(_THIRD, entries))
-            self._live_requests = tuple(map(_SECOND, entries))
+            self._live_queued = (list(map(_THIRD, entries)), tuple(map(_SECOND, entries)))
         return True
 
     def live_running_views(self) -> tuple[RunningJob, ...]:
@@ -272,11 +271,12 @@ class StoreViews:
 
     def snapshot(self, queued: list[JobRecord] | None = None) -> tuple[Snapshot, dict[int, JobRecord]]:
         running = self.live_running_views()
+        live_records, live_requests = self._live_queued
         if queued is None:
             queued = self.store.jobs(states=[S.QUEUED], cancel_requested=False)
         snap = Snapshot(
             self.nodes.overlay(self.nodes.inventory.node_views(running)), running,
-            self._live_requests if queued is self._live_records else self.pending_views(queued),
+            live_requests if queued is live_records else self.pending_views(queued),
             self.quotas(),
             self.config.scheduler.memory_headroom_mib, now=self.clock.now(),
             cohorts=tuple(Cohort(n, c.parent) for n, c in sorted(self.store.cohort_configs(self.config).items())),
@@ -302,7 +302,7 @@ class StoreViews:
         with self._live_lock:
             if self._advance():
                 self._handed.clear()  # the log has them
-                return self._live_records
+                return self._live_queued[0]
         versions = self.store.queued_versions()
         cache = self._queued_cache
         if self._handed:

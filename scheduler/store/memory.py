@@ -197,7 +197,8 @@ class MemoryStore:
 
     def changes_since(self, pos: int) -> tuple[int, list[int]]:
         """As Store.changes_since: every write of a job record appends the job's id to a log (an id
-        appears once per write), so a reader that keeps its position reads only what changed."""
+        appears once per write), so a reader that keeps its position reads only what changed. The
+        log grows with the writes (an int each), as the jobs' event lists do."""
         with self._lock:
             return len(self._log), self._log[pos:]
 
