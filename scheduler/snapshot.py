@@ -204,10 +204,8 @@ class StoreViews:
             if j.state is S.QUEUED and not j.cancel_requested:
                 if req is None:
                     insort(queue_ids, i)
-                if req is None or req[2] is not j:  # pending_views' rule: the request while these two stay
-                    queue[i] = req[:2] + (j,) if req is not None and req[0] == (j.attempt, j.attained_gpu_s) \
-                        else self._pending_view(j)
-                    waited = True
+                if req is None or req[2] is not j:
+                    queue[i], waited = self._request_hit(j, req), True
             elif req is not None:
                 del queue[i], queue_ids[bisect_left(queue_ids, i)]
                 waited = True
@@ -251,12 +249,19 @@ class StoreViews:
         """One request per queued job, cached by job id while its attempt and attained service
         (the only fields of a queued job that change) stay the same."""
         old = self._pending_cache
-        cache: dict[int, tuple[tuple, JobRequest, JobRecord]] = {
-            j.id: hit if (hit := old.get(j.id)) is not None and (
-                hit[2] is j or hit[0] == (j.attempt, j.attained_gpu_s)) else self._pending_view(j)
-            for j in queued}
+        cache = {j.id: self._request_hit(j, old.get(j.id)) for j in queued}
         self._pending_cache = cache
         return tuple(cache[j.id][1] for j in queued)
+
+    def _request_hit(self, j: JobRecord, hit: tuple | None) -> tuple[tuple, JobRequest, JobRecord]:
+        """(key, request, record) for a queued job's record: `hit`'s request (its job's last entry)
+        while the attempt and attained service stay the same."""
+        if hit is not None:
+            if hit[2] is j:
+                return hit
+            if hit[0] == (j.attempt, j.attained_gpu_s):
+                return hit[0], hit[1], j
+        return self._pending_view(j)
 
     @staticmethod
     def _pending_view(j: JobRecord) -> tuple[tuple, JobRequest, JobRecord]:
